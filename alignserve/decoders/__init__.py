@@ -1,0 +1,1 @@
+"""alignserve.decoders."""

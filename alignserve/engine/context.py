@@ -1,0 +1,123 @@
+"""DecodeContext: everything a strategy may touch besides yielding forward operations.
+
+One context per request. It owns the request's sequences (so the scheduler can free them whatever
+happens), its per-row random generators, and its choices' output state. Strategies see models by
+name ("base", or a guidance backbone's name) and never the scheduler itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .output import ChoiceState, Detokenizer, TokenInfo
+from .primitives import EngineError, Seq
+from .runner import ModelRunner
+from .sampling import SamplingParams, row_generator, sample_rows
+
+
+@dataclass
+class Stats:
+    """Cost accounting reported in the response's ``alignment`` object."""
+
+    tokens_generated: int = 0  # every token the strategy produced, discarded ones included
+    guidance_forwards: int = 0  # forwards of guidance models / reward calls, counted by strategies
+    candidates_scored: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DecodeContext:
+    def __init__(self, runners: dict[str, ModelRunner], tokenizer, prompt_ids: list[int],
+                 params: SamplingParams, n: int, eos_ids: set[int],
+                 on_delta: Callable[[int, str, TokenInfo | None], None],
+                 resources: Any = None, prompt_text: str = "") -> None:
+        self.runners = runners
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.prompt_text = prompt_text
+        self.params = params
+        self.n = n
+        self.resources = resources  # rewards / heads registry, opaque to the engine
+        self.detok = Detokenizer(tokenizer)
+        self.choices = [ChoiceState(params.max_tokens, list(params.stop), set(eos_ids))
+                        for _ in range(n)]
+        self.eos_ids = set(eos_ids)
+        self._on_delta = on_delta
+        self.seqs: list[Seq] = []
+        self.stats = Stats()
+        self.prompt_logprobs: list[float | None] | None = None
+        self.info: dict[str, Any] = {}  # strategy-specific facts for the response
+
+    # ---- sequences -------------------------------------------------------------------------
+    def new_seq(self, model: str = "base") -> Seq:
+        seq = self.runners[model].new_seq()
+        self.seqs.append(seq)
+        return seq
+
+    def fork(self, seq: Seq, n: int) -> list[Seq]:
+        out = self.runners[seq.model].fork(seq, n)
+        self.seqs.extend(out)
+        return out
+
+    def free(self, seq: Seq) -> None:
+        self.runners[seq.model].free(seq)
+
+    def free_all(self) -> None:
+        for s in self.seqs:
+            if s.slot >= 0:
+                self.runners[s.model].free(s)
+        self.seqs.clear()
+
+    def commit(self, seq: Seq, index: int, token: int) -> None:
+        self.runners[seq.model].commit(seq, index, token)
+
+    def truncate(self, seq: Seq, length: int) -> None:
+        self.runners[seq.model].truncate(seq, length)
+
+    def room(self, seq: Seq) -> int:
+        """Positions still free in this sequence's slot."""
+        return self.runners[seq.model].max_len - seq.length
+
+    # ---- randomness and sampling -----------------------------------------------------------
+    def generator(self, *key: int) -> torch.Generator:
+        assert self.params.seed is not None
+        return row_generator(self.params.seed, *key)
+
+    def sample(self, logits: Tensor, gens: list[torch.Generator], **kw: Any):
+        return sample_rows(logits, self.params, gens, **kw)
+
+    # ---- output ----------------------------------------------------------------------------
+    def emit(self, choice: int, token: int, logprob: float | None = None,
+             top: list[tuple[int, float]] | None = None) -> bool:
+        """Append a token to a choice's output; returns True when that choice is finished."""
+        st = self.choices[choice]
+        if st.finished:
+            return True
+        info = TokenInfo(token, logprob, top)
+        delta = self.detok.push(st, info)
+        if delta or st.finished:
+            self._on_delta(choice, delta, info)
+        return st.finished
+
+    def finish(self, choice: int, reason: str = "stop") -> None:
+        st = self.choices[choice]
+        if not st.finished:
+            delta = self.detok.finish(st, reason)
+            self._on_delta(choice, delta, None)
+
+    def finished(self, choice: int) -> bool:
+        return self.choices[choice].finished
+
+    @property
+    def all_finished(self) -> bool:
+        return all(c.finished for c in self.choices)
+
+    def check_budget(self, seq: Seq, extra: int) -> None:
+        if seq.length + extra > self.runners[seq.model].max_len:
+            raise EngineError("context window exceeded")

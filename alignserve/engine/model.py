@@ -1,0 +1,233 @@
+"""A compact Llama-family transformer that runs on our own slot-based KV cache.
+
+Why not Hugging Face's module: the alignment strategies need forwards that ``generate()`` does not
+offer — k candidate tokens scored on top of a shared prefix with a tree mask (all at the same
+position, each seeing only the prefix and itself), rows of different lengths in one batch, and
+cache rows that can be forked and rewritten in place. Owning the ~120 lines of the forward makes
+those one tensor each. Logits are computed only for the positions a caller asks for, so a
+prefill of P tokens does one vocabulary matmul, not P.
+
+Supported ``model_type``: llama, mistral, qwen2 (q/k/v bias). Weights load from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    qkv_bias: bool = False
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> ModelConfig:
+        mtype = cfg.get("model_type", "?")
+        if mtype not in SUPPORTED:
+            raise ValueError(f"model_type {mtype!r} is not supported (supported: {sorted(SUPPORTED)})")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        if rtype not in ("default", None):
+            raise ValueError(f"rope scaling {rtype!r} is not supported")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            qkv_bias=mtype == "qwen2" or bool(cfg.get("attention_bias", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float()
+                                    / cfg.head_dim))
+    t = torch.arange(max_len, device=device).float()
+    freqs = torch.outer(t, inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, Q, H, D]; cos/sin: [B, Q, D] gathered at each token's position (HF's half-split)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(2) + rot * sin.unsqueeze(2)
+
+
+class KVCache:
+    """Per-layer key/value storage indexed by slot: ``k[layer]`` is [slots, max_len + 1, kv_heads, D].
+
+    A sequence owns one slot; position ``p`` of that sequence lives at index ``p``. The extra last
+    index is a scratch column that padded query rows write to, so padding never touches real
+    entries. Memory is allocated with ``torch.zeros`` lazily touched pages, so unused slots cost
+    little resident memory.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.slots, self.max_len = slots, max_len
+        shape = (slots, max_len + 1, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+    @property
+    def scratch(self) -> int:
+        return self.max_len
+
+    def copy_rows(self, src: int, dst: Tensor | list[int], length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into each slot of ``dst`` (fork)."""
+        dst_t = torch.as_tensor(dst, dtype=torch.long)
+        for k, v in zip(self.k, self.v):
+            k[dst_t, :length] = k[src, :length]
+            v[dst_t, :length] = v[src, :length]
+
+    def move_position(self, slot: int, src_pos: int, dst_pos: int) -> None:
+        """Move one position's entries inside a slot (commit a tree candidate to its place)."""
+        if src_pos == dst_pos:
+            return
+        for k, v in zip(self.k, self.v):
+            k[slot, dst_pos] = k[slot, src_pos]
+            v[slot, dst_pos] = v[slot, src_pos]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
+                rows: Tensor | slice, write_idx: Tensor, mask: Tensor, lk: int) -> Tensor:
+        b, q, _ = x.shape
+        cfg = self.cfg
+        hx = self.input_layernorm(x)
+        qh = apply_rope(self.q_proj(hx).view(b, q, cfg.num_heads, cfg.head_dim), cos, sin)
+        kh = apply_rope(self.k_proj(hx).view(b, q, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        vh = self.v_proj(hx).view(b, q, cfg.num_kv_heads, cfg.head_dim)
+        if isinstance(rows, slice):
+            slot_idx = torch.arange(rows.start, rows.stop, device=x.device)[:, None]
+        else:
+            slot_idx = rows[:, None]
+        kc[slot_idx, write_idx] = kh
+        vc[slot_idx, write_idx] = vh
+        keys = kc[rows, :lk].transpose(1, 2)
+        vals = vc[rows, :lk].transpose(1, 2)
+        att = F.scaled_dot_product_attention(qh.transpose(1, 2), keys, vals, attn_mask=mask,
+                                             enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(b, q, -1))
+        hx = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(hx)) * self.up_proj(hx))
+
+
+class CausalLM(nn.Module):
+    """The transformer body plus the (possibly tied) LM head, split so logits are on demand."""
+
+    def __init__(self, cfg: ModelConfig, rope_len: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg, rope_len, torch.device("cpu"))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return (hidden @ self.head_weight.T).float()
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | slice,
+                write_idx: Tensor, mask: Tensor) -> Tensor:
+        """Run the body; returns final-normed hidden states [B, Q, D].
+
+        tokens/positions/write_idx: [B, Q]; rows: the cache slot of each batch row (a slice when
+        contiguous, which avoids gathering the cache); mask: [B, 1, Q, Lk] bool, True = attend.
+        """
+        x = self.embed_tokens(tokens)
+        cos = self.rope_cos[positions].to(x.dtype)
+        sin = self.rope_sin[positions].to(x.dtype)
+        lk = mask.shape[-1]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], rows, write_idx, mask, lk)
+        return self.norm(x)
+
+
+def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32,
+                   max_len: int = 2048) -> tuple[CausalLM, ModelConfig]:
+    """Build the module from ``config.json`` and load safetensors weights (strict)."""
+    from safetensors.torch import load_file
+
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = ModelConfig.from_hf(raw)
+    model = CausalLM(cfg, rope_len=max(max_len + 1, 16))
+    state: dict[str, Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            k = k.removeprefix("model.")
+            k = k.replace("self_attn.", "").replace("mlp.", "")
+            state[k] = v
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.startswith("rope_")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match config: missing={missing[:5]} "
+                         f"unexpected={unexpected[:5]}")
+    model = model.to(dtype).eval()
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, cfg

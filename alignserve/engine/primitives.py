@@ -1,0 +1,71 @@
+"""The primitives the scheduler offers to decoding strategies.
+
+A strategy (``alignserve.decoders``) is a generator. Each time it needs the model it *yields* a
+list of forward operations and receives, in the same order, one ``ForwardOut`` per operation. The
+scheduler collects the operations of every running request, runs them as few batched forwards as
+it can (rows of different requests and strategies share one forward), and resumes each generator
+with its results. Everything else a strategy needs — creating, forking and freeing sequences,
+sampling with per-row parameters, emitting tokens — goes through ``DecodeContext`` methods that
+never run the model. This keeps strategies short and lets one step serve many requests.
+
+Operations:
+- ``Extend(seq, tokens)``: append tokens causally (prefill, decode, rollout). ``logits`` chooses
+  which positions' next-token logits come back ("last", "all", "none"); ``hidden`` asks for the
+  final hidden states of the same positions (value heads read them).
+- ``Tree(seq, tokens)``: score k candidate next tokens in one forward on top of the shared prefix.
+  Every candidate sits at position ``len(seq)`` and attends to the prefix and itself only (the
+  verification step of speculative decoding). The sequence does not grow; ``ctx.commit(seq, i)``
+  then makes candidate i the next token without another forward (its K/V entry is moved into
+  place) and the candidate's logits are the next step's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+
+@dataclass(eq=False)
+class Seq:
+    """A sequence in a model's KV cache: one slot, ``length`` cached positions, its token ids."""
+
+    model: str
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Extend:
+    seq: Seq
+    tokens: list[int]
+    logits: Literal["last", "all", "none"] = "last"
+    hidden: bool = False
+
+
+@dataclass
+class Tree:
+    seq: Seq
+    tokens: list[int]
+    logits: bool = True
+    hidden: bool = False
+
+
+Op = Extend | Tree
+
+
+@dataclass
+class ForwardOut:
+    """Results for one operation: ``logits`` [Q', V] float32 and/or ``hidden`` [Q', D]."""
+
+    logits: Tensor | None
+    hidden: Tensor | None
+
+
+class EngineError(RuntimeError):
+    """A request cannot be served (e.g. it would overflow the context window)."""

@@ -1,0 +1,153 @@
+"""ModelRunner: one model, its KV cache slots, and batched execution of forward operations.
+
+``run(ops)`` turns a list of ``Extend``/``Tree`` operations (from any number of requests) into as
+few padded forwards as makes sense: rows are sorted by query length and merged while the padding
+they add stays under ``pad_budget`` tokens, because on a CPU every padded token costs compute
+while every extra forward re-reads all weights. Long prefills therefore run alone and decode rows
+of all requests share one forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .model import CausalLM, KVCache, ModelConfig, load_causal_lm
+from .primitives import EngineError, Extend, ForwardOut, Op, Seq, Tree
+
+
+class ModelRunner:
+    def __init__(self, name: str, model_dir: Path, slots: int = 32, max_len: int = 2048,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 pad_budget: int = 24) -> None:
+        self.name = name
+        self.device = torch.device(device)
+        self.model: CausalLM
+        self.config: ModelConfig
+        self.model, self.config = load_causal_lm(model_dir, dtype=dtype, max_len=max_len)
+        self.model.to(self.device)
+        self.max_len = max_len
+        self.cache = KVCache(self.config, slots, max_len, dtype, self.device)
+        self.free_slots = list(range(slots))
+        self.pad_budget = pad_budget
+        self.forwards = 0  # number of model forwards run (for metrics)
+        self.tokens_processed = 0
+
+    # ---- slot management -------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.free_slots)
+
+    def new_seq(self) -> Seq:
+        if not self.free_slots:
+            raise EngineError(f"{self.name}: no free KV-cache slot")
+        self.free_slots.sort()
+        return Seq(self.name, self.free_slots.pop(0))
+
+    def free(self, seq: Seq) -> None:
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+
+    def fork(self, seq: Seq, n: int) -> list[Seq]:
+        """n new sequences sharing ``seq``'s cached prefix (the cache rows are copied once)."""
+        if n > self.num_free:
+            raise EngineError(f"{self.name}: fork({n}) needs more free slots than {self.num_free}")
+        out = [self.new_seq() for _ in range(n)]
+        if seq.length:
+            self.cache.copy_rows(seq.slot, [s.slot for s in out], seq.length)
+        for s in out:
+            s.tokens = list(seq.tokens)
+        return out
+
+    def commit(self, seq: Seq, index: int, token: int) -> None:
+        """Accept tree candidate ``index`` (token ``token``) as the sequence's next token."""
+        p = seq.length
+        self.cache.move_position(seq.slot, p + index, p)
+        seq.tokens.append(token)
+
+    def truncate(self, seq: Seq, length: int) -> None:
+        """Forget positions >= length (entries are overwritten by later writes)."""
+        del seq.tokens[length:]
+
+    # ---- execution -------------------------------------------------------------------------
+    def run(self, ops: list[Op]) -> list[ForwardOut]:
+        for op in ops:
+            if op.seq.slot < 0:
+                raise EngineError("operation on a freed sequence")
+            if op.seq.length + len(op.tokens) > self.max_len:
+                raise EngineError(f"context window exceeded ({op.seq.length + len(op.tokens)} > "
+                                  f"{self.max_len} tokens)")
+            if not op.tokens:
+                raise EngineError("operation with no tokens")
+        order = sorted(range(len(ops)), key=lambda i: (len(ops[i].tokens), ops[i].seq.slot))
+        results: list[ForwardOut | None] = [None] * len(ops)
+        group: list[int] = []
+        for i in order:
+            q = len(ops[i].tokens)
+            # rows arrive in ascending length, so adding this one pads every row already in
+            pad = sum(q - len(ops[j].tokens) for j in group)
+            if group and pad > self.pad_budget:
+                self._run_group([ops[j] for j in group], group, results)
+                group = []
+            group.append(i)
+        if group:
+            self._run_group([ops[j] for j in group], group, results)
+        for op in ops:  # sequences grow only after every op saw the pre-step state
+            if isinstance(op, Extend):
+                op.seq.tokens.extend(op.tokens)
+        return results  # type: ignore[return-value]
+
+    def _run_group(self, ops: list[Op], idx: list[int], results: list[ForwardOut | None]) -> None:
+        b = len(ops)
+        q = max(len(op.tokens) for op in ops)
+        lk = max(op.seq.length + len(op.tokens) for op in ops)
+        dev = self.device
+        tokens = torch.zeros(b, q, dtype=torch.long)
+        positions = torch.zeros(b, q, dtype=torch.long)
+        write = torch.full((b, q), self.cache.scratch, dtype=torch.long)
+        mask = torch.zeros(b, 1, q, lk, dtype=torch.bool)
+        mask[:, 0, :, 0] = True  # padded queries attend to one real entry, never produce NaN
+        for r, op in enumerate(ops):
+            p0, n = op.seq.length, len(op.tokens)
+            tokens[r, :n] = torch.tensor(op.tokens)
+            write[r, :n] = torch.arange(p0, p0 + n)
+            if isinstance(op, Tree):
+                positions[r, :n] = p0
+                mask[r, 0, :n, :p0] = True
+                mask[r, 0, torch.arange(n), torch.arange(p0, p0 + n)] = True
+            else:
+                positions[r, :n] = torch.arange(p0, p0 + n)
+                mask[r, 0, :n, : p0 + n] = torch.ones(n, p0 + n, dtype=torch.bool).tril(p0)
+        slots = [op.seq.slot for op in ops]
+        rows: Tensor | slice
+        if slots == list(range(slots[0], slots[0] + b)):
+            rows = slice(slots[0], slots[0] + b)
+        else:
+            rows = torch.tensor(slots, device=dev)
+        hidden = self.model(tokens.to(dev), positions.to(dev), self.cache, rows, write.to(dev),
+                            mask.to(dev))
+        self.forwards += 1
+        self.tokens_processed += sum(len(op.tokens) for op in ops)
+        # gather the positions each op wants, then one LM-head matmul for the whole group
+        picks: list[tuple[int, Tensor]] = []
+        for r, op in enumerate(ops):
+            n = len(op.tokens)
+            every = isinstance(op, Tree) or op.logits == "all"
+            picks.append((r, torch.arange(n) if every else torch.tensor([n - 1])))
+        flat_rows = torch.cat([torch.full((len(p),), r) for r, p in picks])
+        flat_pos = torch.cat([p for _, p in picks])
+        hsel = hidden[flat_rows.to(dev), flat_pos.to(dev)]
+        want_logits = [not (isinstance(op, Extend) and op.logits == "none")
+                       and not (isinstance(op, Tree) and not op.logits) for op in ops]
+        logits = self.model.logits(hsel) if any(want_logits) else None
+        start = 0
+        for (r, p), op, gi, wl in zip(picks, ops, idx, want_logits):
+            sl = slice(start, start + len(p))
+            start += len(p)
+            results[gi] = ForwardOut(
+                logits=logits[sl] if (wl and logits is not None) else None,
+                hidden=hsel[sl] if op.hidden else None,
+            )

@@ -1,0 +1,336 @@
+"""The engine: owns the models and runs the step loop in one background thread.
+
+Iteration-level batching: requests join the running set between steps (when the KV-cache slots
+their strategy needs are free) and leave as soon as they finish or are cancelled. In each step
+every running request's strategy has yielded its next forward operations; all of them are run as
+batched forwards per model (``ModelRunner.run``), and each strategy is resumed with its outputs.
+
+Callers (the HTTP layer, benchmarks, tests) talk to it through ``submit`` with a callback that
+receives events, or the blocking ``generate`` helper. Events: ``("delta", choice, text, info)``,
+``("done", result)`` and ``("error", exception)``; exactly one of the last two ends a request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..decoders.base import Decoder
+from .context import DecodeContext
+from .output import TokenInfo
+from .primitives import EngineError, ForwardOut, Op
+from .runner import ModelRunner
+from .sampling import SamplingParams
+
+log = logging.getLogger("alignserve.engine")
+Event = tuple
+
+
+class QueueFull(EngineError):
+    """The waiting queue is at its configured depth; the server answers 429."""
+
+
+class RequestTimeout(EngineError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    model_dir: Path
+    model_name: str = "SmolLM2-135M-Instruct"
+    slots: int = 32
+    max_len: int = 2048
+    max_waiting: int = 64
+    request_timeout_s: float = 600.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    decoder: Decoder
+    n: int = 1
+    prompt_text: str = ""
+    request_id: str = ""
+    resources: Any = None
+    callback: Callable[[Event], None] | None = None
+    # filled by the engine
+    ctx: DecodeContext | None = None
+    gen: Any = None
+    pending: list[Op] = field(default_factory=list)
+    cancelled: bool = False
+    deadline: float = 0.0
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        dtype = getattr(torch, config.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(config.model_dir))
+        self.runners: dict[str, ModelRunner] = {
+            "base": ModelRunner("base", config.model_dir, config.slots, config.max_len, dtype,
+                                config.device)
+        }
+        self.eos_ids = self._eos_ids(config.model_dir)
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: list[EngineRequest] = []
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._stop = False
+        self.step_count = 0
+        self.last_step_s = 0.0
+        self._thread = threading.Thread(target=self._loop, name="alignserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API ------------------------------------------------------------------------
+    @property
+    def base(self) -> ModelRunner:
+        return self.runners["base"]
+
+    @property
+    def max_len(self) -> int:
+        return self.config.max_len
+
+    def add_runner(self, name: str, runner: ModelRunner) -> None:
+        """Register a guidance backbone (own weights, own KV cache) under ``name``."""
+        with self._cv:
+            self.runners[name] = runner
+
+    def submit(self, req: EngineRequest) -> EngineRequest:
+        need = req.decoder.slots_needed(req.n)
+        for model, k in need.items():
+            if model not in self.runners:
+                raise EngineError(f"strategy needs model {model!r}, which is not loaded")
+            if k > self.runners[model].cache.slots:
+                raise EngineError(f"request needs {k} KV-cache slots of {model!r}; the server has "
+                                  f"{self.runners[model].cache.slots} (lower n or the strategy's "
+                                  "branch count)")
+        with self._cv:
+            if len(self._waiting) >= self.config.max_waiting:
+                raise QueueFull(f"queue full ({self.config.max_waiting} waiting requests)")
+            req.request_id = req.request_id or f"req-{next(self._ids)}"
+            req.deadline = time.monotonic() + self.config.request_timeout_s
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: EngineRequest) -> None:
+        """Ask the loop to drop a request (client went away); its slots free on the next step."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def generate(self, req: EngineRequest, timeout: float | None = None) -> dict[str, Any]:
+        """Blocking helper: submit and wait for the final result (raises the request's error)."""
+        q: queue.Queue = queue.Queue()
+        user_cb = req.callback
+
+        def cb(ev: Event) -> None:
+            if user_cb:
+                user_cb(ev)
+            if ev[0] in ("done", "error"):
+                q.put(ev)
+
+        req.callback = cb
+        self.submit(req)
+        kind, payload = q.get(timeout=timeout)
+        if kind == "error":
+            raise payload
+        return payload
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=5)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                log.exception("engine step failed")
+                for req in list(self._running):
+                    self._fail(req, EngineError(f"engine step failed: {exc}"))
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._waiting:
+                req = self._waiting[0]
+                if req.cancelled:
+                    self._waiting.popleft()
+                    self._end(req, ("error", EngineError("cancelled")))
+                    continue
+                need = req.decoder.slots_needed(req.n)
+                if any(self.runners[m].num_free < k for m, k in need.items()):
+                    break
+                self._waiting.popleft()
+                self._start(req)
+
+    def _start(self, req: EngineRequest) -> None:
+        def on_delta(choice: int, text: str, info: TokenInfo | None) -> None:
+            self._send(req, ("delta", choice, text, info))
+
+        req.ctx = DecodeContext(self.runners, self.tokenizer, req.prompt_ids, req.params, req.n,
+                                self.eos_ids if not req.params.ignore_eos else set(), on_delta,
+                                req.resources, req.prompt_text)
+        try:
+            req.gen = req.decoder.run(req.ctx)
+            req.pending = self._advance(req, None)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(req, exc)
+            return
+        if not req.done:
+            self._running.append(req)
+
+    def _advance(self, req: EngineRequest, outs: list[ForwardOut] | None) -> list[Op]:
+        """Resume a strategy until it asks for forwards; finish the request if it returns."""
+        try:
+            ops = req.gen.send(outs) if outs is not None else next(req.gen)
+            for _ in range(10_000):
+                if ops:
+                    return list(ops)
+                ops = req.gen.send([])
+            raise EngineError(f"strategy {req.decoder.name} yielded no work repeatedly")
+        except StopIteration:
+            self._complete(req)
+            return []
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        self._admit()
+        now = time.monotonic()
+        for req in list(self._running):
+            if req.cancelled:
+                self._fail(req, EngineError("cancelled"))
+            elif now > req.deadline:
+                self._fail(req, RequestTimeout(
+                    f"request exceeded the {self.config.request_timeout_s:.0f} s timeout"))
+        if not self._running:
+            return
+        by_model: dict[str, list[tuple[EngineRequest, int]]] = {}
+        for req in self._running:
+            for i, op in enumerate(req.pending):
+                by_model.setdefault(op.seq.model, []).append((req, i))
+        results: dict[int, list[ForwardOut | None]] = {
+            id(r): [None] * len(r.pending) for r in self._running}
+        for model, refs in by_model.items():
+            ok = []
+            for req, i in refs:  # validate per request so one bad request fails alone
+                op = req.pending[i]
+                if op.seq.length + len(op.tokens) > self.runners[model].max_len:
+                    self._fail(req, EngineError(
+                        f"context window exceeded: {op.seq.length + len(op.tokens)} > "
+                        f"{self.runners[model].max_len} tokens"))
+                elif not req.done:
+                    ok.append((req, i))
+            ok = [(r, i) for r, i in ok if not r.done]
+            if not ok:
+                continue
+            outs = self.runners[model].run([r.pending[i] for r, i in ok])
+            for (req, i), out in zip(ok, outs):
+                results[id(req)][i] = out
+        for req in list(self._running):
+            if req.done:
+                continue
+            try:
+                req.pending = self._advance(req, results[id(req)])  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001
+                log.exception("strategy %s failed", req.decoder.name)
+                self._fail(req, exc)
+        self._running = [r for r in self._running if not r.done]
+        self.step_count += 1
+        self.last_step_s = time.perf_counter() - t0
+
+    # ---- endings ---------------------------------------------------------------------------
+    def _complete(self, req: EngineRequest) -> None:
+        ctx = req.ctx
+        assert ctx is not None
+        for c in range(req.n):
+            ctx.finish(c, "stop")
+        result = {
+            "request_id": req.request_id,
+            "choices": [
+                {"text": st.text, "finish_reason": st.finish_reason, "tokens": st.tokens,
+                 "infos": st.infos}
+                for st in ctx.choices
+            ],
+            "prompt_tokens": len(req.prompt_ids),
+            "completion_tokens": sum(len(st.tokens) for st in ctx.choices),
+            "prompt_logprobs": ctx.prompt_logprobs,
+            "stats": ctx.stats,
+            "info": ctx.info,
+            "elapsed_s": time.perf_counter() - ctx.stats.started,
+        }
+        ctx.free_all()
+        self._end(req, ("done", result))
+
+    def _fail(self, req: EngineRequest, exc: BaseException) -> None:
+        if req.done:
+            return
+        if req.gen is not None:
+            try:
+                req.gen.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if req.ctx is not None:
+            req.ctx.free_all()
+        self._end(req, ("error", exc))
+
+    def _end(self, req: EngineRequest, ev: Event) -> None:
+        req.done = True
+        self._send(req, ev)
+
+    @staticmethod
+    def _send(req: EngineRequest, ev: Event) -> None:
+        if req.callback is not None:
+            try:
+                req.callback(ev)
+            except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
+                log.exception("event callback failed")
+
+    @staticmethod
+    def _eos_ids(model_dir: Path) -> set[int]:
+        ids: set[int] = set()
+        for name in ("generation_config.json", "config.json"):
+            p = Path(model_dir) / name
+            if p.is_file():
+                v = json.loads(p.read_text()).get("eos_token_id")
+                if isinstance(v, int):
+                    ids.add(v)
+                elif isinstance(v, list):
+                    ids.update(int(x) for x in v)
+        return ids
