@@ -42,7 +42,8 @@ class ModelConfig:
     def from_hf(cls, cfg: dict) -> ModelConfig:
         mtype = cfg.get("model_type", "?")
         if mtype not in SUPPORTED:
-            raise ValueError(f"model_type {mtype!r} is not supported (supported: {sorted(SUPPORTED)})")
+            raise ValueError(f"model_type {mtype!r} is not supported "
+                             f"(supported: {sorted(SUPPORTED)})")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rtype = rope.get("rope_type", rope.get("type", "default"))
         if rtype not in ("default", None):
@@ -93,9 +94,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Per-layer key/value storage indexed by slot: ``k[layer]`` is [slots, max_len + 1, kv_heads, D].
+    """Per-layer key/value storage by slot: ``k[layer]`` is [slots, max_len + 1, kv_heads, D].
 
-    A sequence owns one slot; position ``p`` of that sequence lives at index ``p``. The extra last
+    A sequence owns one slot; position ``p`` of that sequence lives at index ``p``. The extra
     index is a scratch column that padded query rows write to, so padding never touches real
     entries. Memory is allocated with ``torch.zeros`` lazily touched pages, so unused slots cost
     little resident memory.

@@ -144,7 +144,7 @@ class ModelRunner:
                        and not (isinstance(op, Tree) and not op.logits) for op in ops]
         logits = self.model.logits(hsel) if any(want_logits) else None
         start = 0
-        for (r, p), op, gi, wl in zip(picks, ops, idx, want_logits):
+        for (_, p), op, gi, wl in zip(picks, ops, idx, want_logits):
             sl = slice(start, start + len(p))
             start += len(p)
             results[gi] = ForwardOut(

@@ -1,0 +1,100 @@
+"""The engine's front door for the HTTP layer: text in, text and plain numbers out.
+
+The server speaks JSON; the engine speaks token ids and tensors. This module sits between them
+so the HTTP layer never touches a tensor: it tokenizes prompts (applying the chat template),
+builds an ``EngineRequest`` with the chosen strategy, bridges the engine thread's events into an
+asyncio queue, and turns token ids into the strings OpenAI's logprob objects expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..decoders import build_decoder
+from .primitives import EngineError
+from .sampling import SamplingParams
+from .scheduler import Engine, EngineRequest
+
+
+class ContextLengthError(EngineError):
+    """The prompt (plus the requested tokens) does not fit the context window."""
+
+
+@dataclass
+class GenerationInput:
+    prompt_ids: list[int]
+    prompt_text: str
+    params: SamplingParams
+    n: int = 1
+    alignment: dict[str, Any] | None = None
+    prompt_logprobs: bool = False
+
+
+class EngineClient:
+    def __init__(self, engine: Engine, resources: Any = None) -> None:
+        self.engine = engine
+        self.tok = engine.tokenizer
+        self.resources = resources
+
+    @property
+    def max_len(self) -> int:
+        return self.engine.max_len
+
+    # ---- tokenization ----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False).input_ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def token_str(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def validate_vocab(self, ids: list[int]) -> None:
+        v = self.engine.base.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < v]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
+
+    # ---- generation ------------------------------------------------------------------------
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.max_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_len} tokens; the prompt has "
+                f"{n_prompt} tokens and max_tokens is {max_tokens}. Shorten the prompt or lower "
+                "max_tokens.")
+
+    async def stream(self, inp: GenerationInput) -> AsyncIterator[tuple]:
+        """Submit one generation and yield its events as they arrive; cancels on early exit."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        decoder = build_decoder(inp.alignment, prompt_logprobs=inp.prompt_logprobs)
+        req = EngineRequest(prompt_ids=inp.prompt_ids, params=inp.params, decoder=decoder,
+                            n=inp.n, prompt_text=inp.prompt_text, resources=self.resources,
+                            callback=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        self.engine.submit(req)
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev[0] in ("done", "error"):
+                    return
+        finally:
+            if not req.done:
+                self.engine.cancel(req)
+
+    async def run(self, inp: GenerationInput) -> dict[str, Any]:
+        async for ev in self.stream(inp):
+            if ev[0] == "done":
+                return ev[1]
+            if ev[0] == "error":
+                raise ev[1]
+        raise EngineError("generation ended without a result")
