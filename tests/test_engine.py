@@ -1,0 +1,144 @@
+"""Engine primitives on the real SmolLM2 model: exact forwards, tree candidates, forks, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignserve.decoders.sample import Sample
+from alignserve.engine.primitives import Extend, Tree
+from alignserve.engine.runner import ModelRunner
+from alignserve.engine.sampling import SamplingParams
+from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
+
+TEXT = "The quick brown fox jumps over the lazy dog because"
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    return ModelRunner("base", model_dir, slots=8, max_len=256)
+
+
+@pytest.fixture(scope="module")
+def ids(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))(TEXT).input_ids
+
+
+def test_logits_match_transformers(model_dir, runner, ids):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    seq = runner.new_seq()
+    [out] = runner.run([Extend(seq, ids, logits="all")])
+    runner.free(seq)
+    assert torch.allclose(out.logits, ref, atol=1e-3), (out.logits - ref).abs().max()
+
+
+def test_tree_candidates_equal_separate_extends(runner, ids):
+    """k candidates in one tree forward == extending k forked copies one token each."""
+    seq = runner.new_seq()
+    [pre] = runner.run([Extend(seq, ids)])
+    cands = torch.topk(pre.logits[0], 5).indices.tolist()
+    [tree] = runner.run([Tree(seq, cands, hidden=True)])
+    assert seq.length == len(ids)  # candidates do not grow the sequence
+    forks = runner.fork(seq, len(cands))
+    outs = runner.run([Extend(f, [c], hidden=True) for f, c in zip(forks, cands)])
+    ref = torch.cat([o.logits for o in outs])
+    assert torch.allclose(tree.logits, ref, atol=1e-3), (tree.logits - ref).abs().max()
+    assert torch.allclose(tree.hidden, torch.cat([o.hidden for o in outs]), atol=1e-3)
+    # committing candidate 3 puts its K/V in place: the next step matches the forked path
+    runner.commit(seq, 3, cands[3])
+    nxt = int(tree.logits[3].argmax())
+    [a] = runner.run([Extend(seq, [nxt])])
+    [b] = runner.run([Extend(forks[3], [nxt])])
+    assert torch.allclose(a.logits, b.logits, atol=1e-3)
+    for s in [seq, *forks]:
+        runner.free(s)
+
+
+def test_rows_of_different_lengths_batch_like_alone(runner, ids):
+    short = ids[:4]
+    s1, s2 = runner.new_seq(), runner.new_seq()
+    alone = [runner.run([Extend(s1, ids)])[0].logits, runner.run([Extend(s2, short)])[0].logits]
+    runner.free(s1)
+    runner.free(s2)
+    s1, s2 = runner.new_seq(), runner.new_seq()
+    runner.pad_budget = 10_000  # force one padded forward
+    both = runner.run([Extend(s1, ids), Extend(s2, short)])
+    runner.pad_budget = 24
+    for a, b in zip(alone, both):
+        assert torch.allclose(a, b.logits, atol=1e-3)
+    # continuing both in one decode step agrees with continuing each alone
+    step = runner.run([Extend(s1, [42]), Extend(s2, [42])])
+    s3 = runner.new_seq()
+    runner.run([Extend(s3, short)])
+    [ref] = runner.run([Extend(s3, [42])])
+    assert torch.allclose(step[1].logits, ref.logits, atol=1e-3)
+    for s in (s1, s2, s3):
+        runner.free(s)
+    assert runner.num_free == 8
+
+
+def test_fork_copies_prefix(runner, ids):
+    seq = runner.new_seq()
+    runner.run([Extend(seq, ids[:-1])])
+    [f] = runner.fork(seq, 1)
+    a, b = runner.run([Extend(seq, ids[-1:]), Extend(f, ids[-1:])])
+    assert torch.equal(a.logits, b.logits) or torch.allclose(a.logits, b.logits, atol=1e-4)
+    runner.free(seq)
+    runner.free(f)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    eng = Engine(EngineConfig(model_dir=model_dir, slots=8, max_len=256, max_waiting=4))
+    yield eng
+    eng.shutdown()
+
+
+def _req(engine, text, **kw):
+    ids = engine.tokenizer(text).input_ids
+    n = kw.pop("n", 1)
+    return EngineRequest(prompt_ids=ids, params=SamplingParams(**kw), decoder=Sample(), n=n)
+
+
+def test_seeded_sampling_is_batch_invariant(engine):
+    """Same request + seed gives the same tokens alone and beside other requests."""
+    alone = engine.generate(_req(engine, "Once upon a time", temperature=1.0, seed=7,
+                                 max_tokens=12))
+    import threading
+
+    results = {}
+
+    def go(i, text, seed):
+        results[i] = engine.generate(_req(engine, text, temperature=1.0, seed=seed,
+                                          max_tokens=12))
+
+    ts = [threading.Thread(target=go, args=(i, t, s)) for i, (t, s) in enumerate(
+        [("Once upon a time", 7), ("In a galaxy far away", 3), ("Dear diary,", 5)])]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert results[0]["choices"][0]["tokens"] == alone["choices"][0]["tokens"]
+
+
+def test_queue_limit_and_slot_limit(engine):
+    from alignserve.engine.primitives import EngineError
+
+    with pytest.raises(EngineError, match="slots"):
+        engine.submit(_req(engine, "hi", max_tokens=2, n=9))
+
+
+def test_max_tokens_and_stop(engine):
+    r = engine.generate(_req(engine, "1, 2, 3,", temperature=0, max_tokens=10, stop=[" 6"]))
+    ch = r["choices"][0]
+    assert ch["finish_reason"] == "stop"
+    assert " 6" not in ch["text"]
+    r = engine.generate(_req(engine, "1, 2, 3,", temperature=0, max_tokens=3, ignore_eos=True))
+    assert r["choices"][0]["finish_reason"] == "length"
+    assert len(r["choices"][0]["tokens"]) == 3
