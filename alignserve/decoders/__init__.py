@@ -2,31 +2,56 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+from .aligned import AlignedDecoder, AlignmentError
+from .args import Args
 from .base import Decoder
+from .best_of_n import BestOfN
+from .cd_block import CdBlock
+from .deal import Deal
+from .genarm import GenArm
 from .sample import Sample
+from .transfer_qstar import TransferQStar
+from .vas import ControlledDecoding, Vas
 
 STRATEGIES: dict[str, type[Decoder]] = {
-    Sample.name: Sample,
+    cls.name: cls
+    for cls in (Sample, BestOfN, Args, Vas, ControlledDecoding, CdBlock, GenArm, TransferQStar,
+                Deal)
 }
 
-
-class AlignmentError(ValueError):
-    """An invalid ``alignment`` field; ``field`` is the dotted path reported in the 400."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+__all__ = ["STRATEGIES", "AlignmentError", "Decoder", "build_decoder", "strategy_info"]
 
 
-def build_decoder(alignment: dict[str, Any] | None, prompt_logprobs: bool = False) -> Decoder:
-    """Instantiate the strategy a request asked for (plain sampling when none)."""
+def build_decoder(alignment: dict[str, Any] | None, prompt_logprobs: bool = False,
+                  registry: Any = None) -> Decoder:
+    """Instantiate and validate the strategy a request asked for (plain sampling when none)."""
     spec = dict(alignment or {})
     name = spec.pop("strategy", "sample")
-    cls = STRATEGIES.get(name)
+    cls = STRATEGIES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise AlignmentError("alignment.strategy",
                              f"unknown strategy {name!r}; available: {sorted(STRATEGIES)}")
+    if cls is Sample:
+        if spec:
+            raise AlignmentError(f"alignment.{sorted(spec)[0]}",
+                                 "plain sampling takes no alignment options; pick a strategy")
+        return Sample({"prompt_logprobs": prompt_logprobs})
     spec["prompt_logprobs"] = prompt_logprobs
-    return cls(spec)
+    dec = cls(spec)
+    assert isinstance(dec, AlignedDecoder)
+    dec.bind(registry)
+    return dec
+
+
+def strategy_info() -> list[dict[str, Any]]:
+    """Each strategy with its parameters, defaults and ranges (JSON schema of its options)."""
+    out = []
+    for name, cls in sorted(STRATEGIES.items()):
+        schema = cls.Options.model_json_schema() if issubclass(cls, AlignedDecoder) else {}
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
+        out.append({"name": name, "streams": cls.streams, "description": doc,
+                    "parameters": schema.get("properties", {})})
+    return out

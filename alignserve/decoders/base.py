@@ -40,8 +40,9 @@ def prefill(ctx: DecodeContext, want_prompt_logprobs: bool) -> Run:
     """Prefill the prompt once; returns (seq, last-position logits [V]) via StopIteration value."""
     seq = ctx.new_seq("base")
     [out] = yield [Extend(seq, list(ctx.prompt_ids), logits="all" if want_prompt_logprobs
-                          else "last")]
-    assert out.logits is not None
+                          else "last", hidden=True)]
+    assert out.logits is not None and out.hidden is not None
+    ctx.prompt_hidden = out.hidden[-1]
     if want_prompt_logprobs:
         ctx.prompt_logprobs = prompt_logprobs(out.logits, ctx.prompt_ids,
                                               ctx.params.top_logprobs)
@@ -94,3 +95,28 @@ def decode_rows(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, choices: li
         toks = out.tokens[keep].tolist()
         outs = yield [Extend(seqs[i], [t]) for i, t in zip(live, toks)]
         logits = torch.cat([o.logits for o in outs])  # type: ignore[misc]
+
+
+def parallel(gens: list[Run]) -> Run:
+    """Run several strategy generators as one: their operations share each engine step.
+
+    This is how one request's ``n`` choices (and any other independent branches) batch together
+    without each strategy having to manage lists of rows.
+    """
+    live: dict[int, Run] = dict(enumerate(gens))
+    pending: dict[int, list[Op]] = {}
+    for i, g in list(live.items()):
+        try:
+            pending[i] = list(next(g))
+        except StopIteration:
+            del live[i]
+    while live:
+        order = [(i, pending[i]) for i in live]
+        outs = yield [op for _, ops in order for op in ops]
+        pos = 0
+        for i, ops in order:
+            part, pos = outs[pos:pos + len(ops)], pos + len(ops)
+            try:
+                pending[i] = list(live[i].send(part))
+            except StopIteration:
+                del live[i]

@@ -72,15 +72,26 @@ class EngineClient:
                 f"{n_prompt} tokens and max_tokens is {max_tokens}. Shorten the prompt or lower "
                 "max_tokens.")
 
-    async def stream(self, inp: GenerationInput) -> AsyncIterator[tuple]:
-        """Submit one generation and yield its events as they arrive; cancels on early exit."""
+    def start(self, inp: GenerationInput) -> tuple[EngineRequest, asyncio.Queue]:
+        """Validate the strategy and submit; raises (AlignmentError, QueueFull, ...) before any
+        output exists, so the HTTP layer can still answer with a 4xx status."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        decoder = build_decoder(inp.alignment, prompt_logprobs=inp.prompt_logprobs)
+        decoder = build_decoder(inp.alignment, prompt_logprobs=inp.prompt_logprobs,
+                                registry=self.resources)
+        need = sum(decoder.slots_needed(inp.n).values())
+        if need > self.engine.base.cache.slots:
+            raise EngineError(f"this request needs {need} KV-cache slots but the server has "
+                              f"{self.engine.base.cache.slots}; lower n or the strategy's "
+                              "branch count")
         req = EngineRequest(prompt_ids=inp.prompt_ids, params=inp.params, decoder=decoder,
                             n=inp.n, prompt_text=inp.prompt_text, resources=self.resources,
                             callback=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
         self.engine.submit(req)
+        return req, q
+
+    async def events(self, req: EngineRequest, q: asyncio.Queue) -> AsyncIterator[tuple]:
+        """Yield a started request's events; cancels it if the consumer stops early."""
         try:
             while True:
                 ev = await q.get()
@@ -90,6 +101,11 @@ class EngineClient:
         finally:
             if not req.done:
                 self.engine.cancel(req)
+
+    async def stream(self, inp: GenerationInput) -> AsyncIterator[tuple]:
+        req, q = self.start(inp)
+        async for ev in self.events(req, q):
+            yield ev
 
     async def run(self, inp: GenerationInput) -> dict[str, Any]:
         async for ev in self.stream(inp):

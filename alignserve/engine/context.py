@@ -52,6 +52,7 @@ class DecodeContext:
         self.seqs: list[Seq] = []
         self.stats = Stats()
         self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_hidden: Tensor | None = None  # final hidden state at the prompt's last token
         self.info: dict[str, Any] = {}  # strategy-specific facts for the response
 
     # ---- sequences -------------------------------------------------------------------------

@@ -1,30 +1,49 @@
 """OpenAI-compatible HTTP layer (FastAPI). It validates, translates and streams; no tensors here.
 
 Endpoints: ``/v1/completions``, ``/v1/chat/completions`` (SSE with ``stream``), ``/v1/models``,
-``/health``. Every error leaves in OpenAI's shape ``{"error": {"message", "type", "param",
-"code"}}`` with a 4xx status that fits; nothing a client sends reaches the engine unvalidated.
+``/v1/heads``, ``/health``, ``/metrics`` (Prometheus text) and the playground page at ``/``.
+Every error leaves in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with a
+4xx status that fits; nothing a client sends reaches the engine unvalidated. With API keys
+configured every endpoint but ``/health`` and the static playground files needs
+``Authorization: Bearer KEY``.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..decoders import AlignmentError
+from ..decoders import STRATEGIES, AlignmentError, build_decoder, strategy_info
 from ..engine.api import ContextLengthError, EngineClient, GenerationInput
 from ..engine.primitives import EngineError
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import QueueFull, RequestTimeout
+from .metrics import CONTENT_TYPE, Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# alignment fields that multiply work per request (samples, candidates, beams, rollout lengths):
+# ``--max-candidates`` caps them all, below each strategy's own published-range maximum
+CANDIDATE_FIELDS = ("n", "k", "top_k", "beams", "rollout", "lookahead", "block")
+# paths a client may reach without a key: liveness probes and the playground's static files
+# (the page itself asks for the key; every API call it makes carries it)
+PUBLIC_PATHS = ("/health", "/", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/",)
+METRIC_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/heads",
+                    "/health", "/metrics")
 
 
 @dataclass
@@ -37,6 +56,64 @@ class ServerLimits:
     max_prompts: int = 32
     default_chat_max_tokens: int = 256
     default_completion_max_tokens: int = 16
+    max_candidates: int | None = None  # cap on CANDIDATE_FIELDS; None = the strategies' own
+
+
+class GateMiddleware:
+    """API-key check and per-request metrics, as plain ASGI.
+
+    Plain ASGI rather than ``@app.middleware("http")`` so that a streaming response passes
+    through untouched: the client's disconnect reaches the SSE generator directly, which is
+    what frees its batch slot at once.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str], metrics: Metrics) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys if k]
+        self.metrics = metrics
+
+    def authorized(self, scope: Scope) -> bool:
+        path = scope.get("path", "")
+        if not self.keys or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+            return True
+        header = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                header = value
+                break
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # compare against every key in constant time so the answer leaks no prefix length
+        return any([hmac.compare_digest(token, k) for k in self.keys])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in METRIC_ENDPOINTS else "other"
+        if not self.authorized(scope):
+            self.metrics.observe_request(endpoint, "-", 401)
+            resp = JSONResponse(error_body(
+                "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                "invalid_request_error", None, "invalid_api_key"), status_code=401,
+                headers={"WWW-Authenticate": "Bearer"})
+            await resp(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapped)
+        finally:
+            strategy = scope.get("state", {}).get("strategy", "-")
+            self.metrics.observe_request(endpoint, strategy, status[0])
 
 
 class APIError(Exception):
@@ -53,13 +130,22 @@ def error_body(message: str, err_type: str, param: str | None, code: str | None)
 
 
 def create_app(client: EngineClient, model_name: str,
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None,
+               alias_weights: dict[str, dict[str, float]] | None = None,
+               api_keys: Iterable[str] = ()) -> FastAPI:
+    """The HTTP app over ``client``; ``api_keys`` (none = open) guard every endpoint but
+    ``/health`` and the playground's static files."""
     limits = limits or ServerLimits()
+    metrics = Metrics()
+    # weights a MODEL:STRATEGY alias uses when the request names none ("*" = any strategy)
+    alias_weights = alias_weights or {"*": {"sentiment": 1.0}, "vas": {"sentiment": 3.0},
+                                      "cd": {"sentiment": 3.0}, "genarm": {"sentiment": 1.0}}
     app = FastAPI(title="alignserve", version="0.1.0",
                   description="OpenAI-compatible server for decoding-time alignment")
     app.state.client = client
     app.state.limits = limits
     app.state.model_name = model_name
+    app.state.metrics = metrics
 
     # ---- errors ----------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -100,7 +186,24 @@ def create_app(client: EngineClient, model_name: str,
                 "invalid_request_error", None, "request_too_large"), status_code=413)
         return await call_next(request)
 
+    # added last, so it runs first: a request without a valid key never reaches a handler
+    app.add_middleware(GateMiddleware, api_keys=list(api_keys), metrics=metrics)
+
+    # ---- playground ------------------------------------------------------------------------
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        """The browser playground: plain HTML/JS over the public API, no build step."""
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
     # ---- simple endpoints ------------------------------------------------------------------
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_page() -> PlainTextResponse:
+        """Prometheus text format: request counts, tokens, queue, batch, step latency."""
+        return PlainTextResponse(metrics.render(client.engine), media_type=CONTENT_TYPE)
+
     @app.get("/health")
     async def health() -> dict:
         eng = client.engine
@@ -109,14 +212,26 @@ def create_app(client: EngineClient, model_name: str,
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": 0, "owned_by": "alignserve",
-             "max_model_len": client.max_len}]}
+        heads = client.resources.describe() if client.resources is not None else []
+        data = [{"id": model_name, "object": "model", "created": 0, "owned_by": "alignserve",
+                 "max_model_len": client.max_len,
+                 "alignment": {"strategies": sorted(STRATEGIES),
+                               "objectives": [h["name"] for h in heads]}}]
+        data += [{"id": f"{model_name}:{s}", "object": "model", "created": 0,
+                  "owned_by": "alignserve", "root": model_name, "max_model_len": client.max_len}
+                 for s in sorted(STRATEGIES) if s != "sample"]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/heads")
+    async def heads() -> dict:
+        """Every reward source and guidance head, with its allowed weight range."""
+        rows = client.resources.describe() if client.resources is not None else []
+        return {"object": "list", "data": rows, "strategies": strategy_info()}
 
     # ---- generation ------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
+        alignment = with_alias(body, request)
         try:
             prompts = body.prompts()
         except ValueError as exc:
@@ -144,12 +259,20 @@ def create_app(client: EngineClient, model_name: str,
             text = p if isinstance(p, str) else client.decode(ids)
             mt = fit_max_tokens(len(ids), max_tokens, body.max_tokens is None)
             params = sampling(body, mt, n_top, body.logprobs is not None)
-            inputs.append(GenerationInput(ids, text, params, body.n, body.alignment,
+            inputs.append(GenerationInput(ids, text, params, body.n, alignment,
                                           prompt_logprobs=body.echo and body.logprobs is not None))
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return sse(stream_completion(rid, body, inputs[0]))
+            started = begin(inputs[0])
+            return sse(stream_completion(rid, body, inputs[0], started))
+        for inp in inputs:  # validate every prompt's strategy before running any
+            try:
+                build_decoder(inp.alignment, registry=client.resources)
+            except Exception as exc:  # noqa: BLE001
+                raise to_api_error(exc) from None
         results = [await run(inp) for inp in inputs]
+        for res in results:
+            metrics.observe_result(strategy_of(alignment), res)
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for pi, (inp, res) in enumerate(zip(inputs, results)):
             usage["prompt_tokens"] += res["prompt_tokens"]
@@ -167,7 +290,7 @@ def create_app(client: EngineClient, model_name: str,
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         out = {"id": rid, "object": "text_completion", "created": int(time.time()),
                "model": body.model, "choices": choices, "usage": usage}
-        if body.alignment is not None:
+        if alignment is not None:
             out["alignment"] = [alignment_summary(r) for r in results]
             if len(results) == 1:
                 out["alignment"] = out["alignment"][0]
@@ -175,7 +298,7 @@ def create_app(client: EngineClient, model_name: str,
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        alignment = with_alias(body, request)
         check_n(body.n)
         try:
             messages = [{"role": m.role if m.role != "developer" else "system",
@@ -192,11 +315,12 @@ def create_app(client: EngineClient, model_name: str,
         if n_top and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         params = sampling(body, mt, n_top, body.logprobs)
-        inp = GenerationInput(ids, text, params, body.n, body.alignment)
+        inp = GenerationInput(ids, text, params, body.n, alignment)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return sse(stream_chat(rid, body, inp))
+            return sse(stream_chat(rid, body, inp, begin(inp)))
         res = await run(inp)
+        metrics.observe_result(strategy_of(alignment), res)
         choices = []
         for ci, ch in enumerate(res["choices"]):
             choices.append({
@@ -207,15 +331,45 @@ def create_app(client: EngineClient, model_name: str,
             })
         out = {"id": rid, "object": "chat.completion", "created": int(time.time()),
                "model": body.model, "choices": choices, "usage": usage_of(res)}
-        if body.alignment is not None:
+        if alignment is not None:
             out["alignment"] = alignment_summary(res)
         return out
 
     # ---- helpers (closures over client/limits) ----------------------------------------------
-    def check_model(model: str) -> None:
-        if model != model_name:
-            raise APIError(404, f"The model '{model}' does not exist; available: {model_name}",
+    def check_model(model: str) -> str | None:
+        """Accept the served name or an alias ``NAME:STRATEGY``; returns the alias strategy."""
+        base, _, strategy = model.partition(":")
+        if base != model_name or (strategy and strategy not in STRATEGIES):
+            raise APIError(404, f"The model '{model}' does not exist; available: {model_name} "
+                           f"and {model_name}:STRATEGY with STRATEGY in {sorted(STRATEGIES)}",
                            "model", "model_not_found")
+        return strategy or None
+
+    def with_alias(body: Any, request: Request) -> dict[str, Any] | None:
+        """The request's alignment, with the model alias's strategy and default weights; checks
+        the server's candidate cap and labels the request's metrics with its strategy."""
+        strategy = check_model(body.model)
+        if strategy is None:
+            spec = body.alignment
+        else:
+            spec = {"strategy": strategy, **(body.alignment or {})}
+            if strategy != "sample" and "weights" not in spec:
+                spec["weights"] = dict(alias_weights.get(strategy, alias_weights["*"]))
+        request.state.strategy = strategy_of(spec)
+        check_candidates(spec)
+        return spec
+
+    def check_candidates(spec: dict[str, Any] | None) -> None:
+        """Server-level cap on the alignment fields that multiply a request's work; the
+        strategy still validates its own (wider) range and types afterwards."""
+        cap = limits.max_candidates
+        if not spec or cap is None:
+            return
+        for name in CANDIDATE_FIELDS:
+            v = spec.get(name)
+            if isinstance(v, int) and not isinstance(v, bool) and v > cap:
+                raise APIError(400, f"alignment.{name} must be at most {cap} on this server "
+                                    f"(got {v})", f"alignment.{name}", "invalid_value")
 
     def check_n(n: int) -> None:
         if n > limits.max_n:
@@ -257,18 +411,17 @@ def create_app(client: EngineClient, model_name: str,
         return StreamingResponse(gen, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def first_event(inp: GenerationInput):
-        """Start a stream, raising API errors (e.g. 429) before any byte is sent."""
+    def begin(inp: GenerationInput):
+        """Submit a streaming request; errors (400, 429) surface before the 200 is sent."""
         try:
-            agen = client.stream(inp)
-            return agen, await agen.__anext__()
+            return client.start(inp)
         except Exception as exc:  # noqa: BLE001
             raise to_api_error(exc) from None
 
-    def stream_completion(rid: str, body: CompletionRequest, inp: GenerationInput):
+    def stream_completion(rid: str, body: CompletionRequest, inp: GenerationInput, started):
         async def gen() -> AsyncIterator[str]:
             created = int(time.time())
-            agen = client.stream(inp)
+            agen = watched(client.events(*started), strategy_of(inp.alignment))
             if body.echo:
                 for c in range(body.n):
                     yield data({"id": rid, "object": "text_completion", "created": created,
@@ -278,7 +431,6 @@ def create_app(client: EngineClient, model_name: str,
             async for ev in agen:
                 if ev[0] == "delta":
                     _, c, text, info = ev
-                    st_done = info is None or text == ""
                     if text:
                         lp = None
                         if body.logprobs is not None and info is not None:
@@ -289,7 +441,6 @@ def create_app(client: EngineClient, model_name: str,
                                     "model": body.model, "choices": [{
                                         "index": c, "text": text, "logprobs": lp,
                                         "finish_reason": None}]})
-                    del st_done
                 elif ev[0] == "done":
                     res = ev[1]
                     for c, ch in enumerate(res["choices"]):
@@ -300,15 +451,16 @@ def create_app(client: EngineClient, model_name: str,
                     if body.stream_options and body.stream_options.include_usage:
                         chunk = {"id": rid, "object": "text_completion", "created": created,
                                  "model": body.model, "choices": [], "usage": usage_of(res)}
-                        if body.alignment is not None:
+                        if inp.alignment is not None:
                             chunk["alignment"] = alignment_summary(res)
                         yield data(chunk)
                 else:
-                    yield data(error_body(str(ev[1]), "server_error", None, None))
+                    err = to_api_error(ev[1])
+                    yield data(error_body(err.message, err.err_type, err.param, err.code))
             yield "data: [DONE]\n\n"
         return gen()
 
-    def stream_chat(rid: str, body: ChatCompletionRequest, inp: GenerationInput):
+    def stream_chat(rid: str, body: ChatCompletionRequest, inp: GenerationInput, started):
         async def gen() -> AsyncIterator[str]:
             created = int(time.time())
 
@@ -319,7 +471,7 @@ def create_app(client: EngineClient, model_name: str,
             for c in range(body.n):
                 yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
-            async for ev in client.stream(inp):
+            async for ev in watched(client.events(*started), strategy_of(inp.alignment)):
                 if ev[0] == "delta":
                     _, c, text, info = ev
                     if text:
@@ -335,7 +487,7 @@ def create_app(client: EngineClient, model_name: str,
                                       "finish_reason": ch["finish_reason"]}])
                     if body.stream_options and body.stream_options.include_usage:
                         extra: dict[str, Any] = {"usage": usage_of(res)}
-                        if body.alignment is not None:
+                        if inp.alignment is not None:
                             extra["alignment"] = alignment_summary(res)
                         yield chunk([], **extra)
                 else:
@@ -343,6 +495,26 @@ def create_app(client: EngineClient, model_name: str,
                     yield data(error_body(err.message, err.err_type, err.param, err.code))
             yield "data: [DONE]\n\n"
         return gen()
+
+    async def watched(events: AsyncIterator[tuple], strategy: str) -> AsyncIterator[tuple]:
+        """Pass a stream's engine events through, accounting its result, a mid-stream error
+        or the client leaving early. Closing this (disconnect) closes ``events``, whose
+        ``finally`` cancels the engine request and so frees its slots on the next step."""
+        ended = False
+        try:
+            async for ev in events:
+                if ev[0] == "done":
+                    ended = True
+                    metrics.observe_result(strategy, ev[1])
+                elif ev[0] == "error":
+                    ended = True
+                    err = to_api_error(ev[1])
+                    metrics.stream_errors[err.code or err.err_type] += 1
+                yield ev
+        finally:
+            if not ended:
+                metrics.disconnects += 1
+            await events.aclose()
 
     def top_map(top: list[tuple[int, float]] | None) -> dict[str, float] | None:
         if top is None:
@@ -381,12 +553,17 @@ def create_app(client: EngineClient, model_name: str,
                             for t, lp in (info.top or [])]})
         return out
 
-    del first_event  # kept simple: errors before the first byte are raised in `run`
     return app
 
 
 def data(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def strategy_of(alignment: dict[str, Any] | None) -> str:
+    """The strategy a request asked for, as a metrics label (unknown names are bounded)."""
+    name = (alignment or {}).get("strategy", "sample")
+    return name if isinstance(name, str) and name in STRATEGIES else "invalid"
 
 
 def usage_of(res: dict) -> dict:

@@ -13,11 +13,38 @@ from .app import ServerLimits, create_app
 
 
 def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAPI:
+    keys = api_keys(args)  # fail on a bad key file before spending seconds on the model
     engine = Engine(EngineConfig(
         model_dir=model_dir, model_name=name, slots=args.slots, max_len=args.max_len,
         max_waiting=args.max_waiting, request_timeout_s=args.request_timeout,
         device=args.device, dtype=args.dtype, threads=args.threads))
-    client = EngineClient(engine)
+    from ..value_models.heads import tokenizer_fingerprint
+    from ..value_models.registry import Registry
+    from ..value_models.rewards import HFNextTokenScorer
+
+    registry = Registry.build(Path(args.heads) if args.heads else None,
+                              tokenizer_fingerprint(engine.tokenizer),
+                              engine.base.config.hidden_size,
+                              judge_scorer=HFNextTokenScorer(model_dir))
+    client = EngineClient(engine, registry)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
-                          max_body_bytes=args.max_body_bytes)
-    return create_app(client, name, limits)
+                          max_body_bytes=args.max_body_bytes,
+                          max_candidates=getattr(args, "max_candidates", None))
+    return create_app(client, name, limits, api_keys=keys)
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """Keys from ``--api-key`` and ``--api-keys-file`` (one per line, '#' comments skipped).
+
+    Read before the model loads, so a missing key file fails fast. An empty file is an error:
+    asking for keys and getting an open server would be the worst outcome.
+    """
+    keys = [k.strip() for k in (getattr(args, "api_key", None) or []) if k.strip()]
+    path = getattr(args, "api_keys_file", None)
+    if path:
+        lines = Path(path).read_text().splitlines()
+        file_keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not file_keys:
+            raise ValueError(f"--api-keys-file {path} contains no keys")
+        keys += file_keys
+    return keys

@@ -1,0 +1,236 @@
+"""Shared machinery of the alignment strategies: options, objectives, scoring, rollouts.
+
+Every aligned strategy accepts the same common fields in the request's ``alignment`` object:
+``weights`` ({objective name: weight}, the sliders), ``transform`` and ``reward_options`` (per
+reward options such as ``{"concise": {"target_words": 20}}``), plus its own parameters, each
+validated with its published default and allowed range. A request whose weights are all zero
+runs plain sampling exactly (same seed, same tokens), because it *is* plain sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor
+
+from ..engine.context import DecodeContext
+from ..engine.output import ChoiceState, Detokenizer, TokenInfo
+from ..engine.primitives import Extend, Seq
+from .base import Decoder, Run, decode_rows, emit_rows, parallel, prefill
+
+
+class AlignmentError(ValueError):
+    """An invalid ``alignment`` field; ``field`` is the dotted path reported in the 400."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CommonOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, float] = Field(default_factory=dict)
+    transform: str = Field("identity", pattern="^(identity|log_sigmoid|quantile)$")
+    reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class AlignedDecoder(Decoder):
+    """Base of every aligned strategy. Subclasses define ``Options`` and ``run_choice``."""
+
+    Options: ClassVar[type[CommonOptions]] = CommonOptions
+    head_kind: ClassVar[str | None] = None  # "value"/"arm" when weights name heads, else rewards
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        opts = dict(options or {})
+        self.prompt_lp = bool(opts.pop("prompt_logprobs", False))
+        try:
+            self.opt = self.Options(**opts)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            loc = ".".join(str(x) for x in e["loc"])
+            raise AlignmentError(f"alignment.{loc}",
+                                 f"invalid alignment.{loc}: {e['msg']}") from None
+        super().__init__(opts)
+        self.weights = {k: float(v) for k, v in self.opt.weights.items()}
+
+    # ---- validation against what the server has loaded ---------------------------------------
+    def bind(self, registry: Any) -> None:
+        """Check weights and reward options against the registry (called before submission)."""
+        from ..value_models.compose import validate_weights
+
+        if registry is None:
+            if any(self.weights.values()):
+                raise AlignmentError("alignment.weights", "no rewards are loaded on this server")
+            return
+        infos = registry.infos()
+        if self.head_kind is not None:  # weights name rewards with a trained head, or heads
+            avail = {}
+            for name in self.weights:
+                head = registry.heads_for(name, self.head_kind)
+                if head is None:
+                    kinds = sorted(h.name for h in registry.heads.values()
+                                   if h.kind == self.head_kind)
+                    raise AlignmentError(f"alignment.weights.{name}",
+                                         f"no {self.head_kind} head for {name!r}; available: "
+                                         f"{kinds}")
+                avail[name] = head.info
+            infos = avail
+        else:
+            infos = {n: i for n, i in infos.items() if n in registry.rewards}
+        try:
+            self.weights = validate_weights(self.weights, infos)
+        except ValueError as exc:
+            raise AlignmentError(getattr(exc, "field", "alignment.weights"), str(exc)) from None
+        for name, ro in self.opt.reward_options.items():
+            if name not in registry.rewards:
+                raise AlignmentError(f"alignment.reward_options.{name}",
+                                     f"unknown reward {name!r}")
+            check = getattr(registry.rewards[name], "validate_options", None)
+            if check is not None:
+                try:
+                    check(ro)
+                except ValueError as exc:
+                    raise AlignmentError(getattr(exc, "field", f"alignment.reward_options.{name}"),
+                                         str(exc)) from None
+
+    @property
+    def plain(self) -> bool:
+        return not any(self.weights.values())
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self, ctx: DecodeContext) -> Run:
+        seq, last = yield from prefill(ctx, self.prompt_lp)
+        ctx.info["strategy"] = self.name
+        if ctx.params.max_tokens == 0:
+            for c in range(ctx.n):
+                ctx.finish(c, "length")
+            return
+        seqs = [seq] + ctx.fork(seq, ctx.n - 1)
+        if self.plain:
+            gens = [ctx.generator(c) for c in range(ctx.n)]
+            yield from decode_rows(ctx, seqs, last[None].expand(ctx.n, -1), list(range(ctx.n)),
+                                   gens)
+        else:
+            yield from parallel([self.run_choice(ctx, c, seqs[c], last) for c in range(ctx.n)])
+        self.report(ctx)
+
+    def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits: Tensor) -> Run:
+        raise NotImplementedError
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+    def reward_names(self) -> list[str]:
+        return [n for n, w in self.weights.items() if w]
+
+    def score_texts(self, ctx: DecodeContext, texts: list[str],
+                    population: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Combined and per-objective sequence rewards of ``texts`` (responses to this prompt).
+
+        With ``population`` the texts are alternatives for one prompt, so the log-sigmoid and
+        quantile transforms use them as the per-prompt reference set.
+        """
+        from ..value_models.compose import combine
+
+        reg = ctx.resources
+        per: dict[str, np.ndarray] = {}
+        for name in self.reward_names():
+            src = reg.rewards[name]
+            opts = [self.opt.reward_options.get(name, {})] * len(texts)
+            per[name] = np.asarray(src.score([ctx.prompt_text] * len(texts), texts, opts),
+                                   dtype=np.float64)
+        ctx.stats.guidance_forwards += len(per) * len(texts)
+        # alternatives for one prompt are their own reference set (log-sigmoid, quantile)
+        transform = self.opt.transform if population else "identity"
+        used = {n: w for n, w in self.weights.items() if w}
+        return combine(per, used, transform), per
+
+    def report(self, ctx: DecodeContext) -> None:
+        """Per-objective rewards of the returned texts, for the response's ``alignment``."""
+        reg = ctx.resources
+        if reg is None:
+            return
+        texts = [st.text for st in ctx.choices]
+        rewards: dict[str, list[float]] = {}
+        for name in self.weights:
+            src = reg.rewards.get(name)
+            if src is None:
+                head = reg.heads.get(name)
+                name_r = head.manifest.get("reward") if head is not None else None
+                src = reg.rewards.get(name_r) if name_r else None
+            if src is None:
+                continue
+            opts = [self.opt.reward_options.get(name, {})] * len(texts)
+            rewards[name] = [round(float(x), 5) for x in src.score([ctx.prompt_text] * len(texts),
+                                                                  texts, opts)]
+        ctx.info["rewards"] = rewards
+        ctx.info["weights"] = self.weights
+
+
+def finish_state(ctx: DecodeContext) -> ChoiceState:
+    """A scratch output state with the request's stop rules (for branches never emitted)."""
+    p = ctx.params
+    return ChoiceState(p.max_tokens, list(p.stop), set(ctx.eos_ids))
+
+
+def rollout(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, gens: list[torch.Generator],
+            max_new: int, greedy: bool = False, extend_last: bool = True,
+            states: list[ChoiceState] | None = None) -> Run:
+    """Sample up to ``max_new`` tokens on each branch without emitting them.
+
+    ``logits[i]`` are branch i's next-token logits. Returns (states, last_logits) through
+    StopIteration: each branch's ``ChoiceState`` (tokens, text trimmed at stop strings, finish
+    reason) and its next-token logits after the rollout. Branches stop at EOS / stop strings /
+    the request's max_tokens as a real answer would. With ``extend_last`` the final sampled token
+    is fed too, so the branch's cache is complete and it can be adopted as the answer.
+    """
+    det = Detokenizer(ctx.tokenizer)
+    states = states or [finish_state(ctx) for _ in seqs]
+    last = [logits[i] for i in range(len(seqs))]
+    live = [i for i in range(len(seqs)) if not states[i].finished]
+    for step in range(max_new):
+        if not live:
+            break
+        out = ctx.sample(torch.stack([last[i] for i in live]), [gens[i] for i in live],
+                         temperature=0.0 if greedy else None)
+        ctx.stats.tokens_generated += len(live)
+        feed = []
+        for j, i in enumerate(live):
+            tok = int(out.tokens[j])
+            det.push(states[i], TokenInfo(tok, float(out.base_logprobs[j])))
+            if not states[i].finished:  # finished branches need no further cache entries
+                feed.append((i, tok))
+        live = [i for i, _ in feed]
+        if feed and (step < max_new - 1 or extend_last):
+            outs = yield [Extend(seqs[i], [t]) for i, t in feed]
+            for (i, _), o in zip(feed, outs):
+                last[i] = o.logits[0]
+    for st in states:
+        if not st.finished:
+            st.text = det.decode(st.tokens)
+    return states, last  # type: ignore[return-value]
+
+
+def emit_tokens(ctx: DecodeContext, c: int, tokens: list[int],
+                logprobs: list[float | None] | None = None) -> bool:
+    """Emit a chosen branch's tokens for choice ``c``; True once the choice is finished."""
+    for i, t in enumerate(tokens):
+        lp = logprobs[i] if logprobs else None
+        if ctx.emit(c, t, lp):
+            return True
+    return False
+
+
+def topk_ids(logits: Tensor, k: int) -> list[int]:
+    return torch.topk(logits.float(), min(k, logits.shape[-1])).indices.tolist()
+
+
+def emit_one(ctx: DecodeContext, c: int, token: int, logits: Tensor) -> bool:
+    """Emit one sampled token with its base log-probability (and top-n when requested)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    return emit_rows(ctx, [c], torch.tensor([token]), lp[token].view(1), logits[None])[0]
+
+
+
+

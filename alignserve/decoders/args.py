@@ -1,0 +1,52 @@
+"""ARGS (Khanov et al. 2024): score(a) = l(a) + w * r([x, y<t, a]) over the top-k candidates.
+
+The reward is a sequence-level source run on the k extended prefixes (one batched reward call
+per step); the base model needs one forward per token. Sampling is restricted to the k
+candidates (greedy with temperature 0). Published: k=10, w=1.0 (also 1.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..engine.context import DecodeContext
+from ..engine.primitives import Extend, Seq
+from .aligned import AlignedDecoder, CommonOptions, emit_one, topk_ids
+from .base import Run
+
+
+class ArgsOptions(CommonOptions):
+    top_k: int = Field(10, ge=1, le=50, description="candidates scored per token (published 10)")
+    batched: bool = Field(True, description="false = one reward call per candidate, as the "
+                          "reference code does (for benchmarks only)")
+
+
+class Args(AlignedDecoder):
+    name = "args"
+    Options = ArgsOptions
+
+    def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
+        gen = ctx.generator(c)
+        k = self.opt.top_k
+        prefix: list[int] = []
+        while True:
+            cands = topk_ids(logits, k)
+            texts = [ctx.tokenizer.decode(prefix + [a], skip_special_tokens=True)
+                     for a in cands]
+            if self.opt.batched:
+                scores, _ = self.score_texts(ctx, texts)
+            else:
+                scores = np.concatenate([self.score_texts(ctx, [t])[0] for t in texts])
+            ctx.stats.candidates_scored += len(cands)
+            out = ctx.sample(logits[None], [gen], weights=torch.ones(1, 1),
+                             cand_scores=torch.tensor(scores, dtype=torch.float32)[None, None],
+                             cand_ids=torch.tensor([cands]), top_k=k)
+            tok = int(out.tokens[0])
+            ctx.stats.tokens_generated += 1
+            if emit_one(ctx, c, tok, logits):
+                return
+            prefix.append(tok)
+            [o] = yield [Extend(seq, [tok])]
+            logits = o.logits[0]

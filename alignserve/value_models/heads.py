@@ -1,0 +1,173 @@
+"""Token-level guidance heads: value heads (VAS, CD) and autoregressive reward models (GenARM).
+
+Placement ``base``: a head reads the frozen base model's own final hidden state, so scoring costs
+no extra transformer forward. With the engine's tree forward, the hidden states of k candidate
+next tokens come out of the same forward that serves the step, so V([x, y<t, a]) for all k
+candidates is one small matmul. Heads are tiny (tens of thousands to a few hundred thousand
+parameters), train in minutes on cached hidden states, and are stored as safetensors.
+
+- ``ValueHead``: V(prefix) = MLP(h_t) -> scalar, trained to predict the final reward of a base
+  continuation (FUDGE / TD(lambda) / CD-Q targets, see ``training``).
+- ``ARMHead``: log pi_r(a | prefix) = log_softmax(l_base + E (B (A h_t)))_a, a low-rank adapter
+  through the tied embedding matrix E on top of the frozen base logits. Trained with GenARM's
+  pairwise loss; at decode time GenARM adds alpha * log pi_r to the base log-probabilities.
+
+Artifact format: a folder with ``manifest.json`` (kind, name, reward it approximates, tokenizer
+fingerprint of the base it serves, architecture, training provenance, held-out metrics) and
+``head.safetensors``. ``load_heads(dir, fingerprint)`` loads every head under a folder and refuses
+one built for another tokenizer with a message naming both fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import RewardInfo
+
+MANIFEST = "manifest.json"
+WEIGHTS = "head.safetensors"
+FORMAT_VERSION = 1
+
+
+class HeadError(ValueError):
+    """A head folder cannot be used (bad manifest, wrong tokenizer, wrong shapes)."""
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the vocabulary (token -> id), so a head trained on one base is not used on
+    another whose ids mean different tokens."""
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return "vocab-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ValueHead(nn.Module):
+    """V(h) = w2 . tanh(W1 h + b1) + b2, with inputs standardised by stored statistics."""
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sigma", torch.ones(dim))
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = (h.float() - self.mu) / self.sigma
+        return self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
+
+
+class ARMHead(nn.Module):
+    """Low-rank logit adapter: delta(h) = E (B (A h)); log pi_r = log_softmax(l_base + delta)."""
+
+    def __init__(self, dim: int, rank: int = 32) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.zeros_(self.up.weight)  # starts as the base model exactly
+
+    def delta(self, h: Tensor, embed: Tensor) -> Tensor:
+        return self.up(self.down(h.float())) @ embed.float().T
+
+    def logprobs(self, h: Tensor, base_logits: Tensor, embed: Tensor) -> Tensor:
+        return torch.log_softmax(base_logits.float() + self.delta(h, embed), dim=-1)
+
+
+@dataclass
+class Head:
+    """A loaded head: its manifest and module."""
+
+    name: str
+    kind: str  # "value" or "arm"
+    module: nn.Module
+    manifest: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def info(self) -> RewardInfo:
+        m = self.manifest
+        desc = m.get("description") or f"{self.kind} head approximating {m.get('reward', '?')}"
+        wr = tuple(m.get("weight_range", (-20.0, 20.0) if self.kind == "value" else (-5.0, 5.0)))
+        return RewardInfo(name=self.name, kind="value_head" if self.kind == "value" else "arm",
+                          description=desc, range=tuple(m.get("range", (-1e9, 1e9))),
+                          weight_range=wr)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"name": self.name, "kind": self.info.kind, "description": self.info.description,
+                "reward": m.get("reward"), "placement": m.get("placement", "base"),
+                "weight_range": list(self.info.weight_range), "metrics": m.get("metrics", {}),
+                "training": {k: v for k, v in m.get("training", {}).items() if k != "history"}}
+
+
+def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
+    if kind == "value":
+        return ValueHead(arch["dim"], arch.get("hidden", 128))
+    if kind == "arm":
+        return ARMHead(arch["dim"], arch.get("rank", 32))
+    raise HeadError(f"unknown head kind {kind!r} (expected 'value' or 'arm')")
+
+
+def save_head(folder: Path, head: Head) -> Path:
+    """Write ``manifest.json`` + ``head.safetensors`` (tensors made contiguous, fp32)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous() for k, v in head.module.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    manifest = {"format": FORMAT_VERSION, "name": head.name, "kind": head.kind,
+                **{k: v for k, v in head.manifest.items() if k not in ("name", "kind")}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    head.path = folder
+    return folder
+
+
+def load_head(folder: Path, fingerprint: str | None = None, dim: int | None = None) -> Head:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HeadError(f"{folder}: unreadable {MANIFEST}: {exc}") from None
+    for key in ("name", "kind", "arch", "tokenizer"):
+        if key not in manifest:
+            raise HeadError(f"{folder}: {MANIFEST} lacks '{key}'")
+    if fingerprint is not None and manifest["tokenizer"] != fingerprint:
+        raise HeadError(f"head '{manifest['name']}' in {folder} was built for tokenizer "
+                        f"{manifest['tokenizer']}, but the served model's is {fingerprint}; "
+                        "retrain it for this model")
+    if dim is not None and manifest["arch"].get("dim") != dim:
+        raise HeadError(f"head '{manifest['name']}' expects hidden size "
+                        f"{manifest['arch'].get('dim')}, the model has {dim}")
+    module = build_module(manifest["kind"], manifest["arch"])
+    try:
+        module.load_state_dict(load_file(str(folder / WEIGHTS)))
+    except (OSError, RuntimeError) as exc:
+        raise HeadError(f"{folder}: weights do not match the manifest: {exc}") from None
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return Head(manifest["name"], manifest["kind"], module, manifest, folder)
+
+
+def load_heads(root: Path, fingerprint: str | None = None, dim: int | None = None) -> list[Head]:
+    """Every head in ``root`` (the folder itself or its sub-folders holding a manifest)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise HeadError(f"--heads {root}: no such folder")
+    folders = [root] if (root / MANIFEST).is_file() else sorted(
+        p.parent for p in root.glob(f"*/{MANIFEST}"))
+    heads = [load_head(f, fingerprint, dim) for f in folders]
+    names = [h.name for h in heads]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise HeadError(f"--heads {root}: duplicate head names {sorted(dup)}")
+    return heads

@@ -1,0 +1,60 @@
+"""What a deployment can steer with: the built-in reward sources plus the loaded heads.
+
+The server builds one ``Registry`` at start-up and hands it to the engine as opaque
+``resources``; strategies look up rewards and heads by name, and ``/v1/heads`` lists
+``describe()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .base import RewardInfo, RewardSource
+from .heads import Head, load_heads
+
+
+class Registry:
+    def __init__(self, rewards: Mapping[str, RewardSource] | None = None,
+                 heads: list[Head] | None = None) -> None:
+        self.rewards: dict[str, RewardSource] = dict(rewards or {})
+        self.heads: dict[str, Head] = {h.name: h for h in heads or []}
+        clash = set(self.rewards) & set(self.heads)
+        if clash:
+            raise ValueError(f"head names clash with built-in rewards: {sorted(clash)}")
+
+    @classmethod
+    def build(cls, heads_dir: Path | None = None, fingerprint: str | None = None,
+              dim: int | None = None, judge_scorer: Any = None) -> Registry:
+        from .rewards import default_rewards
+
+        heads = load_heads(heads_dir, fingerprint, dim) if heads_dir else []
+        return cls(default_rewards(judge_scorer), heads)
+
+    def infos(self) -> dict[str, RewardInfo]:
+        out = {n: r.info for n, r in self.rewards.items()}
+        out.update({n: h.info for n, h in self.heads.items()})
+        return out
+
+    def heads_for(self, reward: str, kind: str) -> Head | None:
+        """The head of ``kind`` trained for ``reward`` (by name, or the reward it approximates)."""
+        h = self.heads.get(reward)
+        if h is not None and h.kind == kind:
+            return h
+        for h in self.heads.values():
+            if h.kind == kind and (h.manifest.get("reward") == reward
+                                   or h.name == f"{reward}_{kind}"):
+                return h
+        return None
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for name, r in sorted(self.rewards.items()):
+            i = r.info
+            rows.append({"name": name, "kind": i.kind, "description": i.description,
+                         "range": list(i.range), "weight_range": list(i.weight_range),
+                         "options": dict(i.options)})
+        for _, h in sorted(self.heads.items()):
+            rows.append(h.describe())
+        return rows
