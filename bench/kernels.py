@@ -97,11 +97,15 @@ def _ratio(num: float | None, den: float | None) -> str:
 def run_cuda(args: argparse.Namespace) -> None:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
-    print(f"device: {name}; peak {args.peak_gbps:.0f} GB/s; H={args.heads} dense; "
-          f"n_top={args.n_top}; T=0.8, top_k=50, top_p=0.9\n")
+    print(
+        f"device: {name}; peak {args.peak_gbps:.0f} GB/s; H={args.heads} dense; "
+        f"n_top={args.n_top}; T=0.8, top_k=50, top_p=0.9\n"
+    )
     compiled = torch.compile(guided_sample_torch, dynamic=False)
-    print("| B | V | triton us | eager us | compile us | vs eager | vs compile "
-          "| triton GB/s | % of peak | floor us | tokens == eager |")
+    print(
+        "| B | V | triton us | eager us | compile us | vs eager | vs compile "
+        "| triton GB/s | % of peak | floor us | tokens == eager |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
     for v in args.vocab:
         for b in args.batch:
@@ -127,23 +131,27 @@ def run_cuda(args: argparse.Namespace) -> None:
             nbytes = floor_bytes(b, v, args.heads, args.n_top)
             gbps = nbytes / (t_tri * 1e-6) / 1e9
             floor_us = nbytes / (args.peak_gbps * 1e9) * 1e6
-            print(f"| {b} | {v} | {_fmt(t_tri)} | {_fmt(t_eager)} | {_fmt(t_comp)} "
-                  f"| {_ratio(t_eager, t_tri)} | {_ratio(t_comp, t_tri)} | {gbps:,.0f} "
-                  f"| {100 * gbps / args.peak_gbps:.1f}% | {floor_us:,.1f} "
-                  f"| {'yes' if same else 'NO'} |")
+            print(
+                f"| {b} | {v} | {_fmt(t_tri)} | {_fmt(t_eager)} | {_fmt(t_comp)} "
+                f"| {_ratio(t_eager, t_tri)} | {_ratio(t_comp, t_tri)} | {gbps:,.0f} "
+                f"| {100 * gbps / args.peak_gbps:.1f}% | {floor_us:,.1f} "
+                f"| {'yes' if same else 'NO'} |"
+            )
 
 
 def run_cpu(args: argparse.Namespace) -> None:
     dev = torch.device("cpu")
-    print(f"CPU timing of the torch reference only (eager); H={args.heads}, "
-          f"n_top={args.n_top}\n")
+    print(f"CPU timing of the torch reference only (eager); H={args.heads}, n_top={args.n_top}\n")
     print("| B | V | eager us |")
     print("|---:|---:|---:|")
     for v in args.vocab:
         for b in args.batch:
             x = make_inputs(b, v, args.heads, dev)
-            t = time_cpu(lambda x=x: guided_sample_torch(**x, n_top=args.n_top),
-                         min(args.warmup, 2), max(1, min(args.iters, 5)))
+            t = time_cpu(
+                lambda x=x: guided_sample_torch(**x, n_top=args.n_top),
+                min(args.warmup, 2),
+                max(1, min(args.iters, 5)),
+            )
             print(f"| {b} | {v} | {_fmt(t)} |")
 
 
@@ -155,10 +163,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-top", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--peak-gbps", type=float, default=3350.0,
-                    help="HBM peak for the floor (3350 = H100 SXM, 4800 = H200)")
-    ap.add_argument("--cpu", action="store_true",
-                    help="without CUDA: time the torch reference on CPU instead of exiting")
+    ap.add_argument(
+        "--peak-gbps",
+        type=float,
+        default=3350.0,
+        help="HBM peak for the floor (3350 = H100 SXM, 4800 = H200)",
+    )
+    ap.add_argument(
+        "--cpu",
+        action="store_true",
+        help="without CUDA: time the torch reference on CPU instead of exiting",
+    )
     return ap.parse_args(argv)
 
 
@@ -169,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cpu:
         run_cpu(args)
     else:
-        print("bench/kernels.py: no CUDA device found; the Triton kernel needs a GPU. "
-              "Nothing to time (pass --cpu to time the torch reference on CPU).")
+        print(
+            "bench/kernels.py: no CUDA device found; the Triton kernel needs a GPU. "
+            "Nothing to time (pass --cpu to time the torch reference on CPU)."
+        )
     return 0
 
 

@@ -180,10 +180,17 @@ def test_tie_semantics_by_hand() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 0.0, float("-inf"), 2.0]])
     none = (None, None, None, None)
     for backend in ("torch", "triton"):
+
         def run(t: float, k: int, p: float, n_top: int = 0, backend: str = backend) -> SampleOut:
             return guided_sample(
-                logits, *none, torch.tensor([t]), torch.tensor([k]), torch.tensor([p]),
-                torch.tensor([5]), n_top=n_top, backend=backend,
+                logits,
+                *none,
+                torch.tensor([t]),
+                torch.tensor([k]),
+                torch.tensor([p]),
+                torch.tensor([5]),
+                n_top=n_top,
+                backend=backend,
             )
 
         greedy = run(0.0, 0, 1.0, n_top=8)
@@ -237,8 +244,10 @@ def _chi_square_case(seed: int, n: int) -> tuple[dict[str, torch.Tensor | None],
         "top_k": torch.full((n,), 6, dtype=torch.int64),
         "top_p": torch.full((n,), 0.95),
         # Distinct seeds: an odd stride is a bijection modulo 2**31.
-        "noise_seed": (int(torch.randint(0, 2**31, (1,), generator=gen))
-                       + torch.arange(n) * 2654435761) % 2**31,
+        "noise_seed": (
+            int(torch.randint(0, 2**31, (1,), generator=gen)) + torch.arange(n) * 2654435761
+        )
+        % 2**31,
     }
     row0 = {k: (t[:1] if t is not None else None) for k, t in case.items()}
     ref = guided_sample_torch(**row0, n_top=v)
@@ -268,7 +277,7 @@ def test_reference_sampling_follows_processed_distribution() -> None:
 
 def test_triton_sampling_follows_processed_distribution() -> None:
     seed = _fresh_seed()
-    case, probs = _chi_square_case(seed, 500)
+    case, probs = _chi_square_case(seed, 300)
     out = guided_sample(**case, backend="triton")
     ref = guided_sample_torch(**case)
     assert torch.equal(out.tokens, ref.tokens), f"seed={seed}"
@@ -286,8 +295,9 @@ def test_hash_bit_identical_and_uniform() -> None:
 
     seed = _fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    seeds = torch.cat([torch.tensor([0, 1, 2**31 - 1]), torch.randint(0, 2**31, (5,),
-                                                                      generator=gen)])
+    seeds = torch.cat(
+        [torch.tensor([0, 1, 2**31 - 1]), torch.randint(0, 2**31, (5,), generator=gen)]
+    )
     n = 5003
     u_torch = hash_uniform(seeds[:, None], torch.arange(n)[None, :])
     u_triton = hash_uniform_triton(seeds, n)

@@ -93,8 +93,9 @@ class AlignedDecoder(Decoder):
                 try:
                     check(ro)
                 except ValueError as exc:
-                    raise AlignmentError(getattr(exc, "field", f"alignment.reward_options.{name}"),
-                                         str(exc)) from None
+                    fld = getattr(exc, "field", f"alignment.reward_options.{name}")
+                    fld = fld.replace("alignment.options.", "alignment.reward_options.", 1)
+                    raise AlignmentError(fld, str(exc)) from None
 
     @property
     def plain(self) -> bool:

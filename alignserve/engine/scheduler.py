@@ -75,6 +75,7 @@ class EngineRequest:
     cancelled: bool = False
     deadline: float = 0.0
     done: bool = False
+    reserved: dict[str, int] = field(default_factory=dict)
 
 
 class Engine:
@@ -94,6 +95,7 @@ class Engine:
         self._waiting: deque[EngineRequest] = deque()
         self._running: list[EngineRequest] = []
         self._cv = threading.Condition()
+        self._reserved: dict[str, int] = {}  # slots promised to running requests, per model
         self._ids = itertools.count()
         self._stop = False
         self.step_count = 0
@@ -195,9 +197,15 @@ class Engine:
                     self._end(req, ("error", EngineError("cancelled")))
                     continue
                 need = req.decoder.slots_needed(req.n)
-                if any(self.runners[m].num_free < k for m, k in need.items()):
+                # reserve a request's worst case up front: strategies grow (forks, beams) while
+                # they run, and a later request must never take the slots they will need
+                if any(self._reserved.get(m, 0) + k > self.runners[m].cache.slots
+                       for m, k in need.items()):
                     break
                 self._waiting.popleft()
+                req.reserved = need
+                for m, k in need.items():
+                    self._reserved[m] = self._reserved.get(m, 0) + k
                 self._start(req)
 
     def _start(self, req: EngineRequest) -> None:
@@ -312,6 +320,9 @@ class Engine:
 
     def _end(self, req: EngineRequest, ev: Event) -> None:
         req.done = True
+        for m, k in req.reserved.items():
+            self._reserved[m] -= k
+        req.reserved = {}
         self._send(req, ev)
 
     @staticmethod

@@ -294,8 +294,12 @@ def _check_inputs(
         kk = cand_ids.shape[1]
         if weights is None or tuple(cand_scores.shape) != (b, h, kk):
             raise ValueError("cand_scores must be [B, H, K] and needs weights")
-    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                    ("noise_seed", noise_seed)):
+    for name, t in (
+        ("temperature", temperature),
+        ("top_k", top_k),
+        ("top_p", top_p),
+        ("noise_seed", noise_seed),
+    ):
         if tuple(t.shape) != (b,):
             raise ValueError(f"{name} must be [B], got {tuple(t.shape)}")
     if not 0 <= n_top <= v:
@@ -320,18 +324,39 @@ def guided_sample(
     ``backend`` is "auto" (Triton on CUDA, torch elsewhere; ``ALIGNSERVE_SAMPLER`` may
     override), "torch" or "triton". Both backends compute the same function; see SPEC.md.
     """
-    _check_inputs(logits, weights, dense, cand_scores, cand_ids, temperature, top_k, top_p,
-                  noise_seed, n_top)
+    _check_inputs(
+        logits, weights, dense, cand_scores, cand_ids, temperature, top_k, top_p, noise_seed, n_top
+    )
     chosen = resolve_backend(backend, logits.device)
     if chosen == "triton":
+        if not logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU debugging)"
+            )
         from alignserve.kernels.triton_guided_sample import guided_sample_triton
 
         tokens, logprobs, base_lp, top_ids, top_lp = guided_sample_triton(
-            logits, weights, dense, cand_scores, cand_ids, temperature, top_k, top_p,
-            noise_seed, n_top,
+            logits,
+            weights,
+            dense,
+            cand_scores,
+            cand_ids,
+            temperature,
+            top_k,
+            top_p,
+            noise_seed,
+            n_top,
         )
         return SampleOut(tokens, logprobs, base_lp, top_ids, top_lp)
     return guided_sample_torch(
-        logits, weights, dense, cand_scores, cand_ids, temperature, top_k, top_p, noise_seed,
+        logits,
+        weights,
+        dense,
+        cand_scores,
+        cand_ids,
+        temperature,
+        top_k,
+        top_p,
+        noise_seed,
         n_top,
     )

@@ -683,9 +683,11 @@ class HFNextTokenScorer:
         import torch
 
         tok, model = self._load()
+        # Batch texts of similar length together (less padding); results go back in input order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = texts[start:start + self.batch_size]
+        for start in range(0, len(order), self.batch_size):
+            batch = [texts[i] for i in order[start:start + self.batch_size]]
             # Left truncation keeps the end of the text, where the question and the assistant
             # turn marker sit.
             tok.truncation_side = "left"
@@ -694,12 +696,16 @@ class HFNextTokenScorer:
             mask = enc["attention_mask"]
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
+                # logits_to_keep=1: only the last position goes through the LM head (a 49k x
+                # 576 matmul per position for SmolLM2, ~20% of the model's FLOPs).
                 logits = model(input_ids=enc["input_ids"], attention_mask=mask,
-                               position_ids=pos).logits
+                               position_ids=pos, logits_to_keep=1).logits
             out.append(logits[:, -1, :].float().cpu())
         if not out:
             return torch.zeros((0, 0))
-        return torch.cat(out, dim=0)
+        result = torch.empty_like(torch.cat(out, dim=0))
+        result[torch.tensor(order)] = torch.cat(out, dim=0)
+        return result
 
 
 class JudgeReward:
