@@ -1,4 +1,4 @@
-"""The ``alignserve`` command: ``serve``, ``models prepare`` (and later ``train``, ``eval``)."""
+"""The ``alignserve`` command: ``serve``, ``models prepare``, ``train``, ``eval``."""
 
 from __future__ import annotations
 
@@ -35,12 +35,105 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest request body accepted, else 413 (default 1000000)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may run before it is stopped (default 600)")
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="server-wide cap on the alignment fields that multiply work per request "
+                        "(n, k, top_k, beams, rollout, lookahead, block); larger values get 400 "
+                        "(default: only each strategy's own range)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health and "
+                        "the playground page (repeatable; default: no key needed)")
+    p.add_argument("--api-keys-file", default=None, metavar="PATH",
+                   help="file with one API key per line (blank lines and '#' comments skipped), "
+                        "added to --api-key")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and KV-cache dtype (default float32)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+
+
+def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
+    """Flags of ``train value`` / ``train arm`` (see ``alignserve.value_models.training``)."""
+    value = kind == "value"
+    p.add_argument("--reward", required=True,
+                   help="reward source(s) the head approximates: a built-in name (sentiment, "
+                        "vader, non_toxic, concise, length, keywords, regex, json, judge), "
+                        "several summed with weight 1 ('sentiment,concise'), or weighted "
+                        "('sentiment=1,concise=0.5')")
+    p.add_argument("--out", required=True,
+                   help="folder to write manifest.json + head.safetensors into "
+                        f"(e.g. heads/sentiment_{kind})")
+    p.add_argument("--name", default=None,
+                   help="head name clients use (default: the --out folder name)")
+    if value:
+        p.add_argument("--method", default="td-lambda", choices=["td-lambda", "fudge", "cd-q"],
+                       help="value target: td-lambda = lambda-returns bootstrapped from the "
+                            "head (VAS; gamma 1, --lam); fudge = final reward at every prefix "
+                            "(CD-FUDGE); cd-q = V(next state) along the sampled path, r at the "
+                            "end (CD-Q) (default td-lambda)")
+    p.add_argument("--model", default="default",
+                   help="base model: 'default' (SmolLM2-135M-Instruct) or a local folder; the "
+                        "head only works with this model's tokenizer (default 'default')")
+    p.add_argument("--suite", default="mixed", choices=["mixed", "rtp", "all"],
+                   help="prompt suite; train split for training, validation split for the "
+                        "reported metrics, test never (default mixed)")
+    p.add_argument("--prompts", type=int, default=120,
+                   help="train prompts, a deterministic subsample (first N by hash of the "
+                        "prompt id); 0 = all (default 120)")
+    p.add_argument("--val-prompts", type=int, default=40,
+                   help="validation prompts for the metrics, chosen the same way; 0 = skip "
+                        "evaluation (default 40; mixed has 33)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="base continuations sampled per prompt (K) (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=48,
+                   help="tokens per sampled continuation (default 48)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the base samples (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus mass of the base samples (default 0.95)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds sampling, initialisation and data order; the same seed gives "
+                        "bit-identical weights (default 0)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the data (default {10 if value else 2})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate (default {1e-3 if value else 5e-4:g})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="positions per step (value, default 256)" if value else
+                        "preference pairs per step, whole prompts at a time (default 32)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="Adam weight decay (default 0)")
+    if value:
+        p.add_argument("--hidden", type=int, default=128,
+                       help="hidden units of the value MLP (default 128)")
+        p.add_argument("--lam", type=float, default=0.95,
+                       help="lambda of the td-lambda returns (default 0.95)")
+        p.add_argument("--refresh-every", type=int, default=None,
+                       help="recompute bootstrapped targets (td-lambda, cd-q) every N optimizer "
+                            "steps; 0 = once per epoch (default: 0 for td-lambda, 4 for cd-q)")
+    else:
+        p.add_argument("--rank", type=int, default=32,
+                       help="rank of the logit adapter E (B (A h)) (default 32)")
+        p.add_argument("--beta-r", type=float, default=0.05,
+                       help="beta_r of GenARM's loss -log sigmoid(beta_r (log pi_r(y_w) - "
+                            "log pi_r(y_l))) (default 0.05, the published value)")
+        p.add_argument("--margin", type=float, default=0.1,
+                       help="skip pairs whose rewards differ by at most this times the train "
+                            "reward std (default 0.1)")
+    p.add_argument("--run-dir", default="runs/train",
+                   help="folder for the sample/feature cache (shared by heads over the same "
+                        "prompts and sampling settings) and per-epoch checkpoints "
+                        "(default runs/train)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last epoch checkpoint of this head in --run-dir")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="torch device for sampling and training (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--slots", type=int, default=64,
+                   help="KV-cache slots while sampling = rows decoded together (default 64)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="models_cmd", required=True)
     prep = msub.add_parser("prepare", help="convert/cache a model so serving starts fast")
     prep.add_argument("--model", default="default", help="same values as serve --model")
+    t = sub.add_parser("train", help="train guidance heads on the base model's own samples")
+    tsub = t.add_subparsers(dest="train_cmd", required=True)
+    _train_args(tsub.add_parser(
+        "value", help="value head V(prefix) for VAS / controlled decoding",
+        description="Sample continuations from the frozen base, score them with the reward, "
+                    "cache the base's hidden states and fit a value head on them."), "value")
+    _train_args(tsub.add_parser(
+        "arm", help="autoregressive reward model (GenARM) head",
+        description="Rank K base samples per prompt by the reward, build preference pairs and "
+                    "fit a low-rank ARM head with GenARM's pairwise loss."), "arm")
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return ap
 
 
@@ -68,7 +174,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "serve":
         return serve(args)
+    if args.cmd == "train":
+        return train(args)
+    if args.cmd == "eval":
+        from .eval.cli import run_eval
+
+        return run_eval(args)
     return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    from .value_models.training import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        kind=args.train_cmd, reward=args.reward, out=args.out, name=args.name,
+        method=getattr(args, "method", "td-lambda"), model=args.model, suite=args.suite,
+        prompts=args.prompts or None, val_prompts=args.val_prompts, samples=args.samples,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        weight_decay=args.weight_decay, hidden=getattr(args, "hidden", 128),
+        rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
+        refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),
+        margin=getattr(args, "margin", 0.1), run_dir=args.run_dir, resume=args.resume,
+        device=args.device, threads=args.threads, slots=args.slots,
+        progress=not args.no_progress)
+    try:
+        run_training(cfg)
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:

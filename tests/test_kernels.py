@@ -349,3 +349,15 @@ def test_input_validation() -> None:
     bad = dict(case, top_k=torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError):
         guided_sample(**bad)
+
+
+def test_fast_row_hash_is_bit_identical_to_definition():
+    """The int32 hot-path hash must give exactly the uint32 definition's uniforms."""
+    from alignserve.kernels.guided_sample import gumbel_uniform_rows
+
+    gen = torch.Generator().manual_seed(1234)
+    seeds = torch.cat([torch.randint(0, 2**31 - 1, (13,), generator=gen),
+                       torch.tensor([0, 1, 2**31 - 2])])
+    for v in (1, 1003, 49152):
+        ref = hash_uniform(seeds[:, None], torch.arange(v)[None, :])
+        assert torch.equal(gumbel_uniform_rows(seeds, v), ref)

@@ -42,13 +42,11 @@ class Deal(AlignedDecoder):
         beams = [(seq, [], logits, finish_state(ctx))]
         complete = []
         while beams:
-            kids = []
+            kids, forks = [], []
             for bseq, toks, lg, _ in beams:
-                for a in topk_ids(lg, o.top_k):
-                    kids.append((bseq, toks + [a]))
-            forks = []
-            for bseq, _ in kids:
-                forks.extend(ctx.fork(bseq, 1))
+                cands = topk_ids(lg, o.top_k)
+                forks.extend(ctx.fork(bseq, len(cands)))  # one cache copy per beam
+                kids.extend((bseq, toks + [a]) for a in cands)
             for bseq, *_ in beams:
                 ctx.free(bseq)
             outs = yield [Extend(f, [t[-1]]) for f, (_, t) in zip(forks, kids)]

@@ -72,7 +72,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def plot_reward_vs_kl(
-    results: Sequence[Mapping[str, Any]], bon_curve: Iterable[Any], path: str | Path
+    results: Sequence[Mapping[str, Any]],
+    bon_curve: Iterable[Any],
+    path: str | Path,
+    xlabel: str = "KL(policy || base) per response [nats]",
 ) -> Path:
     """Plot mean reward against KL(pi || base), one labelled point per strategy/setting.
 
@@ -85,6 +88,7 @@ def plot_reward_vs_kl(
         bon_curve: Best-of-N points, mappings ``{"n", "kl", "reward"}`` or ``(n, kl, reward)``
             tuples; may be empty.
         path: where to write the PNG.
+        xlabel: axis label, so callers can say how the KL was estimated.
 
     Returns:
         The path written.
@@ -116,7 +120,7 @@ def plot_reward_vs_kl(
             )
     ax.margins(x=0.08, y=0.08)  # room for the point labels at the edges
     ax.set_title("Reward vs KL from the base model (error bars: 95% CI)")
-    ax.set_xlabel("KL(policy || base) per response [nats]")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("Mean reward")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

@@ -1,0 +1,837 @@
+"""Train guidance heads (value heads, ARMs) on the frozen base model's own samples.
+
+Pipeline (``alignserve train value|arm``):
+
+1. **Samples.** K continuations per train prompt are drawn from the frozen base through the
+   :class:`~alignserve.engine.scheduler.Engine` (chat template, temperature 1.0, top-p 0.95, one
+   fixed seed per prompt derived from ``--seed`` and the prompt id), so the heads learn about
+   exactly the distribution the server samples from. Sampling is by far the slow part, so the
+   samples are cached under ``<run-dir>/samples/<key>/`` and written in chunks: an interrupted
+   run resumes where it stopped, and heads for different rewards over the same prompts share one
+   cache (only the cheap reward scoring is redone per reward).
+2. **Features.** One more forward of the base over prompt + response stores the final hidden
+   state at the last prompt token (the empty-prefix state s_0) and after every response token
+   (s_1..s_T). A response that ended with EOS keeps the EOS token, because whether to stop is
+   part of what a length or tone objective has to learn. Heads read exactly these states at
+   decode time (placement ``base``), so training never runs the transformer again.
+3. **Training** on the cached states only (seconds to minutes on a CPU):
+
+   * value heads: ``fudge`` regresses V(s_t) on the final reward r at every prefix;
+     ``td-lambda`` regresses on lambda-returns (gamma = 1, reward only at the end) bootstrapped
+     from the head's own values; ``cd-q`` regresses on V(s_{t+1}) along the sampled path (the
+     one-sample Monte-Carlo estimate of sum_a pi_base(a) V([x, y<t, a])), with V(s_T) -> r.
+     Bootstrapped targets are recomputed from the current head every ``--refresh-every``
+     optimizer steps (0 = once per epoch), always with stop-gradient.
+   * ARMs: preference pairs from the K samples of each prompt ranked by reward (near-ties below
+     ``--margin`` x reward std skipped), GenARM loss
+     ``-log sigmoid(beta_r (sum_t log pi_r(y_w,t) - sum_t log pi_r(y_l,t)))`` with
+     ``log pi_r = ARMHead.logprobs(h, h @ E.T, E)``, E the tied embedding matrix.
+
+4. **Report** on validation prompts (never ``test``): Spearman rho between V(prefix) at 25/50/75%
+   of the response and the final reward, plus MSE, for value heads; held-out pairwise accuracy
+   for ARMs. Metrics, every setting and the exact command line go into the head manifest.
+
+Reproducibility: ``--seed`` fixes the sampling seeds, the head initialisation and the data order
+(permutations come from a generator seeded by (seed, epoch)), so two runs give bit-identical
+weights. Checkpoints are written after every epoch; ``--resume`` continues from the last one and
+reaches the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import queue
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .heads import ARMHead, Head, ValueHead, save_head, tokenizer_fingerprint
+
+CACHE_VERSION = 1
+VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
+FRACTIONS = (0.25, 0.5, 0.75)
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the whole object is stored in the head manifest."""
+
+    kind: str  # "value" or "arm"
+    reward: str  # "name", "a,b" or "a=1,b=0.5"
+    out: str
+    name: str | None = None
+    method: str = "td-lambda"  # value heads only
+    model: str = "default"
+    suite: str = "mixed"
+    prompts: int | None = 120  # train prompts (deterministic subsample); None = all
+    val_prompts: int | None = 40
+    samples: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    epochs: int | None = None  # None: 10 for value heads, 2 for ARMs
+    lr: float | None = None  # None: 1e-3 for value heads, 5e-4 for ARMs
+    batch_size: int | None = None  # None: 256 positions (value), 32 pairs (arm)
+    weight_decay: float = 0.0
+    hidden: int = 128
+    rank: int = 32
+    lam: float = 0.95
+    refresh_every: int | None = None  # None: 0 (per epoch) for td-lambda, 4 steps for cd-q
+    beta_r: float = 0.05
+    margin: float = 0.1
+    run_dir: str = "runs/train"
+    resume: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+    slots: int = 64
+    progress: bool = True
+    command: str = field(default_factory=lambda: shlex.join(["alignserve", *sys.argv[1:]]))
+
+    def resolved(self) -> TrainConfig:
+        """Fill method-dependent defaults so the manifest records the values actually used."""
+        value = self.kind == "value"
+        if self.kind not in ("value", "arm"):
+            raise ValueError(f"kind must be 'value' or 'arm', got {self.kind!r}")
+        if value and self.method not in VALUE_METHODS:
+            raise ValueError(f"--method must be one of {VALUE_METHODS}, got {self.method!r}")
+        out = TrainConfig(**asdict(self))
+        out.name = self.name or Path(self.out).name
+        out.epochs = self.epochs if self.epochs is not None else (10 if value else 2)
+        out.lr = self.lr if self.lr is not None else (1e-3 if value else 5e-4)
+        out.batch_size = self.batch_size if self.batch_size is not None else (256 if value else 32)
+        if self.refresh_every is None:
+            out.refresh_every = 4 if self.method == "cd-q" else 0
+        if not value:
+            out.method = "genarm"
+        return out
+
+
+def parse_reward_spec(spec: str) -> dict[str, float]:
+    """``"a,b=0.5"`` -> ``{"a": 1.0, "b": 0.5}``; names summed with their weights."""
+    weights: dict[str, float] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, w = part.partition("=")
+        try:
+            weights[name.strip()] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"bad reward weight in {part!r} (expected name=number)") from None
+    if not weights:
+        raise ValueError("--reward names no reward source")
+    return weights
+
+
+# --------------------------------------------------------------------------------------------
+# prompts and samples
+# --------------------------------------------------------------------------------------------
+
+def _stable_int(*parts: Any) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+def select_prompts(split: str, suite: str, n: int | None) -> list[Any]:
+    """The first ``n`` prompts of ``split`` in hash order of their ids.
+
+    Ordering by a hash of the id (not by a seeded shuffle) makes the subsample independent of
+    ``--seed`` and of ``n``: 60 prompts are a prefix of 120, so caches and runs stay comparable.
+    """
+    from alignserve.data.prompts import load_prompts
+
+    prompts = sorted(load_prompts(split, suite),
+                     key=lambda p: hashlib.sha256(p.id.encode()).hexdigest())
+    return prompts if n is None else prompts[:n]
+
+
+class BaseModel:
+    """The frozen base, loaded lazily: a full engine only when sampling or features are needed."""
+
+    def __init__(self, model: str, device: str, slots: int, threads: int | None) -> None:
+        import os
+
+        from alignserve.engine.model_store import resolve_model
+
+        if model == "default":
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model_dir = resolve_model(None if model == "default" else model, progress=False)
+        self.device = device
+        self.slots = slots
+        self.threads = threads
+        self.max_len = 256  # raised by ``ensure_len`` before the engine is built
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._embed: Tensor | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        return self._tokenizer
+
+    def ensure_len(self, tokens: int) -> None:
+        """Make room for ``tokens`` positions; the KV cache is sized to what the data needs
+        (slots x max_len x layers), rebuilding the engine if it was built smaller."""
+        need = -(-tokens // 64) * 64
+        if need > self.max_len:
+            self.max_len = need
+            self.close()
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from alignserve.engine.scheduler import Engine, EngineConfig
+
+            self._engine = Engine(EngineConfig(model_dir=self.model_dir, slots=self.slots,
+                                               max_len=self.max_len, max_waiting=1_000_000,
+                                               request_timeout_s=1e9, device=self.device,
+                                               threads=self.threads))
+        return self._engine
+
+    @property
+    def embed(self) -> Tensor:
+        """The tied embedding / LM-head matrix E [V, D] in fp32 (no gradient)."""
+        if self._embed is None:
+            if self._engine is not None:
+                w = self._engine.base.model.head_weight
+            else:
+                from alignserve.engine.model import load_causal_lm
+
+                w = load_causal_lm(self.model_dir, max_len=16)[0].head_weight
+            self._embed = w.detach().float().to(self.device)
+        return self._embed
+
+    def eos_id(self) -> int:
+        ids = self.engine.eos_ids
+        tid = self.tokenizer.eos_token_id
+        return int(tid) if tid in ids or not ids else int(min(ids))
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Chat-formatted prompt ids exactly as the server builds them (one user turn)."""
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                         add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(chat, add_special_tokens=False)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)[:80]
+
+
+def cache_dir(cfg: TrainConfig, split: str) -> Path:
+    """Sample cache folder: depends on everything that changes the samples, not on the reward
+    and not on the number of prompts (prompts come in a fixed order, so a cache of 120 prompts
+    serves a run on 60, and a run on 120 extends a cache of 60)."""
+    model = "default" if cfg.model == "default" else _slug(Path(cfg.model).name)
+    key = (f"{model}-{cfg.suite}-{split}-k{cfg.samples}-t{cfg.max_new_tokens}"
+           f"-T{cfg.temperature:g}-p{cfg.top_p:g}-s{cfg.seed}")
+    return Path(cfg.run_dir) / "samples" / key
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
+                     folder: Path, chunk: int = 16) -> dict[str, Any]:
+    """K base samples per prompt, cached in ``folder/samples.pt`` (saved after every chunk).
+
+    Requests of a chunk are submitted together so the engine decodes all their rows in one
+    batch; every request has its own seed, and the engine's per-row random streams make the
+    tokens independent of which requests share a batch.
+    """
+    path = folder / "samples.pt"
+    data: dict[str, Any] = {"version": CACHE_VERSION, "prompts": [], "done": 0}
+    if path.is_file():
+        data = torch.load(path, weights_only=False)
+        if data.get("version") != CACHE_VERSION:
+            raise ValueError(f"{path}: cache from another version; delete the folder")
+    todo = list(prompts)
+    cached = [p["id"] for p in data["prompts"]]
+    common = min(len(cached), len(todo))
+    if cached[:common] != [p.id for p in todo[:common]]:
+        raise ValueError(f"{path}: cached prompts differ from the selected ones (prompt set "
+                         "changed?); delete the folder")
+    if data["done"] >= len(todo):
+        return {**data, "prompts": data["prompts"][:len(todo)], "done": len(todo)}
+    from alignserve.decoders.sample import Sample
+    from alignserve.engine.sampling import SamplingParams
+    from alignserve.engine.scheduler import EngineRequest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = base.tokenizer
+    base.ensure_len(max(len(prompt_ids(tok, p.text)) for p in todo) + cfg.max_new_tokens + 2)
+    engine = base.engine
+    eos = base.eos_id()
+    bar = tqdm(total=len(todo), initial=data["done"], desc=f"sampling {folder.name}",
+               unit="prompt", disable=not cfg.progress)
+    for start in range(data["done"], len(todo), chunk):
+        batch = todo[start:start + chunk]
+        events: queue.Queue = queue.Queue()
+        reqs = []
+        for i, p in enumerate(batch):
+            ids = prompt_ids(tok, p.text)
+            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_tokens=cfg.max_new_tokens,
+                                    seed=_stable_int(cfg.seed, p.id))
+
+            def cb(ev: tuple, i: int = i, events: queue.Queue = events) -> None:
+                if ev[0] in ("done", "error"):
+                    events.put((i, ev))
+
+            reqs.append(engine.submit(EngineRequest(ids, params, decoder=Sample(), n=cfg.samples,
+                                                    prompt_text=p.text, callback=cb)))
+        results: list[Any] = [None] * len(batch)
+        for _ in batch:
+            i, ev = events.get()
+            if ev[0] == "error":
+                raise RuntimeError(f"sampling failed for prompt {batch[i].id}: {ev[1]}")
+            results[i] = ev[1]
+            bar.update(1)
+        for p, req, res in zip(batch, reqs, results):
+            data["prompts"].append({
+                "id": p.id, "text": p.text, "prompt_ids": list(req.prompt_ids),
+                "responses": [c["text"] for c in res["choices"]],
+                # EOS is kept as the last token when the model chose to stop
+                "tokens": [list(c["tokens"]) + ([eos] if c["finish_reason"] == "stop" else [])
+                           for c in res["choices"]],
+            })
+        data["done"] = start + len(batch)
+        _atomic_save(data, path)
+    bar.close()
+    return data
+
+
+def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
+                     progress: bool = True, chunk: int = 8) -> dict[str, Tensor]:
+    """Final hidden states s_0..s_T of every sample, cached in ``folder/features-n<prompts>.pt``.
+
+    ``hidden`` is [sum_s (T_s + 1), D]; sample s owns rows ``offsets[s]:offsets[s+1]``, the
+    first being the state at the last prompt token. ``tokens`` holds the response tokens (flat,
+    [sum_s T_s]) and ``group`` the prompt index of every sample.
+    """
+    path = folder / f"features-n{len(data['prompts'])}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    from alignserve.engine.primitives import Extend
+
+    base.ensure_len(max(len(p["prompt_ids"]) + max(map(len, p["tokens"]), default=0)
+                        for p in data["prompts"]) + 1)
+    runner = base.engine.base  # the engine loop is idle: no request is running
+    rows: list[Tensor] = []
+    lengths: list[int] = []
+    group: list[int] = []
+    toks: list[int] = []
+    prompts = data["prompts"]
+    bar = tqdm(total=len(prompts), desc=f"features {folder.name}", unit="prompt",
+               disable=not progress)
+    for start in range(0, len(prompts), chunk):
+        batch = prompts[start:start + chunk]
+        seqs = [runner.new_seq() for _ in batch]
+        try:
+            pre = runner.run([Extend(s, p["prompt_ids"], logits="last", hidden=True)
+                              for s, p in zip(seqs, batch)])
+            ops, owners = [], []
+            for j, (s, p) in enumerate(zip(seqs, batch)):
+                nonempty = [k for k, t in enumerate(p["tokens"]) if t]
+                forks = runner.fork(s, len(nonempty))
+                seqs.extend(forks)
+                ops += [Extend(f, p["tokens"][k], logits="all", hidden=True)
+                        for f, k in zip(forks, nonempty)]
+                owners += [(j, k) for k in nonempty]
+            outs = runner.run(ops) if ops else []
+        finally:
+            for s in seqs:
+                runner.free(s)
+        by_key = {key: o.hidden for key, o in zip(owners, outs)}
+        for j, p in enumerate(batch):
+            h0 = pre[j].hidden[-1:].float().cpu()
+            for k, t in enumerate(p["tokens"]):
+                h = by_key.get((j, k))
+                rows.append(h0 if h is None else torch.cat([h0, h.float().cpu()]))
+                lengths.append(len(t) + 1)
+                group.append(start + j)
+                toks.extend(t)
+        bar.update(len(batch))
+    bar.close()
+    feats = {
+        "hidden": torch.cat(rows),
+        "offsets": torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.long),
+        "group": torch.tensor(group, dtype=torch.long),
+        "tokens": torch.tensor(toks, dtype=torch.long),
+    }
+    _atomic_save(feats, path)
+    return feats
+
+
+def score_samples(data: dict[str, Any], weights: dict[str, float], folder: Path,
+                  base: BaseModel) -> Tensor:
+    """Weighted sum of the reward sources per sample, cached per reward spec."""
+    spec = ",".join(f"{k}={v:g}" for k, v in sorted(weights.items()))
+    path = folder / f"rewards-{_slug(spec)}-n{len(data['prompts'])}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    from .rewards import default_rewards
+
+    sources = default_rewards(base.model_dir)
+    unknown = [n for n in weights if n not in sources]
+    if unknown:
+        raise ValueError(f"unknown reward source(s) {unknown}; available: {sorted(sources)}")
+    prompts = [p["text"] for p in data["prompts"] for _ in p["responses"]]
+    responses = [r for p in data["prompts"] for r in p["responses"]]
+    total = np.zeros(len(responses))
+    for name, w in weights.items():
+        total += w * np.asarray(sources[name].score(prompts, responses), dtype=np.float64)
+    out = torch.tensor(total, dtype=torch.float32)
+    _atomic_save(out, path)
+    return out
+
+
+@dataclass
+class Split:
+    """Cached samples of one split: features, rewards and the raw text for inspection."""
+
+    hidden: Tensor
+    offsets: Tensor
+    group: Tensor
+    tokens: Tensor
+    rewards: Tensor
+    folder: Path
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.group)
+
+    @property
+    def lengths(self) -> Tensor:
+        """Number of states per sample (T_s + 1)."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
+               weights: dict[str, float]) -> Split:
+    """Samples -> features -> rewards for one split, each step cached and resumable."""
+    folder = cache_dir(cfg, split)
+    prompts = select_prompts(split, cfg.suite, n)
+    if not prompts:
+        raise ValueError(f"no {split} prompts in suite {cfg.suite!r}")
+    data = sample_responses(base, cfg, prompts, folder)
+    feats = extract_features(base, data, folder, cfg.progress)
+    rewards = score_samples(data, weights, folder, base)
+    return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
+                 folder)
+
+
+# --------------------------------------------------------------------------------------------
+# value heads
+# --------------------------------------------------------------------------------------------
+
+def _position_index(split: Split) -> tuple[Tensor, Tensor, Tensor]:
+    """Per state row: its sample, its step t, and whether it is the terminal state s_T."""
+    lengths = split.lengths
+    sample = torch.repeat_interleave(torch.arange(split.num_samples), lengths)
+    step = torch.arange(len(sample)) - split.offsets[:-1][sample]
+    last = step == (lengths[sample] - 1)
+    return sample, step, last
+
+
+@torch.no_grad()
+def _predict(module: torch.nn.Module, x: Tensor, chunk: int = 8192) -> Tensor:
+    return torch.cat([module(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+@torch.no_grad()
+def value_targets(method: str, values: Tensor, split: Split, lam: float) -> Tensor:
+    """Regression targets for every state row (stop-gradient by construction).
+
+    ``values`` are the current head's V(s) for every row (unused by ``fudge``).
+    """
+    sample, _, last = _position_index(split)
+    r = split.rewards[sample]
+    if method == "fudge":
+        return r.clone()
+    nxt = torch.empty_like(values)
+    nxt[:-1] = values[1:]
+    if method == "cd-q":
+        return torch.where(last, r, nxt)
+    # td-lambda, gamma = 1, reward only at the end: G_T = r,
+    # G_t = (1 - lam) V(s_{t+1}) + lam G_{t+1}. Rows are padded to [samples, T_max + 1] so the
+    # backward recursion is T_max vector steps instead of a loop over every row.
+    sample_of, step, _ = _position_index(split)
+    lengths = split.lengths
+    n, width = split.num_samples, int(lengths.max())
+    pad_next = torch.zeros(n, width)
+    pad_next[sample_of, step] = nxt
+    ret = torch.zeros(n, width)
+    g = split.rewards.clone()
+    for t in range(width - 1, -1, -1):
+        term = lengths - 1 == t
+        g = torch.where(term, split.rewards, (1 - lam) * pad_next[:, t] + lam * g)
+        ret[:, t] = g
+    out = ret[sample_of, step]
+    return out
+
+
+def value_metrics(module: torch.nn.Module, split: Split) -> dict[str, float]:
+    """Spearman rho of V(prefix at 0/25/50/75/100% of the response) vs the final reward, MSE."""
+    from scipy.stats import spearmanr
+
+    v = _predict(module, split.hidden.to(next(module.parameters()).device)).cpu()
+    r = split.rewards
+    sample, _, _ = _position_index(split)
+    out: dict[str, float] = {"mse": float(((v - r[sample]) ** 2).mean())}
+    t_len = split.lengths - 1
+    for frac in (0.0, *FRACTIONS, 1.0):
+        idx = split.offsets[:-1] + torch.round(t_len.float() * frac).long()
+        rho = spearmanr(v[idx].numpy(), r.numpy()).statistic
+        out[f"spearman_{round(frac * 100)}"] = float(rho) if np.isfinite(rho) else 0.0
+    out["reward_std"] = float(r.std())
+    out["samples"] = split.num_samples
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# ARMs
+# --------------------------------------------------------------------------------------------
+
+def preference_pairs(split: Split, margin: float) -> list[tuple[int, int]]:
+    """All (winner, loser) sample pairs within a prompt whose rewards differ by > margin."""
+    pairs = []
+    r = split.rewards.tolist()
+    by_prompt: dict[int, list[int]] = {}
+    for s, g in enumerate(split.group.tolist()):
+        by_prompt.setdefault(g, []).append(s)
+    for members in by_prompt.values():
+        for a_i, a in enumerate(members):
+            for b in members[a_i + 1:]:
+                if abs(r[a] - r[b]) > margin:
+                    pairs.append((a, b) if r[a] > r[b] else (b, a))
+    return pairs
+
+
+def _arm_rows(split: Split, samples: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """State rows predicting each response token of ``samples``, their targets, their owner."""
+    rows, tgt, own = [], [], []
+    tok_off = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), split.lengths - 1]), 0)
+    for j, s in enumerate(samples):
+        a, b = int(split.offsets[s]), int(split.offsets[s + 1]) - 1  # states s_0..s_{T-1}
+        rows.append(torch.arange(a, b))
+        tgt.append(split.tokens[int(tok_off[s]):int(tok_off[s + 1])])
+        own.append(torch.full((b - a,), j, dtype=torch.long))
+    return torch.cat(rows), torch.cat(tgt), torch.cat(own)
+
+
+def arm_sequence_logprobs(head: ARMHead | None, split: Split, samples: Sequence[int],
+                          embed: Tensor) -> Tensor:
+    """sum_t log pi_r(y_t | s_{t-1}) per sample (head None = the base model itself)."""
+    rows, tgt, own = _arm_rows(split, samples)
+    dev = embed.device
+    h = split.hidden[rows].to(dev)
+    with torch.no_grad():
+        base_logits = h @ embed.T
+    if head is None:
+        lp = torch.log_softmax(base_logits, dim=-1)
+    else:
+        lp = head.logprobs(h, base_logits, embed)
+    picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
+    return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
+
+
+@torch.no_grad()
+def arm_metrics(head: ARMHead, split: Split, pairs: list[tuple[int, int]], embed: Tensor,
+                base_sums: Tensor | None = None, chunk: int = 32) -> dict[str, float]:
+    """Pairwise accuracy of the ARM's reward sum log pi_r, of the base alone, and of the
+    head's increment over the base (sum log pi_r - sum log pi_base)."""
+    n = split.num_samples
+    sums = torch.cat([arm_sequence_logprobs(head, split, range(i, min(i + chunk, n)), embed)
+                      for i in range(0, n, chunk)]).cpu()
+    if base_sums is None:
+        base_sums = torch.cat([arm_sequence_logprobs(None, split, range(i, min(i + chunk, n)),
+                                                     embed) for i in range(0, n, chunk)]).cpu()
+    if not pairs:
+        return {"pairs": 0}
+    w = torch.tensor([p[0] for p in pairs])
+    ll = torch.tensor([p[1] for p in pairs])
+    return {
+        "pairs": len(pairs),
+        "pairwise_accuracy": float((sums[w] > sums[ll]).float().mean()),
+        "base_pairwise_accuracy": float((base_sums[w] > base_sums[ll]).float().mean()),
+        "delta_pairwise_accuracy": float(((sums - base_sums)[w] > (sums - base_sums)[ll])
+                                         .float().mean()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# training loops
+# --------------------------------------------------------------------------------------------
+
+def _ckpt_path(cfg: TrainConfig) -> Path:
+    return Path(cfg.run_dir) / "checkpoints" / _slug(cfg.name or "head") / "last.pt"
+
+
+def _ckpt_key(cfg: TrainConfig) -> str:
+    """Checkpoints resume only a run with the same settings (run dir, resume, progress, the
+    command line and the epoch count, which a resumed run may raise, do not change the
+    result of the epochs already done)."""
+    d = asdict(cfg)
+    for k in ("resume", "progress", "command", "run_dir", "out", "epochs"):
+        d.pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_ckpt(cfg: TrainConfig, module: torch.nn.Module,
+               opt: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]]]:
+    path = _ckpt_path(cfg)
+    if not (cfg.resume and path.is_file()):
+        return 0, []
+    ck = torch.load(path, weights_only=False)
+    if ck["key"] != _ckpt_key(cfg):
+        raise ValueError(f"{path} was written by a run with other settings; drop --resume or "
+                         "use another --run-dir")
+    module.load_state_dict(ck["module"])
+    opt.load_state_dict(ck["optim"])
+    return int(ck["epoch"]), list(ck["history"])
+
+
+def _save_ckpt(cfg: TrainConfig, module: torch.nn.Module, opt: torch.optim.Optimizer,
+               epoch: int, history: list[dict[str, Any]]) -> None:
+    path = _ckpt_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"key": _ckpt_key(cfg), "epoch": epoch, "history": history,
+                  "module": module.state_dict(), "optim": opt.state_dict()}, path)
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_stable_int("order", seed, epoch))
+    return g
+
+
+def train_value_head(cfg: TrainConfig, train: Split,
+                     val: Split | None = None) -> tuple[ValueHead, list[dict[str, Any]]]:
+    """Fit a ValueHead on the cached states with the configured target (see module doc)."""
+    dev = torch.device(cfg.device)
+    torch.manual_seed(_stable_int("init", cfg.seed))
+    x = train.hidden.to(dev)
+    head = ValueHead(x.shape[1], cfg.hidden).to(dev)
+    head.mu.copy_(x.mean(0))
+    head.sigma.copy_(x.std(0).clamp_min(1e-4))
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, history = _load_ckpt(cfg, head, opt)
+    assert cfg.epochs is not None and cfg.batch_size is not None
+    bar = tqdm(range(start, cfg.epochs), desc=f"train {cfg.name} ({cfg.method})", unit="epoch",
+               disable=not cfg.progress, initial=start, total=cfg.epochs)
+    step = start * math.ceil(len(x) / cfg.batch_size)  # keeps the refresh schedule on resume
+    for epoch in bar:
+        head.train()
+        perm = torch.randperm(len(x), generator=_epoch_generator(cfg.seed, epoch)).to(dev)
+        targets = value_targets(cfg.method, _predict(head, x).cpu(), train, cfg.lam).to(dev)
+        total, count = 0.0, 0
+        for b in range(0, len(perm), cfg.batch_size):
+            if cfg.refresh_every and step and step % cfg.refresh_every == 0 \
+                    and cfg.method != "fudge":
+                targets = value_targets(cfg.method, _predict(head, x).cpu(), train,
+                                        cfg.lam).to(dev)
+            idx = perm[b:b + cfg.batch_size]
+            loss = F.mse_loss(head(x[idx]), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            total += loss.item() * len(idx)
+            count += len(idx)
+        head.eval()
+        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
+        if val is not None:
+            m = value_metrics(head, val)
+            rec.update({"val_mse": m["mse"], "val_spearman_50": m["spearman_50"]})
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
+                        rho50=f"{rec.get('val_spearman_50', float('nan')):.3f}")
+        _save_ckpt(cfg, head, opt, epoch + 1, history)
+    bar.close()
+    head.eval()
+    return head, history
+
+
+def _pair_batches(pairs: list[tuple[int, int]], group: Tensor, batch_pairs: int,
+                  gen: torch.Generator) -> list[list[tuple[int, int]]]:
+    """Shuffled batches of whole prompts holding about ``batch_pairs`` pairs each.
+
+    Keeping a prompt's pairs together means each response's log-probability sum is computed
+    once per batch even when it appears in several pairs (up to K-1).
+    """
+    by_prompt: dict[int, list[tuple[int, int]]] = {}
+    for p in pairs:
+        by_prompt.setdefault(int(group[p[0]]), []).append(p)
+    keys = sorted(by_prompt)
+    order = torch.randperm(len(keys), generator=gen).tolist()
+    batches, cur = [], []
+    for i in order:
+        cur += by_prompt[keys[i]]
+        if len(cur) >= batch_pairs:
+            batches.append(cur)
+            cur = []
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None = None,
+              margin: float = 0.0) -> tuple[ARMHead, list[dict[str, Any]]]:
+    """Fit an ARMHead with GenARM's pairwise loss on reward-ranked base samples."""
+    dev = torch.device(cfg.device)
+    torch.manual_seed(_stable_int("init", cfg.seed))
+    head = ARMHead(train.hidden.shape[1], cfg.rank).to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, history = _load_ckpt(cfg, head, opt)
+    pairs = preference_pairs(train, margin)
+    if not pairs:
+        raise ValueError("no preference pairs: every prompt's samples tie on the reward "
+                         "(lower --margin or raise --samples)")
+    val_pairs = preference_pairs(val, margin) if val is not None else []
+    val_base = None
+    assert cfg.epochs is not None and cfg.batch_size is not None
+    for epoch in range(start, cfg.epochs):
+        head.train()
+        batches = _pair_batches(pairs, train.group, cfg.batch_size,
+                                _epoch_generator(cfg.seed, epoch))
+        total, count = 0.0, 0
+        bar = tqdm(batches, desc=f"train {cfg.name} epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not cfg.progress)
+        for batch in bar:
+            samples = sorted({s for p in batch for s in p})
+            pos = {s: i for i, s in enumerate(samples)}
+            sums = arm_sequence_logprobs(head, train, samples, embed)
+            w = torch.tensor([pos[p[0]] for p in batch], device=dev)
+            ll = torch.tensor([pos[p[1]] for p in batch], device=dev)
+            loss = -F.logsigmoid(cfg.beta_r * (sums[w] - sums[ll])).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.close()
+        head.eval()
+        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
+        if val is not None and val_pairs:
+            if val_base is None:
+                val_base = torch.cat([
+                    arm_sequence_logprobs(None, val, range(i, min(i + 32, val.num_samples)),
+                                          embed)
+                    for i in range(0, val.num_samples, 32)]).cpu()
+            rec["val_pairwise_accuracy"] = arm_metrics(head, val, val_pairs, embed,
+                                                       val_base)["pairwise_accuracy"]
+        history.append(rec)
+        print(f"[{cfg.name}] epoch {epoch + 1}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)), file=sys.stderr)
+        _save_ckpt(cfg, head, opt, epoch + 1, history)
+    head.eval()
+    return head, history
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+def _reward_range(weights: dict[str, float], base: BaseModel) -> list[float]:
+    from .rewards import default_rewards
+
+    sources = default_rewards(base.model_dir)
+    lo = hi = 0.0
+    for name, w in weights.items():
+        a, b = sources[name].info.range
+        lo += min(w * a, w * b)
+        hi += max(w * a, w * b)
+    return [lo, hi]
+
+
+def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> Head:
+    """Sample (cached), featurise (cached), train, evaluate and save one head to ``cfg.out``."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    cfg = cfg.resolved()
+    weights = parse_reward_spec(cfg.reward)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
+    try:
+        train = load_split(base, cfg, "train", cfg.prompts, weights)
+        val = load_split(base, cfg, "validation", cfg.val_prompts, weights) \
+            if cfg.val_prompts != 0 else None
+        embed = base.embed if cfg.kind == "arm" else None
+        fingerprint = tokenizer_fingerprint(base.tokenizer)
+        rrange = _reward_range(weights, base)
+    finally:
+        base.close()
+    log(f"[{cfg.name}] {train.num_samples} train samples ({len(train.hidden)} states), "
+        f"{val.num_samples if val else 0} validation samples; reward mean "
+        f"{float(train.rewards.mean()):.3f} std {float(train.rewards.std()):.3f}")
+    dim = int(train.hidden.shape[1])
+    data_info = {"train_samples": train.num_samples, "train_states": len(train.hidden),
+                 "val_samples": val.num_samples if val else 0,
+                 "train_reward_mean": float(train.rewards.mean()),
+                 "train_reward_std": float(train.rewards.std()),
+                 "sample_cache": str(train.folder)}
+    metrics: dict[str, Any]
+    if cfg.kind == "value":
+        module, history = train_value_head(cfg, train, val)
+        metrics = value_metrics(module, val) if val else {}
+        arch = {"dim": dim, "hidden": cfg.hidden}
+        desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation "
+                f"({cfg.method}); for VAS / controlled decoding")
+        wrange = [-20.0, 20.0]
+    else:
+        assert embed is not None
+        margin = cfg.margin * float(train.rewards.std())
+        module, history = train_arm(cfg, train, embed, val, margin)
+        metrics = arm_metrics(module, val, preference_pairs(val, margin), embed) if val else {}
+        metrics["margin"] = margin
+        data_info["train_pairs"] = len(preference_pairs(train, margin))
+        arch = {"dim": dim, "rank": cfg.rank}
+        desc = (f"autoregressive reward model (GenARM) for {cfg.reward}: low-rank logit "
+                "adapter on the base's hidden state")
+        wrange = [-5.0, 5.0]
+    training = {**asdict(cfg), **data_info, "history": history,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,
+                "range": rrange if cfg.kind == "value" else [-1e9, 0.0],
+                "tokenizer": fingerprint, "arch": arch, "placement": "base",
+                "weight_range": wrange, "training": training, "metrics": metrics}
+    module = module.cpu()
+    head = Head(cfg.name or Path(cfg.out).name, cfg.kind, module, manifest)
+    save_head(Path(cfg.out), head)
+    log(f"[{cfg.name}] saved {cfg.out}: " + json.dumps(
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    if not math.isfinite(history[-1]["train_loss"] if history else 0.0):
+        raise RuntimeError("training diverged (non-finite loss)")
+    return head
