@@ -81,6 +81,7 @@ def test_tiny_eval_run(tmp_path: Path, model_dir: Path) -> None:
     base, bon1, bon2 = rows["sample base"], rows["best_of_n n=1"], rows["best_of_n n=2"]
     # sampling against itself: a coin flip, no drift
     assert base["win_rate"] == 0.5 and base["kl"] == 0.0 and base["kl_proxy"] == 0.0
+    assert base["kl_mc"] == pytest.approx(0.0, abs=1e-3)  # policy == base at temperature 1
     # Best-of-1 is plain sampling token for token (same seeds), so every number agrees (the
     # base log-probs up to float rounding: the two paths compute them in different batches)
     assert doc["samples"]["best_of_n n=1"] == doc["samples"]["sample base"]

@@ -199,7 +199,8 @@ def rollout(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, gens: list[torc
         feed = []
         for j, i in enumerate(live):
             tok = int(out.tokens[j])
-            det.push(states[i], TokenInfo(tok, float(out.base_logprobs[j])))
+            det.push(states[i], TokenInfo(tok, float(out.base_logprobs[j]),
+                                          policy_logprob=float(out.logprobs[j])))
             if not states[i].finished:  # finished branches need no further cache entries
                 feed.append((i, tok))
         live = [i for i, _ in feed]
@@ -214,11 +215,11 @@ def rollout(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, gens: list[torc
 
 
 def emit_tokens(ctx: DecodeContext, c: int, tokens: list[int],
-                logprobs: list[float | None] | None = None) -> bool:
+                infos: list[TokenInfo] | None = None) -> bool:
     """Emit a chosen branch's tokens for choice ``c``; True once the choice is finished."""
     for i, t in enumerate(tokens):
-        lp = logprobs[i] if logprobs else None
-        if ctx.emit(c, t, lp):
+        info = infos[i] if infos and i < len(infos) else TokenInfo(t)
+        if ctx.emit(c, t, info.logprob, None, info.policy_logprob):
             return True
     return False
 
@@ -227,10 +228,12 @@ def topk_ids(logits: Tensor, k: int) -> list[int]:
     return torch.topk(logits.float(), min(k, logits.shape[-1])).indices.tolist()
 
 
-def emit_one(ctx: DecodeContext, c: int, token: int, logits: Tensor) -> bool:
+def emit_one(ctx: DecodeContext, c: int, token: int, logits: Tensor,
+             policy_logprob: Tensor | None = None) -> bool:
     """Emit one sampled token with its base log-probability (and top-n when requested)."""
     lp = torch.log_softmax(logits.float(), -1)
-    return emit_rows(ctx, [c], torch.tensor([token]), lp[token].view(1), logits[None])[0]
+    plp = policy_logprob.view(1) if policy_logprob is not None else None
+    return emit_rows(ctx, [c], torch.tensor([token]), lp[token].view(1), logits[None], plp)[0]
 
 
 

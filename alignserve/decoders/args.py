@@ -45,7 +45,7 @@ class Args(AlignedDecoder):
                              cand_ids=torch.tensor([cands]), top_k=k)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
-            if emit_one(ctx, c, tok, logits):
+            if emit_one(ctx, c, tok, logits, out.logprobs[0]):
                 return
             prefix.append(tok)
             [o] = yield [Extend(seq, [tok])]

@@ -65,7 +65,7 @@ def prompt_logprobs(logits: Tensor, ids: list[int], n_top: int) -> list[Any]:
 
 
 def emit_rows(ctx: DecodeContext, choices: list[int], tokens: Tensor, base_logprobs: Tensor,
-              logits: Tensor | None) -> list[bool]:
+              logits: Tensor | None, policy_logprobs: Tensor | None = None) -> list[bool]:
     """Emit one token per choice with the base model's log-probabilities; returns done flags."""
     n_top = ctx.params.top_logprobs
     tops = None
@@ -76,7 +76,8 @@ def emit_rows(ctx: DecodeContext, choices: list[int], tokens: Tensor, base_logpr
         top = None
         if tops is not None:
             top = list(zip(tops.indices[r].tolist(), tops.values[r].tolist()))
-        done.append(ctx.emit(c, int(tokens[r]), float(base_logprobs[r]), top))
+        plp = float(policy_logprobs[r]) if policy_logprobs is not None else None
+        done.append(ctx.emit(c, int(tokens[r]), float(base_logprobs[r]), top, plp))
     return done
 
 
@@ -87,7 +88,8 @@ def decode_rows(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, choices: li
     while live:
         out = ctx.sample(logits, [gens[i] for i in live])
         ctx.stats.tokens_generated += len(live)
-        done = emit_rows(ctx, [choices[i] for i in live], out.tokens, out.base_logprobs, logits)
+        done = emit_rows(ctx, [choices[i] for i in live], out.tokens, out.base_logprobs, logits,
+                         out.logprobs)
         keep = [j for j, d in enumerate(done) if not d]
         live = [live[j] for j in keep]
         if not live:

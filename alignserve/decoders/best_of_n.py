@@ -38,7 +38,7 @@ class BestOfN(AlignedDecoder):
         ctx.info.setdefault("candidates", []).append(
             {"scores": [round(float(x), 5) for x in scores], "chosen": best})
         st = states[best]
-        emit_tokens(ctx, c, st.tokens, [i.logprob for i in st.infos])
+        emit_tokens(ctx, c, st.tokens, st.infos)
         if st.finish_reason and not ctx.finished(c):
             ctx.finish(c, st.finish_reason)
         for b in branches:

@@ -46,7 +46,7 @@ class CdBlock(AlignedDecoder):
             best = int(scores.argmax())
             st = states[best]
             new = st.tokens[len(done):]
-            finished = emit_tokens(ctx, c, new, [i.logprob for i in st.infos])
+            finished = emit_tokens(ctx, c, new, st.infos)
             if st.finish_reason and not finished:
                 ctx.finish(c, st.finish_reason)
                 finished = True

@@ -48,7 +48,7 @@ class GenArm(AlignedDecoder):
                 out = ctx.sample(base, [gen], weights=alphas, dense=dense)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
-            if emit_one(ctx, c, tok, logits):
+            if emit_one(ctx, c, tok, logits, out.logprobs[0]):
                 return
             [o] = yield [Extend(seq, [tok], hidden=True)]
             logits, hidden = o.logits[0], o.hidden

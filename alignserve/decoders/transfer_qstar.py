@@ -57,7 +57,7 @@ class TransferQStar(AlignedDecoder):
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             i = cands.index(tok) if tok in cands else 0
-            finished = emit_one(ctx, c, tok, logits)
+            finished = emit_one(ctx, c, tok, logits, out.logprobs[0])
             for j, b in enumerate(branches):
                 if j != i:
                     ctx.free(b)

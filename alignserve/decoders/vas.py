@@ -60,7 +60,7 @@ class Vas(AlignedDecoder):
                              top_k=k if self.restrict else None)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
-            if emit_one(ctx, c, tok, logits):
+            if emit_one(ctx, c, tok, logits, out.logprobs[0]):
                 return
             if tok in cands and self.opt.batched:
                 i = cands.index(tok)

@@ -95,12 +95,13 @@ class DecodeContext:
 
     # ---- output ----------------------------------------------------------------------------
     def emit(self, choice: int, token: int, logprob: float | None = None,
-             top: list[tuple[int, float]] | None = None) -> bool:
+             top: list[tuple[int, float]] | None = None,
+             policy_logprob: float | None = None) -> bool:
         """Append a token to a choice's output; returns True when that choice is finished."""
         st = self.choices[choice]
         if st.finished:
             return True
-        info = TokenInfo(token, logprob, top)
+        info = TokenInfo(token, logprob, top, policy_logprob)
         delta = self.detok.push(st, info)
         if delta or st.finished:
             self._on_delta(choice, delta, info)

@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TokenInfo:
+    """One emitted token: ``logprob`` under the base model, ``policy_logprob`` under the
+    distribution it was actually sampled from (guidance, temperature and truncation applied);
+    their difference summed over a response is the Monte-Carlo estimate of KL(policy || base)."""
+
     token: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    policy_logprob: float | None = None
 
 
 @dataclass

@@ -23,9 +23,9 @@ What is measured, per setting (see docs/methods.md, "Figures of merit"):
   same prompt are not independent.
 * **Win rate** vs plain sampling, paired on (prompt, seed), ties counted 1/2 — so sampling vs
   itself is exactly 0.5.
-* **KL.** The engine returns the *base* log-probability of each returned token
-  (``TokenInfo.logprob``) but not the steering policy's, so the exact Monte-Carlo estimator
-  ``sum_t log pi(y_t) - log p(y_t)`` is not available. Reported instead:
+* **KL.** Over HTTP only the *base* log-probability of each returned token is available, so
+  the cross-entropy proxy below is reported; in-process the policy's own log-probability is
+  recorded too and the Monte-Carlo estimate is used. All figures:
 
   - ``kl_proxy`` — a *cross-entropy proxy*, not a KL:
     KL(pi || p) = CE(pi, p) - H(pi) ~= CE(pi, p) - H(p). Per response,
@@ -37,8 +37,11 @@ What is measured, per setting (see docs/methods.md, "Figures of merit"):
     H(pi) < H(p) and the proxy under-states the KL.
   - ``kl_bound`` — the analytic value where one exists: Best-of-N ``log N - (N-1)/N`` (exact
     without reward ties) and blockwise CD ``(log K - (K-1)/K) * blocks`` (an upper bound).
-  - ``kl`` — what the frontier plot uses: ``kl_bound`` where it exists, else ``kl_proxy``;
-    ``kl_source`` says which (``exact``: sampling 0 and Best-of-N, ``bound``: cd_block,
+  - ``kl_mc`` — for token-wise strategies run in-process, the Monte-Carlo estimate
+    ``mean_responses sum_t log pi(y_t) - log p(y_t)`` from the policy log-probability the engine
+    records for every emitted token (``TokenInfo.policy_logprob``).
+  - ``kl`` — what the frontier plot uses: ``kl_bound`` where it exists, else ``kl_mc``, else
+    ``kl_proxy``; ``kl_source`` says which (``exact``: Best-of-N, ``bound``: cd_block, ``mc``,
     ``ce-proxy``).
 
 * **Diversity**: ``metrics.diversity`` (within response, n=2..4) and ``distinct_n`` for n=1,2
@@ -285,6 +288,7 @@ class Response:
     guidance_forwards: int
     wall_s: float
     error: str | None = None
+    policy_logprobs: list[float] | None = None  # in-process only: the sampling distribution's
 
     @property
     def n_tokens(self) -> int:
@@ -364,9 +368,11 @@ class InProcessBackend:
             wall = time.perf_counter() - t0
             ch = res["choices"][0]
             lps = [float(i.logprob) if i.logprob is not None else math.nan for i in ch["infos"]]
+            plps = [float(i.policy_logprob) if i.policy_logprob is not None else math.nan
+                    for i in ch["infos"]]
             st = res["stats"]
             return Response(ch["text"], lps, int(st.tokens_generated),
-                            int(st.guidance_forwards), wall)
+                            int(st.guidance_forwards), wall, policy_logprobs=plps)
 
         return _run_pool(one, jobs, concurrency, on_done)
 
@@ -477,6 +483,30 @@ def _per_prompt(values: np.ndarray, jobs: Sequence[Job]) -> np.ndarray:
     return np.asarray([np.mean(groups[k]) for k in sorted(groups)])
 
 
+#: strategies that sample every returned token from an explicit per-token distribution, so
+#: sum_t (log pi(y_t) - log p(y_t)) over their own samples is an unbiased KL(pi || p) estimate
+TOKENWISE = {"sample", "args", "vas", "cd", "genarm", "transfer_qstar"}
+
+
+def kl_monte_carlo(setting: Setting, resp: Sequence[Response]) -> float | None:
+    """Mean over responses of sum_t (log pi(y_t) - log p_base(y_t)) (token-wise strategies).
+
+    The engine records both log-probabilities of every emitted token (``TokenInfo``); the
+    estimate is exact in expectation. ``None`` where the policy has no per-token form (Best-of-N,
+    blockwise CD, DeAL choose whole sequences) or the logprobs are unavailable (HTTP backend).
+    """
+    if setting.strategy not in TOKENWISE:
+        return None
+    sums = []
+    for r in resp:
+        if r.error is not None or r.policy_logprobs is None:
+            return None
+        d = [a - b for a, b in zip(r.policy_logprobs, r.base_logprobs)
+             if math.isfinite(a) and math.isfinite(b)]
+        sums.append(float(sum(d)))
+    return float(np.mean(sums)) if sums else None
+
+
 def kl_bound(setting: Setting, mean_tokens: float) -> float | None:
     """Analytic KL where the strategy has one (Best-of-N exact, blockwise CD an upper bound)."""
     if setting.strategy == "sample":
@@ -527,9 +557,14 @@ def summarize(setting: Setting, jobs: Sequence[Job], resp: Sequence[Response],
         row["win_rate"], row["win_rates"], row["kl_proxy"] = math.nan, {}, math.nan
     mean_tok = float(ntok.mean()) if ntok.size else 0.0
     row["kl_bound"] = kl_bound(setting, mean_tok)
-    row["kl"] = row["kl_bound"] if row["kl_bound"] is not None else row["kl_proxy"]
-    row["kl_source"] = ("ce-proxy" if row["kl_bound"] is None else
-                        "bound" if setting.strategy == "cd_block" else "exact")
+    row["kl_mc"] = kl_monte_carlo(setting, resp)
+    if row["kl_bound"] is not None:
+        row["kl"] = row["kl_bound"]
+        row["kl_source"] = "bound" if setting.strategy == "cd_block" else "exact"
+    elif row["kl_mc"] is not None:
+        row["kl"], row["kl_source"] = row["kl_mc"], "mc"
+    else:
+        row["kl"], row["kl_source"] = row["kl_proxy"], "ce-proxy"
     row["diversity"] = diversity(texts)
     row["distinct_1"] = distinct_n(texts, 1)
     row["distinct_2"] = distinct_n(texts, 2)
