@@ -38,27 +38,25 @@ class Deal(AlignedDecoder):
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
         o = self.opt
         p0 = len(ctx.prompt_ids)
-        # a beam: (seq, answer tokens, next-token logits, state)
+        # a beam: (seq, answer tokens, next-token logits, state holding the answer's infos)
         beams = [(seq, [], logits, finish_state(ctx))]
         complete = []
+        det = Detokenizer(ctx.tokenizer)
         while beams:
-            kids, forks = [], []
-            for bseq, toks, lg, _ in beams:
+            kids, forks, states = [], [], []
+            for bseq, toks, lg, parent in beams:
                 cands = topk_ids(lg, o.top_k)
+                base_lp = torch.log_softmax(lg.float(), -1)
                 forks.extend(ctx.fork(bseq, len(cands)))  # one cache copy per beam
-                kids.extend((bseq, toks + [a]) for a in cands)
+                for a in cands:
+                    kids.append((bseq, toks + [a]))
+                    st = finish_state(ctx)  # the expansion token goes through the stop rules
+                    st.tokens, st.infos = list(parent.tokens), list(parent.infos)
+                    det.push(st, TokenInfo(a, float(base_lp[a])))
+                    states.append(st)
             for bseq, *_ in beams:
                 ctx.free(bseq)
             outs = yield [Extend(f, [t[-1]]) for f, (_, t) in zip(forks, kids)]
-            states = []
-            for _, t in kids:
-                st = finish_state(ctx)
-                st.tokens = t[:-1]
-                states.append(st)
-            # push the expansion token through the stop rules, then look ahead greedily
-            det = Detokenizer(ctx.tokenizer)
-            for st, (_, t) in zip(states, kids):
-                det.push(st, TokenInfo(t[-1]))
             ends = [st.finished for st in states]
             look = [finish_state(ctx) for _ in kids]
             for lk, st in zip(look, states):
@@ -89,6 +87,6 @@ class Deal(AlignedDecoder):
             beams = nxt
         best = max(complete, key=lambda x: x[0])[1] if complete else finish_state(ctx)
         ctx.info.setdefault("candidates", []).append({"complete": len(complete)})
-        emit_tokens(ctx, c, best.tokens)
+        emit_tokens(ctx, c, best.tokens, best.infos)
         if best.finish_reason and not ctx.finished(c):
             ctx.finish(c, best.finish_reason)

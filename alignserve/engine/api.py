@@ -9,6 +9,7 @@ asyncio queue, and turns token ids into the strings OpenAI's logprob objects exp
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,9 @@ class GenerationInput:
 class EngineClient:
     def __init__(self, engine: Engine, resources: Any = None) -> None:
         self.engine = engine
-        self.tok = engine.tokenizer
+        # a tokenizer of our own: HF fast tokenizers may raise "Already borrowed" when the HTTP
+        # thread encodes while the engine thread decodes with the same instance
+        self.tok = copy.deepcopy(engine.tokenizer)
         self.resources = resources
 
     @property

@@ -590,6 +590,9 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(408, str(exc), None, "timeout", "timeout_error")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), "prompt", "context_length_exceeded")
+    if isinstance(exc, EngineError) and str(exc).startswith("engine step failed"):
+        # the batch's forward crashed: the server's fault, never the request's
+        return APIError(500, str(exc), None, "engine_step_failed", "server_error")
     if isinstance(exc, EngineError):
         return APIError(400, str(exc), None, "engine_error")
     if isinstance(exc, ValueError) and hasattr(exc, "field"):
