@@ -224,6 +224,18 @@ def emit_tokens(ctx: DecodeContext, c: int, tokens: list[int],
     return False
 
 
+def sample_shifted(ctx: DecodeContext, logits: Tensor, gen: torch.Generator, cands: list[int],
+                   scores: np.ndarray) -> Any:
+    """Sample among ``cands`` with logits shifted by their (already weighted) scores.
+
+    ARGS and Transfer Q* both compute ``l(a) + r(a)`` on the top-k candidates and sample only
+    among them; the shift rides in the fused sampler's sparse guidance.
+    """
+    return ctx.sample(logits[None], [gen], weights=torch.ones(1, 1),
+                      cand_scores=torch.tensor(scores, dtype=torch.float32)[None, None],
+                      cand_ids=torch.tensor([cands]), top_k=len(cands))
+
+
 def topk_ids(logits: Tensor, k: int) -> list[int]:
     return torch.topk(logits.float(), min(k, logits.shape[-1])).indices.tolist()
 

@@ -8,12 +8,11 @@ candidates (greedy with temperature 0). Published: k=10, w=1.0 (also 1.5).
 from __future__ import annotations
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, Seq
-from .aligned import AlignedDecoder, CommonOptions, emit_one, topk_ids
+from .aligned import AlignedDecoder, CommonOptions, emit_one, sample_shifted, topk_ids
 from .base import Run
 
 
@@ -40,9 +39,7 @@ class Args(AlignedDecoder):
             else:
                 scores = np.concatenate([self.score_texts(ctx, [t])[0] for t in texts])
             ctx.stats.candidates_scored += len(cands)
-            out = ctx.sample(logits[None], [gen], weights=torch.ones(1, 1),
-                             cand_scores=torch.tensor(scores, dtype=torch.float32)[None, None],
-                             cand_ids=torch.tensor([cands]), top_k=k)
+            out = sample_shifted(ctx, logits, gen, cands, scores)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             if emit_one(ctx, c, tok, logits, out.logprobs[0]):

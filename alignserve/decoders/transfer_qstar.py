@@ -15,7 +15,15 @@ from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, Seq
-from .aligned import AlignedDecoder, CommonOptions, emit_one, finish_state, rollout, topk_ids
+from .aligned import (
+    AlignedDecoder,
+    CommonOptions,
+    emit_one,
+    finish_state,
+    rollout,
+    sample_shifted,
+    topk_ids,
+)
 from .base import Run
 
 
@@ -51,9 +59,7 @@ class TransferQStar(AlignedDecoder):
             scores, _ = self.score_texts(ctx, texts)
             ctx.stats.candidates_scored += len(cands)
             ctx.stats.tokens_generated += len(cands)
-            out = ctx.sample(logits[None], [gen], weights=torch.ones(1, 1),
-                             cand_scores=torch.tensor(scores, dtype=torch.float32)[None, None],
-                             cand_ids=torch.tensor([cands]), top_k=k)
+            out = sample_shifted(ctx, logits, gen, cands, scores)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             i = cands.index(tok) if tok in cands else 0

@@ -64,19 +64,32 @@ class ValueHead(nn.Module):
 
 
 class ARMHead(nn.Module):
-    """Low-rank logit adapter: delta(h) = E (B (A h)); log pi_r = log_softmax(l_base + delta)."""
+    """Low-rank logit adapter on the base: log pi_r = log_softmax(s * l_base + E (B (A h))).
+
+    The learned prior scale ``s`` (starting at 1, i.e. the base model exactly) lets training
+    discount the base model's own likelihood inside r(y) = sum_t log pi_r(y_t): with few
+    preference pairs, a plain additive adapter cannot outweigh likelihood differences between
+    two responses that have nothing to do with the reward.
+    """
 
     def __init__(self, dim: int, rank: int = 32) -> None:
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
+        self.base_scale = nn.Parameter(torch.ones(()))
         nn.init.zeros_(self.up.weight)  # starts as the base model exactly
 
     def delta(self, h: Tensor, embed: Tensor) -> Tensor:
         return self.up(self.down(h.float())) @ embed.float().T
 
     def logprobs(self, h: Tensor, base_logits: Tensor, embed: Tensor) -> Tensor:
-        return torch.log_softmax(base_logits.float() + self.delta(h, embed), dim=-1)
+        return torch.log_softmax(self.base_scale * base_logits.float() + self.delta(h, embed),
+                                 dim=-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # heads saved before the prior scale existed load with s = 1 (what they were trained as)
+        state_dict.setdefault(prefix + "base_scale", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @dataclass

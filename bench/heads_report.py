@@ -1,0 +1,44 @@
+"""Print the held-out quality of every shipped head as a Markdown table (from the manifests).
+
+Usage: ``python bench/heads_report.py [HEADS_DIR]``. The numbers are the ones the training run
+measured on the validation prompts and wrote into each head's ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(root: str = "heads") -> int:
+    rows = []
+    for mf in sorted(Path(root).glob("*/manifest.json")):
+        m = json.loads(mf.read_text())
+        met, tr = m.get("metrics", {}), m.get("training", {})
+        if m["kind"] == "value":
+            quality = (f"Spearman@25/50/75% {met.get('spearman_25', float('nan')):.2f} / "
+                       f"**{met.get('spearman_50', float('nan')):.2f}** / "
+                       f"{met.get('spearman_75', float('nan')):.2f}")
+            target = "Spearman@50% >= 0.5"
+            ok = met.get("spearman_50", 0) >= 0.5
+        else:
+            quality = (f"pairwise acc **{met.get('pairwise_accuracy', float('nan')):.2f}** "
+                       f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
+                       f"{met.get('pairs', 0)} pairs)")
+            target = "accuracy >= 0.70"
+            ok = met.get("pairwise_accuracy", 0) >= 0.70
+        size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
+        rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
+                    f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "
+                    f"{tr.get('method', 'genarm')} | {quality} | {target}: "
+                    f"{'met' if ok else 'not met'} | {size:.0f} KB |")
+    print("| head | kind | reward | data (suite prompts x samples x tokens) | method | "
+          "held-out quality | target | size |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(*sys.argv[1:]))
