@@ -156,6 +156,14 @@ def test_disconnect_mid_stream_frees_the_slot_at_once(guarded):
     assert re.search(r"^alignserve_client_disconnects_total [1-9]", text, re.M), text
 
 
+def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(guarded):
+    url = guarded.url
+    body = {k: v for k, v in LONG_STREAM.items() if k not in ("stream", "stream_options")}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, headers=_auth(), timeout=3)
+    _wait_idle(url, within=5)  # the server noticed the hang-up and cancelled the request
+
+
 def test_tiny_timeout_is_a_clean_408_or_error_chunk(fuzzed):
     slow = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True,
             "alignment": {"strategy": "transfer_qstar", "top_k": 16, "rollout": 128,

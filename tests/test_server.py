@@ -179,3 +179,11 @@ def test_eight_concurrent_requests_equal_sequential(oai):
     with cf.ThreadPoolExecutor(8) as ex:
         concurrent = list(ex.map(ask, prompts))
     assert concurrent == sequential
+
+
+def test_oversized_body_is_413(server):
+    body = json.dumps({"model": MODEL, "prompt": "x" * 1_100_000}).encode()
+    r = httpx.post(server.url + "/v1/completions", content=body,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"

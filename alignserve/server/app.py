@@ -10,6 +10,7 @@ configured every endpoint but ``/health`` and the static playground files needs
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -67,10 +68,19 @@ class GateMiddleware:
     what frees its batch slot at once.
     """
 
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str], metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str], metrics: Metrics,
+                 max_body_bytes: int | None = None) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys if k]
         self.metrics = metrics
+        self.max_body = max_body_bytes
+
+    def too_large(self, scope: Scope) -> int | None:
+        """The declared body size when it is over the limit (checked before reading it)."""
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and self.max_body is not None:
+                return int(value) if int(value) > self.max_body else None
+        return None
 
     def authorized(self, scope: Scope) -> bool:
         path = scope.get("path", "")
@@ -100,6 +110,14 @@ class GateMiddleware:
                 "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
                 "invalid_request_error", None, "invalid_api_key"), status_code=401,
                 headers={"WWW-Authenticate": "Bearer"})
+            await resp(scope, receive, send)
+            return
+        size = self.too_large(scope)
+        if size is not None:
+            self.metrics.observe_request(endpoint, "-", 413)
+            resp = JSONResponse(error_body(
+                f"request body of {size} bytes exceeds the limit of {self.max_body}",
+                "invalid_request_error", None, "request_too_large"), status_code=413)
             await resp(scope, receive, send)
             return
         status = [500]
@@ -177,17 +195,10 @@ def create_app(client: EngineClient, model_name: str,
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
                                        None, None), status_code=500)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
-            return JSONResponse(error_body(
-                f"request body of {size} bytes exceeds the limit of {limits.max_body_bytes}",
-                "invalid_request_error", None, "request_too_large"), status_code=413)
-        return await call_next(request)
-
     # added last, so it runs first: a request without a valid key never reaches a handler
-    app.add_middleware(GateMiddleware, api_keys=list(api_keys), metrics=metrics)
+    # (plain ASGI, not @app.middleware: that wrapper hides a client's disconnect from handlers)
+    app.add_middleware(GateMiddleware, api_keys=list(api_keys), metrics=metrics,
+                       max_body_bytes=limits.max_body_bytes)
 
     # ---- playground ------------------------------------------------------------------------
     if STATIC_DIR.is_dir():
@@ -270,7 +281,8 @@ def create_app(client: EngineClient, model_name: str,
                 build_decoder(inp.alignment, registry=client.resources)
             except Exception as exc:  # noqa: BLE001
                 raise to_api_error(exc) from None
-        results = [await run(inp) for inp in inputs]
+        # several prompts run side by side, so the engine batches them
+        results = list(await asyncio.gather(*(run(inp, request) for inp in inputs)))
         for res in results:
             metrics.observe_result(strategy_of(alignment), res)
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -319,7 +331,7 @@ def create_app(client: EngineClient, model_name: str,
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             return sse(stream_chat(rid, body, inp, begin(inp)))
-        res = await run(inp)
+        res = await run(inp, request)
         metrics.observe_result(strategy_of(alignment), res)
         choices = []
         for ci, ch in enumerate(res["choices"]):
@@ -401,9 +413,20 @@ def create_app(client: EngineClient, model_name: str,
                               max_tokens=max_tokens, stop=body.stop or [], seed=seed,
                               logprobs=logprobs, top_logprobs=n_top, ignore_eos=body.ignore_eos)
 
-    async def run(inp: GenerationInput) -> dict[str, Any]:
+    async def run(inp: GenerationInput, request: Request | None = None) -> dict[str, Any]:
+        """Await one generation; a client that hangs up cancels it (its slots free at once)."""
+        task = asyncio.ensure_future(client.run(inp))
         try:
-            return await client.run(inp)
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if request is not None and await request.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "client closed the connection", None, "client_closed")
+        except (APIError, asyncio.CancelledError):
+            task.cancel()
+            raise
         except Exception as exc:  # noqa: BLE001
             raise to_api_error(exc) from None
 
