@@ -714,6 +714,7 @@ def markdown_table(doc: Mapping[str, Any]) -> str:
     lines += [
         "",
         "KL: Best-of-N `log N − (N−1)/N` (exact), cd_block `(log K − (K−1)/K)·blocks` (bound); "
+        "token-wise strategies in-process: Monte-Carlo `Σ_t log π(y_t) − log p(y_t)` (mc); "
         "otherwise the cross-entropy proxy `T·(NLL_base(strategy) − NLL_base(plain))`, which "
         "assumes the strategy keeps the base's entropy (negative = sharper than the base). "
         "Win rate: paired on prompt and seed, ties ½. Interval: Student t over prompts.",
@@ -759,8 +760,8 @@ def write_outputs(doc: Mapping[str, Any], out: Path) -> dict[str, Path]:
     rows = [r for r in doc["results"] if not (r["reference"] and doc["bon_curve"])]
     ok = [r for r in rows if all(math.isfinite(float(r[k])) for k in ("reward", "kl"))]
     plot_reward_vs_kl(ok, doc["bon_curve"], paths["kl_png"],
-                      xlabel="KL per response [nats]: analytic where known (Best-of-N line, "
-                             "cd_block), else cross-entropy proxy")
+                      xlabel="KL per response [nats]: analytic (Best-of-N, cd_block), "
+                             "Monte-Carlo (token-wise), else cross-entropy proxy (DeAL)")
     comp = [r for r in doc["results"] if math.isfinite(float(r["tokens_per_returned"]))
             and float(r["tokens_per_returned"]) > 0]
     plot_reward_vs_compute(comp, paths["compute_png"],
