@@ -107,6 +107,11 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
     if value:
         p.add_argument("--hidden", type=int, default=128,
                        help="hidden units of the value MLP (default 128)")
+        p.add_argument("--backbone-layers", type=int, default=0,
+                       help="0 (default): the head reads the base model's final hidden state "
+                            "(no extra forward). L > 0: it reads a separate backbone made of "
+                            "the base's first L layers with its own KV cache (placement "
+                            "'backbone'; cheaper candidate scoring, weak-to-strong setting)")
         p.add_argument("--lam", type=float, default=0.95,
                        help="lambda of the td-lambda returns (default 0.95)")
         p.add_argument("--refresh-every", type=int, default=None,
@@ -193,6 +198,7 @@ def train(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         weight_decay=args.weight_decay, hidden=getattr(args, "hidden", 128),
+        backbone_layers=getattr(args, "backbone_layers", 0),
         rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
         refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),
         margin=getattr(args, "margin", 0.1), run_dir=args.run_dir, resume=args.resume,

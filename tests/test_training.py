@@ -80,3 +80,47 @@ def test_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) ->
     assert isinstance(loaded.module, ARMHead) and loaded.manifest["arch"]["rank"] == 32
     b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
     assert _same(a.module, b.module)
+
+
+def test_backbone_value_head_trains_and_steers_vas(run_dir: Path, tmp_path: Path,
+                                                    model_dir: Path) -> None:
+    """Placement 'backbone': a head on the base's first 4 layers, served on its own KV cache."""
+    from alignserve.decoders import build_decoder
+    from alignserve.engine.sampling import SamplingParams
+    from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
+    from alignserve.server.main import attach_backbones
+    from alignserve.value_models.heads import tokenizer_fingerprint
+    from alignserve.value_models.registry import Registry
+
+    out = tmp_path / "heads" / "concise_value"
+    head = run_training(_cfg(run_dir, out, "value", method="fudge", epochs=20, lr=3e-3,
+                             backbone_layers=4))
+    hist = head.manifest["training"]["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert head.manifest["placement"] == "backbone" and head.manifest["arch"]["layers"] == 4
+    eng = Engine(EngineConfig(model_dir=model_dir, slots=4, max_len=256))
+    try:
+        reg = Registry.build(out.parent, tokenizer_fingerprint(eng.tokenizer), 576)
+        assert reg.heads["concise_value"].runner == "backbone-4"
+        attach_backbones(eng, reg)
+        assert eng.runners["backbone-4"].config.num_layers == 4
+        ids = eng.tokenizer("Tell me about the sea.").input_ids
+
+        def gen(weight: float) -> dict:
+            dec = build_decoder({"strategy": "vas", "top_k": 5,
+                                 "weights": {"concise_value": weight}}, registry=reg)
+            return eng.generate(EngineRequest(
+                prompt_ids=ids, decoder=dec, resources=reg,
+                params=SamplingParams(temperature=1.0, max_tokens=8, seed=2)))
+
+        guided = gen(20.0)
+        assert guided["stats"].guidance_forwards == 2 * len(guided["choices"][0]["tokens"]) \
+            or guided["choices"][0]["finish_reason"] == "stop"
+        assert eng.runners["backbone-4"].num_free == 4  # its sequences were freed
+        plain = gen(0.0)
+        dec = build_decoder(None)
+        ref = eng.generate(EngineRequest(prompt_ids=ids, decoder=dec, params=SamplingParams(
+            temperature=1.0, max_tokens=8, seed=2)))
+        assert plain["choices"][0]["tokens"] == ref["choices"][0]["tokens"]
+    finally:
+        eng.shutdown()

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, Seq, Tree
-from .aligned import AlignedDecoder, CommonOptions, emit_one, topk_ids
+from .aligned import AlignedDecoder, AlignmentError, CommonOptions, emit_one, topk_ids
 from .base import Run
 
 
@@ -35,8 +35,18 @@ class Vas(AlignedDecoder):
     head_kind = "value"
     restrict = False  # VAS leaves non-candidates as they are; CD samples among candidates only
 
+    def bind(self, registry) -> None:  # type: ignore[no-untyped-def]
+        super().bind(registry)
+        heads = [registry.heads_for(n, "value") for n, w in self.weights.items() if w]
+        self.backbones = sorted({h.runner for h in heads} - {"base"})
+        if self.backbones and not self.opt.batched:
+            raise AlignmentError("alignment.batched", "batched=false (the benchmark baseline) "
+                                 "supports heads on the base model's states only")
+
     def slots_needed(self, n: int) -> dict[str, int]:
-        return {"base": n if self.opt.batched else 2 * n}
+        need = {"base": n if self.opt.batched else 2 * n}
+        need.update({r: n for r in getattr(self, "backbones", [])})
+        return need
 
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
         reg = ctx.resources
@@ -44,16 +54,25 @@ class Vas(AlignedDecoder):
         betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
         gen = ctx.generator(c)
         k = self.opt.top_k
+        # backbone-placed heads read their own small model, which follows the answer in step
+        vseqs = {r: ctx.new_seq(r) for r in {h.runner for h, _ in heads} - {"base"}}
+        if vseqs:
+            yield [Extend(v, list(ctx.prompt_ids), logits="none") for v in vseqs.values()]
+        on_base = any(h.runner == "base" for h, _ in heads)
         while True:
             cands = topk_ids(logits, k)
             if self.opt.batched:
-                [tree] = yield [Tree(seq, cands, logits=True, hidden=True)]
-                ctx.stats.guidance_forwards += 1
-                hidden, cand_logits = tree.hidden, tree.logits
+                outs = yield [Tree(seq, cands, logits=True, hidden=on_base)] + [
+                    Tree(v, cands, logits=False, hidden=True) for v in vseqs.values()]
+                ctx.stats.guidance_forwards += 1 + len(vseqs)
+                hidden = {"base": outs[0].hidden}
+                hidden.update({r: o.hidden for r, o in zip(vseqs, outs[1:])})
+                cand_logits = outs[0].logits
             else:
-                hidden, cand_logits = yield from self.one_by_one(ctx, seq, cands)
+                h_base, cand_logits = yield from self.one_by_one(ctx, seq, cands)
+                hidden = {"base": h_base}
             ctx.stats.candidates_scored += len(cands)
-            vals = torch.stack([h.module(hidden) for h, _ in heads])  # [H, k]
+            vals = torch.stack([h.module(hidden[h.runner]) for h, _ in heads])  # [H, k]
             vals = vals - vals.mean(dim=1, keepdim=True)
             out = ctx.sample(logits[None], [gen], weights=betas, cand_scores=vals[None],
                              cand_ids=torch.tensor([cands]),
@@ -64,12 +83,13 @@ class Vas(AlignedDecoder):
                 return
             if tok in cands and self.opt.batched:
                 i = cands.index(tok)
-                ctx.commit(seq, i, tok)
+                for s in (seq, *vseqs.values()):
+                    ctx.commit(s, i, tok)
                 logits = cand_logits[i]
             else:
-                [o] = yield [Extend(seq, [tok])]
-                logits = o.logits[0]
-
+                outs = yield [Extend(seq, [tok])] + [Extend(v, [tok], logits="none")
+                                                     for v in vseqs.values()]
+                logits = outs[0].logits[0]
 
     def one_by_one(self, ctx: DecodeContext, seq: Seq, cands: list[int]) -> Run:
         """Reference-style scoring: copy the prefix cache and run one forward per candidate."""

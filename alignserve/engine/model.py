@@ -207,18 +207,29 @@ class CausalLM(nn.Module):
 
 
 def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32,
-                   max_len: int = 2048) -> tuple[CausalLM, ModelConfig]:
-    """Build the module from ``config.json`` and load safetensors weights (strict)."""
+                   max_len: int = 2048,
+                   num_layers: int | None = None) -> tuple[CausalLM, ModelConfig]:
+    """Build the module from ``config.json`` and load safetensors weights (strict).
+
+    ``num_layers`` keeps only the first layers: a cheap backbone of the same model (its own KV
+    cache, same tokenizer) for guidance heads that should not read the full model's states.
+    """
     from safetensors.torch import load_file
 
     raw = json.loads((Path(model_dir) / "config.json").read_text())
     cfg = ModelConfig.from_hf(raw)
+    if num_layers is not None:
+        if not 1 <= num_layers <= cfg.num_layers:
+            raise ValueError(f"num_layers must be in [1, {cfg.num_layers}], got {num_layers}")
+        cfg.num_layers = num_layers
     model = CausalLM(cfg, rope_len=max(max_len + 1, 16))
     state: dict[str, Tensor] = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         for k, v in load_file(str(f)).items():
             k = k.removeprefix("model.")
             k = k.replace("self_attn.", "").replace("mlp.", "")
+            if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.num_layers:
+                continue
             state[k] = v
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -21,12 +21,13 @@ from .primitives import EngineError, Extend, ForwardOut, Op, Seq, Tree
 class ModelRunner:
     def __init__(self, name: str, model_dir: Path, slots: int = 32, max_len: int = 2048,
                  dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 pad_budget: int = 24) -> None:
+                 pad_budget: int = 24, num_layers: int | None = None) -> None:
         self.name = name
         self.device = torch.device(device)
         self.model: CausalLM
         self.config: ModelConfig
-        self.model, self.config = load_causal_lm(model_dir, dtype=dtype, max_len=max_len)
+        self.model, self.config = load_causal_lm(model_dir, dtype=dtype, max_len=max_len,
+                                                 num_layers=num_layers)
         self.model.to(self.device)
         self.max_len = max_len
         self.cache = KVCache(self.config, slots, max_len, dtype, self.device)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 
 from ..engine.api import EngineClient
 from ..engine.scheduler import Engine, EngineConfig
+from ..value_models.registry import Registry
 from .app import ServerLimits, create_app
 
 
@@ -26,6 +28,7 @@ def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAP
                               tokenizer_fingerprint(engine.tokenizer),
                               engine.base.config.hidden_size,
                               judge_scorer=HFNextTokenScorer(model_dir))
+    attach_backbones(engine, registry)
     client = EngineClient(engine, registry)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes,
@@ -48,3 +51,17 @@ def api_keys(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"--api-keys-file {path} contains no keys")
         keys += file_keys
     return keys
+
+
+def attach_backbones(engine: Engine, registry: Registry) -> None:
+    """Give every backbone-placed head its backbone: the base's first L layers, own KV cache."""
+    from ..engine.runner import ModelRunner
+
+    cfg = engine.config
+    for head in registry.heads.values():
+        name = head.runner
+        if name != "base" and name not in engine.runners:
+            layers = int(head.manifest["arch"]["layers"])
+            engine.add_runner(name, ModelRunner(name, cfg.model_dir, cfg.slots, cfg.max_len,
+                                                getattr(torch, cfg.dtype), cfg.device,
+                                                num_layers=layers))

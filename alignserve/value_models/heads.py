@@ -103,6 +103,12 @@ class Head:
     path: Path | None = None
 
     @property
+    def runner(self) -> str:
+        """Which model's hidden states the head reads: "base" or "backbone-L"."""
+        layers = self.manifest.get("arch", {}).get("layers")
+        return f"backbone-{layers}" if self.manifest.get("placement") == "backbone" else "base"
+
+    @property
     def info(self) -> RewardInfo:
         m = self.manifest
         desc = m.get("description") or f"{self.kind} head approximating {m.get('reward', '?')}"

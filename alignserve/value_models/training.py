@@ -92,6 +92,7 @@ class TrainConfig:
     batch_size: int | None = None  # None: 256 positions (value), 32 pairs (arm)
     weight_decay: float = 0.0
     hidden: int = 128
+    backbone_layers: int = 0  # 0: read the base's final states; L: a backbone of its first L
     rank: int = 32
     lam: float = 0.95
     refresh_every: int | None = None  # None: 0 (per epoch) for td-lambda, 4 steps for cd-q
@@ -227,6 +228,18 @@ class BaseModel:
         tid = self.tokenizer.eos_token_id
         return int(tid) if tid in ids or not ids else int(min(ids))
 
+    def backbone(self, layers: int) -> Any:
+        """A runner over the base's first ``layers`` layers (own KV cache), for backbone heads."""
+        from alignserve.engine.runner import ModelRunner
+
+        key = (layers, self.max_len)
+        if getattr(self, "_backbone_key", None) != key:
+            self._backbone = ModelRunner(f"backbone-{layers}", self.model_dir, slots=self.slots,
+                                         max_len=self.max_len, device=self.device,
+                                         num_layers=layers)
+            self._backbone_key = key
+        return self._backbone
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
@@ -331,21 +344,24 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
 
 
 def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
-                     progress: bool = True, chunk: int = 8) -> dict[str, Tensor]:
+                     progress: bool = True, chunk: int = 8,
+                     backbone_layers: int = 0) -> dict[str, Tensor]:
     """Final hidden states s_0..s_T of every sample, cached in ``folder/features-n<prompts>.pt``.
 
     ``hidden`` is [sum_s (T_s + 1), D]; sample s owns rows ``offsets[s]:offsets[s+1]``, the
     first being the state at the last prompt token. ``tokens`` holds the response tokens (flat,
     [sum_s T_s]) and ``group`` the prompt index of every sample.
     """
-    path = folder / f"features-n{len(data['prompts'])}.pt"
+    suffix = f"-L{backbone_layers}" if backbone_layers else ""
+    path = folder / f"features-n{len(data['prompts'])}{suffix}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     from alignserve.engine.primitives import Extend
 
     base.ensure_len(max(len(p["prompt_ids"]) + max(map(len, p["tokens"]), default=0)
                         for p in data["prompts"]) + 1)
-    runner = base.engine.base  # the engine loop is idle: no request is running
+    # the engine loop is idle (no request is running), so its runner can be driven directly
+    runner = base.backbone(backbone_layers) if backbone_layers else base.engine.base
     rows: list[Tensor] = []
     lengths: list[int] = []
     group: list[int] = []
@@ -444,7 +460,8 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
     if not prompts:
         raise ValueError(f"no {split} prompts in suite {cfg.suite!r}")
     data = sample_responses(base, cfg, prompts, folder)
-    feats = extract_features(base, data, folder, cfg.progress)
+    feats = extract_features(base, data, folder, cfg.progress,
+                             backbone_layers=cfg.backbone_layers if cfg.kind == "value" else 0)
     rewards = score_samples(data, weights, folder, base)
     return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
                  folder)
@@ -807,6 +824,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         module, history = train_value_head(cfg, train, val)
         metrics = value_metrics(module, val) if val else {}
         arch = {"dim": dim, "hidden": cfg.hidden}
+        if cfg.backbone_layers:
+            arch["layers"] = cfg.backbone_layers
         desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation "
                 f"({cfg.method}); for VAS / controlled decoding")
         wrange = [-20.0, 20.0]
@@ -825,7 +844,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                 "seconds": round(time.perf_counter() - t0, 1)}
     manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,
                 "range": rrange if cfg.kind == "value" else [-1e9, 0.0],
-                "tokenizer": fingerprint, "arch": arch, "placement": "base",
+                "tokenizer": fingerprint, "arch": arch,
+                "placement": "backbone" if arch.get("layers") else "base",
                 "weight_range": wrange, "training": training, "metrics": metrics}
     module = module.cpu()
     head = Head(cfg.name or Path(cfg.out).name, cfg.kind, module, manifest)
