@@ -104,14 +104,14 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                         "preference pairs per step, whole prompts at a time (default 32)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="Adam weight decay (default 0)")
+    p.add_argument("--backbone-layers", type=int, default=0,
+                   help="0 (default): the head reads the base model's final hidden state (no "
+                        "extra forward). L > 0: it reads a separate small causal LM made of the "
+                        "base's first L layers with its own KV cache (placement 'backbone'; an "
+                        "ARM then builds on that LM's own early-exit logits)")
     if value:
         p.add_argument("--hidden", type=int, default=128,
                        help="hidden units of the value MLP (default 128)")
-        p.add_argument("--backbone-layers", type=int, default=0,
-                       help="0 (default): the head reads the base model's final hidden state "
-                            "(no extra forward). L > 0: it reads a separate backbone made of "
-                            "the base's first L layers with its own KV cache (placement "
-                            "'backbone'; cheaper candidate scoring, weak-to-strong setting)")
         p.add_argument("--lam", type=float, default=0.95,
                        help="lambda of the td-lambda returns (default 0.95)")
         p.add_argument("--refresh-every", type=int, default=None,

@@ -124,3 +124,33 @@ def test_backbone_value_head_trains_and_steers_vas(run_dir: Path, tmp_path: Path
         assert plain["choices"][0]["tokens"] == ref["choices"][0]["tokens"]
     finally:
         eng.shutdown()
+
+
+def test_backbone_arm_trains_and_steers_genarm(run_dir: Path, tmp_path: Path,
+                                                model_dir: Path) -> None:
+    """An ARM that is its own small LM (the base's first 4 layers + adapter), used by GenARM."""
+    from alignserve.decoders import build_decoder
+    from alignserve.engine.sampling import SamplingParams
+    from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
+    from alignserve.server.main import attach_backbones
+    from alignserve.value_models.heads import tokenizer_fingerprint
+    from alignserve.value_models.registry import Registry
+
+    out = tmp_path / "heads" / "concise_arm"
+    head = run_training(_cfg(run_dir, out, "arm", epochs=3, backbone_layers=4))
+    assert head.manifest["placement"] == "backbone" and head.manifest["arch"]["layers"] == 4
+    eng = Engine(EngineConfig(model_dir=model_dir, slots=4, max_len=256))
+    try:
+        reg = Registry.build(out.parent, tokenizer_fingerprint(eng.tokenizer), 576)
+        attach_backbones(eng, reg)
+        ids = eng.tokenizer("Tell me about the sea.").input_ids
+        dec = build_decoder({"strategy": "genarm", "weights": {"concise_arm": 1.0}},
+                            registry=reg)
+        assert dec.slots_needed(1) == {"base": 1, "backbone-4": 1}
+        res = eng.generate(EngineRequest(prompt_ids=ids, decoder=dec, resources=reg,
+                                         params=SamplingParams(max_tokens=6, seed=1)))
+        assert res["choices"][0]["tokens"]
+        assert all(i.policy_logprob is not None for i in res["choices"][0]["infos"])
+        assert eng.runners["backbone-4"].num_free == 4
+    finally:
+        eng.shutdown()

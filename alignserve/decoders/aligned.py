@@ -78,6 +78,9 @@ class AlignedDecoder(Decoder):
                                          f"{kinds}")
                 avail[name] = head.info
             infos = avail
+            # heads placed on a backbone read their own small model: the request needs its slots
+            self.backbones = sorted({registry.heads_for(n, self.head_kind).runner
+                                     for n in self.weights} - {"base"})
         else:
             infos = {n: i for n, i in infos.items() if n in registry.rewards}
         try:
@@ -96,6 +99,22 @@ class AlignedDecoder(Decoder):
                     fld = getattr(exc, "field", f"alignment.reward_options.{name}")
                     fld = fld.replace("alignment.options.", "alignment.reward_options.", 1)
                     raise AlignmentError(fld, str(exc)) from None
+
+    backbones: list[str] = []
+
+    def slots_needed(self, n: int) -> dict[str, int]:
+        return {"base": n, **{r: n for r in self.backbones}}
+
+    def backbone_seqs(self, ctx: DecodeContext, heads: list[Any]) -> Run:
+        """One sequence per backbone the heads read, prefilled with the prompt; returns
+        ({runner: seq}, {runner: hidden state at the prompt's last token})."""
+        vseqs = {r: ctx.new_seq(r) for r in sorted({h.runner for h in heads} - {"base"})}
+        hidden: dict[str, Tensor] = {"base": ctx.prompt_hidden[None]}
+        if vseqs:
+            outs = yield [Extend(v, list(ctx.prompt_ids), logits="none", hidden=True)
+                          for v in vseqs.values()]
+            hidden.update({r: o.hidden for r, o in zip(vseqs, outs)})
+        return vseqs, hidden  # type: ignore[return-value]
 
     @property
     def plain(self) -> bool:

@@ -35,9 +35,9 @@ class GenArm(AlignedDecoder):
         embed = ctx.runners["base"].model.head_weight
         gen = ctx.generator(c)
         scale = 1.0 + float(alphas.sum()) if self.opt.normalize else 1.0
-        hidden = ctx.prompt_hidden[None]
+        vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
         while True:
-            dense = torch.stack([h.module.logprobs(hidden, logits[None], embed)[0]
+            dense = torch.stack([self.arm_logprobs(h, hidden, logits, embed)
                                  for h, _ in arms])[None]  # [1, H, V]
             ctx.stats.guidance_forwards += 1
             base = torch.log_softmax(logits.float(), -1)[None]
@@ -50,5 +50,15 @@ class GenArm(AlignedDecoder):
             ctx.stats.tokens_generated += 1
             if emit_one(ctx, c, tok, logits, out.logprobs[0]):
                 return
-            [o] = yield [Extend(seq, [tok], hidden=True)]
-            logits, hidden = o.logits[0], o.hidden
+            outs = yield [Extend(seq, [tok], hidden=True)] + [
+                Extend(v, [tok], logits="none", hidden=True) for v in vseqs.values()]
+            logits = outs[0].logits[0]
+            hidden = {"base": outs[0].hidden, **{r: o.hidden for r, o in zip(vseqs, outs[1:])}}
+
+    @staticmethod
+    def arm_logprobs(head, hidden: dict, base_logits, embed):  # type: ignore[no-untyped-def]
+        """log pi_r over the vocabulary. A base-placed ARM adapts the base logits; a backbone
+        ARM is its own small LM: the backbone's early-exit logits h_L E^T plus its adapter."""
+        h = hidden[head.runner]
+        prior = base_logits[None] if head.runner == "base" else h.float() @ embed.float().T
+        return head.module.logprobs(h, prior, embed)[0]

@@ -37,15 +37,13 @@ class Vas(AlignedDecoder):
 
     def bind(self, registry) -> None:  # type: ignore[no-untyped-def]
         super().bind(registry)
-        heads = [registry.heads_for(n, "value") for n, w in self.weights.items() if w]
-        self.backbones = sorted({h.runner for h in heads} - {"base"})
         if self.backbones and not self.opt.batched:
             raise AlignmentError("alignment.batched", "batched=false (the benchmark baseline) "
                                  "supports heads on the base model's states only")
 
     def slots_needed(self, n: int) -> dict[str, int]:
         need = {"base": n if self.opt.batched else 2 * n}
-        need.update({r: n for r in getattr(self, "backbones", [])})
+        need.update({r: n for r in self.backbones})
         return need
 
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
@@ -55,9 +53,7 @@ class Vas(AlignedDecoder):
         gen = ctx.generator(c)
         k = self.opt.top_k
         # backbone-placed heads read their own small model, which follows the answer in step
-        vseqs = {r: ctx.new_seq(r) for r in {h.runner for h, _ in heads} - {"base"}}
-        if vseqs:
-            yield [Extend(v, list(ctx.prompt_ids), logits="none") for v in vseqs.values()]
+        vseqs, _ = yield from self.backbone_seqs(ctx, [h for h, _ in heads])
         on_base = any(h.runner == "base" for h, _ in heads)
         while True:
             cands = topk_ids(logits, k)

@@ -461,7 +461,7 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
         raise ValueError(f"no {split} prompts in suite {cfg.suite!r}")
     data = sample_responses(base, cfg, prompts, folder)
     feats = extract_features(base, data, folder, cfg.progress,
-                             backbone_layers=cfg.backbone_layers if cfg.kind == "value" else 0)
+                             backbone_layers=cfg.backbone_layers)
     rewards = score_samples(data, weights, folder, base)
     return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
                  folder)
@@ -837,6 +837,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         metrics["margin"] = margin
         data_info["train_pairs"] = len(preference_pairs(train, margin))
         arch = {"dim": dim, "rank": cfg.rank}
+        if cfg.backbone_layers:  # its "base logits" are then the backbone's early-exit logits
+            arch["layers"] = cfg.backbone_layers
         desc = (f"autoregressive reward model (GenARM) for {cfg.reward}: low-rank logit "
                 "adapter on the base's hidden state")
         wrange = [-5.0, 5.0]
