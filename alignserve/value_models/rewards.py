@@ -76,6 +76,15 @@ def _row_options(options: _Options, n: int) -> list[Mapping[str, Any]]:
     return [o if o is not None else {} for o in options]
 
 
+def _validated_rows(source: Any, prompts: Sequence[str], responses: Sequence[str],
+                    options: _Options) -> list[dict[str, Any]]:
+    """Check the batch's shape and validate every row's options with ``source``; returns the
+    cleaned options per row (validating all rows first means a bad row fails the whole call
+    before any model runs)."""
+    _check_batch(prompts, responses, options)
+    return [source.validate_options(o) for o in _row_options(options, len(responses))]
+
+
 def _field(source: str, option: str) -> str:
     return f"alignment.options.{source}.{option}"
 
@@ -245,9 +254,7 @@ class SentimentReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
-        for o in _row_options(options, len(responses)):
-            self.validate_options(o)
+        _validated_rows(self, prompts, responses, options)
         if not responses:
             return []
         margin = self.raw_margin(responses)
@@ -276,9 +283,7 @@ class VaderReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
-        for o in _row_options(options, len(responses)):
-            self.validate_options(o)
+        _validated_rows(self, prompts, responses, options)
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         analyzer = _cached(("vader", ""), SentimentIntensityAnalyzer)
@@ -304,9 +309,7 @@ class NonToxicReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
-        for o in _row_options(options, len(responses)):
-            self.validate_options(o)
+        _validated_rows(self, prompts, responses, options)
         if not responses:
             return []
         from profanity_check import predict_prob
@@ -364,10 +367,10 @@ class ConciseReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
         out = []
-        for resp, o in zip(responses, _row_options(options, len(responses)), strict=True):
-            t = self.validate_options(o)["target_words"]
+        for resp, o in zip(responses, _validated_rows(self, prompts, responses, options),
+                           strict=True):
+            t = o["target_words"]
             n = len(_WORD.findall(resp))
             out.append(math.exp(-abs(n - t) / t))
         return out
@@ -410,10 +413,10 @@ class KeywordsReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
         out = []
-        for resp, o in zip(responses, _row_options(options, len(responses)), strict=True):
-            words = self.validate_options(o)["keywords"]
+        for resp, o in zip(responses, _validated_rows(self, prompts, responses, options),
+                           strict=True):
+            words = o["keywords"]
             hits = sum(1 for w in words if self._pattern(w).search(resp))
             out.append(hits / len(words))
         return out
@@ -539,10 +542,10 @@ class RegexReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
         out = []
-        for resp, o in zip(responses, _row_options(options, len(responses)), strict=True):
-            pat = self.validate_options(o)["pattern"]
+        for resp, o in zip(responses, _validated_rows(self, prompts, responses, options),
+                           strict=True):
+            pat = o["pattern"]
             out.append(1.0 if pat.search(resp[: self.MAX_TEXT]) else 0.0)
         return out
 
@@ -619,9 +622,9 @@ class JsonReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
-        return [self.score_one(r, self.validate_options(o)["required_keys"])
-                for r, o in zip(responses, _row_options(options, len(responses)), strict=True)]
+        rows = _validated_rows(self, prompts, responses, options)
+        return [self.score_one(r, o["required_keys"]) for r, o in zip(responses, rows,
+                                                                      strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -780,11 +783,10 @@ class JudgeReward:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               options: _Options = None) -> list[float]:
-        _check_batch(prompts, responses, options)
-        rows = _row_options(options, len(responses))
+        rows = _validated_rows(self, prompts, responses, options)
         if not responses:
             return []
-        texts = [self.format(p, r, self.validate_options(o)["question"])
+        texts = [self.format(p, r, o["question"])
                  for p, r, o in zip(prompts, responses, rows, strict=True)]
         logits = self.scorer.next_token_logits(texts)
         yes, no = self._yes_no_ids()
@@ -867,9 +869,7 @@ class HFClassifierReward:
               options: _Options = None) -> list[float]:
         import torch
 
-        _check_batch(prompts, responses, options)
-        for o in _row_options(options, len(responses)):
-            self.validate_options(o)
+        _validated_rows(self, prompts, responses, options)
         tok, model = self._load()
         idx = self.label_index()
         out: list[float] = []
