@@ -61,8 +61,10 @@ class ServerProc:
 @pytest.fixture(scope="session")
 def server(model_dir: Path):
     (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+    heads = ["--heads", str(ROOT / "heads")] if any((ROOT / "heads").glob("*/manifest.json")) \
+        else []
     srv = ServerProc(["--slots", "24", "--max-len", "1024", "--max-tokens", "512",
-                      "--max-n", "8", "--max-waiting", "64"])
+                      "--max-n", "8", "--max-waiting", "64", *heads])
     yield srv
     srv.stop()
 

@@ -14,7 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from alignserve.kernels.guided_sample import (  # noqa: E402
+    LogitAdjust,
     SampleOut,
+    apply_adjust,
     guided_sample,
     guided_sample_torch,
     hash_u32,
@@ -361,3 +363,70 @@ def test_fast_row_hash_is_bit_identical_to_definition():
     for v in (1, 1003, 49152):
         ref = hash_uniform(seeds[:, None], torch.arange(v)[None, :])
         assert torch.equal(gumbel_uniform_rows(seeds, v), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 0 (penalties, logit bias) and step 1b (candidate restriction)
+# --------------------------------------------------------------------------------------------
+
+
+def _make_adjust(seed: int, b: int, v: int, j: int) -> LogitAdjust:
+    """Random distinct ids per row (with padding), counts, seen flags, biases and penalties;
+    one row bans a token with -inf as ``min_tokens`` does."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:j] for _ in range(b)])
+    ids[torch.rand(b, j, generator=gen) < 0.2] = -1
+    counts = torch.randint(0, 4, (b, j), generator=gen).float()
+    seen = (counts > 0) | (torch.rand(b, j, generator=gen) < 0.3)
+    bias = torch.where(torch.rand(b, j, generator=gen) < 0.5,
+                       torch.randn(b, j, generator=gen) * 5, torch.zeros(b, j))
+    bias[0, 0] = float("-inf")
+    return LogitAdjust(ids=ids, counts=counts, seen=seen, bias=bias,
+                       presence=torch.rand(b, generator=gen) * 4 - 2,
+                       frequency=torch.rand(b, generator=gen) * 4 - 2,
+                       repetition=torch.where(torch.arange(b) % 3 == 0, torch.ones(b),
+                                              0.5 + torch.rand(b, generator=gen) * 1.5))
+
+
+@pytest.mark.parametrize(("b", "v", "h", "sparse", "restrict"), [
+    (7, 1003, 0, False, False),
+    (7, 1003, 2, True, False),
+    (9, 1003, 2, True, True),
+    (5, 257, 3, False, False),
+])
+def test_adjust_and_restrict_match_reference(b: int, v: int, h: int, sparse: bool,
+                                             restrict: bool) -> None:
+    seed = _fresh_seed()
+    case = _make_case(seed, b, v, h, sparse=sparse)
+    case["adjust"] = _make_adjust(seed, b, v, 40)
+    if restrict:
+        case["restrict"] = torch.arange(b) % 2 == 0  # mixed restricted and free rows
+    ref, out = _run_both(case, 4)
+    _assert_same(ref, out, seed)
+    if restrict:  # a restricted row never returns a token outside its candidates
+        for r in range(0, b, 2):
+            assert int(ref.tokens[r]) in case["cand_ids"][r].tolist()
+
+
+def test_adjust_semantics_by_hand() -> None:
+    """OpenAI's presence/frequency, vLLM's repetition penalty and logit bias, hand-computed."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0]])
+    adj = LogitAdjust(ids=torch.tensor([[0, 1, 3, -1]]), counts=torch.tensor([[2.0, 0, 0, 0]]),
+                      seen=torch.tensor([[True, True, False, False]]),
+                      bias=torch.tensor([[0.0, 0.0, 5.0, 0.0]]),
+                      presence=torch.tensor([0.5]), frequency=torch.tensor([0.25]),
+                      repetition=torch.tensor([2.0]))
+    want = torch.tensor([[2.0 / 2 - 0.25 * 2 - 0.5, -1.0 * 2, 0.5, 1.0 + 5.0, 0.0]])
+    torch.testing.assert_close(apply_adjust(logits, adj), want)
+    for backend in ("torch", "triton"):
+        one = dict(temperature=torch.zeros(1), top_k=torch.zeros(1, dtype=torch.int64),
+                   top_p=torch.ones(1), noise_seed=torch.zeros(1, dtype=torch.int64))
+        out = guided_sample(logits, None, None, None, None, **one, adjust=adj, backend=backend)
+        assert int(out.tokens[0]) == 3  # the +5 bias wins the argmax
+        # restricted to candidates {1, 4}: 4 wins although 3 is the global argmax
+        w = torch.ones(1, 1)
+        out = guided_sample(logits, w, None, torch.zeros(1, 1, 2), torch.tensor([[1, 4]]),
+                            **one, adjust=adj, restrict=torch.tensor([True]), backend=backend)
+        assert int(out.tokens[0]) == 4
+        torch.testing.assert_close(out.logprobs, torch.tensor([0.0 - torch.logsumexp(
+            torch.tensor([-2.0, 0.0]), 0).item()]))

@@ -158,10 +158,15 @@ def test_prompt_over_context_window(oai):
     assert "context length" in str(ei.value)
 
 
-def test_unknown_fields_are_ignored(server):
+def test_unknown_fields_are_refused_and_no_op_fields_accepted(server):
     r = httpx.post(server.url + "/v1/chat/completions", json={
         "model": MODEL, "messages": CHAT, "max_tokens": 3, "temperature": 0,
         "some_future_field": {"x": 1}, "parallel_tool_calls": False})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "some_future_field"
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": CHAT, "max_tokens": 3, "temperature": 0,
+        "parallel_tool_calls": False, "user": "u"})
     assert r.status_code == 200, r.text
 
 

@@ -42,6 +42,9 @@ class AlignedDecoder(Decoder):
 
     Options: ClassVar[type[CommonOptions]] = CommonOptions
     head_kind: ClassVar[str | None] = None  # "value"/"arm" when weights name heads, else rewards
+    # scores whole alternative answers to one prompt, which log-sigmoid / quantile transforms
+    # use as their per-prompt reference (best_of_n, cd_block); others refuse a transform
+    ranks_alternatives: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})
@@ -55,6 +58,15 @@ class AlignedDecoder(Decoder):
                                  f"invalid alignment.{loc}: {e['msg']}") from None
         super().__init__(opts)
         self.weights = {k: float(v) for k, v in self.opt.weights.items()}
+        if self.opt.transform != "identity" and not self.ranks_alternatives:
+            raise AlignmentError("alignment.transform", f"transform {self.opt.transform!r} "
+                                 "needs a set of alternative answers to one prompt as its "
+                                 "reference; only best_of_n and cd_block have one")
+        if self.opt.reward_options and self.head_kind is not None:
+            raise AlignmentError("alignment.reward_options", f"{self.name} is guided by "
+                                 f"trained {self.head_kind} heads, whose reward options were "
+                                 "fixed at training; use a reward-scored strategy (args, "
+                                 "best_of_n, cd_block, deal, transfer_qstar) to set them")
 
     # ---- validation against what the server has loaded ---------------------------------------
     def bind(self, registry: Any) -> None:
@@ -213,7 +225,7 @@ def rollout(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, gens: list[torc
         if not live:
             break
         out = ctx.sample(torch.stack([last[i] for i in live]), [gens[i] for i in live],
-                         temperature=0.0 if greedy else None)
+                         [states[i].tokens for i in live], temperature=0.0 if greedy else None)
         ctx.stats.tokens_generated += len(live)
         feed = []
         for j, i in enumerate(live):
@@ -243,20 +255,28 @@ def emit_tokens(ctx: DecodeContext, c: int, tokens: list[int],
     return False
 
 
-def sample_shifted(ctx: DecodeContext, logits: Tensor, gen: torch.Generator, cands: list[int],
-                   scores: np.ndarray) -> Any:
-    """Sample among ``cands`` with logits shifted by their (already weighted) scores.
+def sample_scored(ctx: DecodeContext, logits: Tensor, gen: torch.Generator, cands: list[int],
+                  scores: np.ndarray | Tensor, history: list[int],
+                  weights: Tensor | None = None, restrict: bool = True) -> Any:
+    """Sample one token with ``l(a) + sum_h w_h scores[h, a]`` added on the candidates.
 
-    ARGS and Transfer Q* both compute ``l(a) + r(a)`` on the top-k candidates and sample only
-    among them; the shift rides in the fused sampler's sparse guidance.
+    ``logits`` [V] are the base logits, ``scores`` [k] (already weighted, ``weights`` None) or
+    [H, k] with ``weights`` [1, H]. With ``restrict`` (ARGS, Transfer Q*, token-wise CD: any
+    strategy that chooses among the candidates it scored) every other token is masked after
+    the shift, so an unscored token can never be drawn and one candidate is exactly greedy;
+    VAS passes ``restrict=False`` (tokens outside the top-k keep their logits). The request's
+    temperature, top-k/top-p, penalties and logit bias apply as everywhere else.
     """
-    return ctx.sample(logits[None], [gen], weights=torch.ones(1, 1),
-                      cand_scores=torch.tensor(scores, dtype=torch.float32)[None, None],
-                      cand_ids=torch.tensor([cands]), top_k=len(cands))
+    s = torch.as_tensor(scores, dtype=torch.float32)
+    if weights is None:
+        s, weights = s.reshape(1, -1), torch.ones(1, 1)
+    return ctx.sample(logits[None], [gen], [history], weights=weights, cand_scores=s[None],
+                      cand_ids=torch.tensor([cands]), restrict=restrict)
 
 
-def topk_ids(logits: Tensor, k: int) -> list[int]:
-    return torch.topk(logits.float(), min(k, logits.shape[-1])).indices.tolist()
+def topk_ids(ctx: DecodeContext, logits: Tensor, k: int, history: list[int]) -> list[int]:
+    """The ``k`` candidates of one row [V]: top-k after the request's penalties and bias."""
+    return ctx.candidates(logits[None], k, [history])[0].tolist()
 
 
 def emit_one(ctx: DecodeContext, c: int, token: int, logits: Tensor,

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, Seq
-from .aligned import AlignedDecoder, CommonOptions, emit_one, sample_shifted, topk_ids
+from .aligned import AlignedDecoder, CommonOptions, emit_one, sample_scored, topk_ids
 from .base import Run
 
 
@@ -31,7 +31,7 @@ class Args(AlignedDecoder):
         k = self.opt.top_k
         prefix: list[int] = []
         while True:
-            cands = topk_ids(logits, k)
+            cands = topk_ids(ctx, logits, k, prefix)
             texts = [ctx.tokenizer.decode(prefix + [a], skip_special_tokens=True)
                      for a in cands]
             if self.opt.batched:
@@ -39,7 +39,7 @@ class Args(AlignedDecoder):
             else:
                 scores = np.concatenate([self.score_texts(ctx, [t])[0] for t in texts])
             ctx.stats.candidates_scored += len(cands)
-            out = sample_shifted(ctx, logits, gen, cands, scores)
+            out = sample_scored(ctx, logits, gen, cands, scores, prefix)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             if emit_one(ctx, c, tok, logits, out.logprobs[0]):

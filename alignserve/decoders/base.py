@@ -24,6 +24,7 @@ class Decoder:
 
     name: ClassVar[str] = "base"
     streams: ClassVar[str] = "token"  # "token", "block" or "final": how output reaches a stream
+    reports_top_logprobs: ClassVar[bool] = True  # False: emits chosen samples without top-n
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
@@ -86,7 +87,8 @@ def decode_rows(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, choices: li
     """Plain token-by-token sampling of several rows until each choice finishes."""
     live = list(range(len(seqs)))
     while live:
-        out = ctx.sample(logits, [gens[i] for i in live])
+        out = ctx.sample(logits, [gens[i] for i in live],
+                         [ctx.choices[choices[i]].tokens for i in live])
         ctx.stats.tokens_generated += len(live)
         done = emit_rows(ctx, [choices[i] for i in live], out.tokens, out.base_logprobs, logits,
                          out.logprobs)

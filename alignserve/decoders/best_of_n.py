@@ -21,6 +21,8 @@ class BestOfNOptions(CommonOptions):
 class BestOfN(AlignedDecoder):
     name = "best_of_n"
     streams = "final"
+    reports_top_logprobs = False
+    ranks_alternatives = True
     Options = BestOfNOptions
 
     def slots_needed(self, n: int) -> dict[str, int]:

@@ -25,6 +25,8 @@ class CdBlockOptions(CommonOptions):
 class CdBlock(AlignedDecoder):
     name = "cd_block"
     streams = "block"
+    reports_top_logprobs = False
+    ranks_alternatives = True
     Options = CdBlockOptions
 
     def slots_needed(self, n: int) -> dict[str, int]:

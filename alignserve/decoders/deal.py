@@ -30,6 +30,7 @@ class DealOptions(CommonOptions):
 class Deal(AlignedDecoder):
     name = "deal"
     streams = "final"
+    reports_top_logprobs = False
     Options = DealOptions
 
     def slots_needed(self, n: int) -> dict[str, int]:
@@ -45,7 +46,7 @@ class Deal(AlignedDecoder):
         while beams:
             kids, forks, states = [], [], []
             for bseq, toks, lg, parent in beams:
-                cands = topk_ids(lg, o.top_k)
+                cands = topk_ids(ctx, lg, o.top_k, toks)
                 base_lp = torch.log_softmax(lg.float(), -1)
                 forks.extend(ctx.fork(bseq, len(cands)))  # one cache copy per beam
                 for a in cands:

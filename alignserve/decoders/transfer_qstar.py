@@ -21,7 +21,7 @@ from .aligned import (
     emit_one,
     finish_state,
     rollout,
-    sample_shifted,
+    sample_scored,
     topk_ids,
 )
 from .base import Run
@@ -44,7 +44,7 @@ class TransferQStar(AlignedDecoder):
         k, m = self.opt.top_k, self.opt.rollout
         done: list[int] = []
         while True:
-            cands = topk_ids(logits, k)
+            cands = topk_ids(ctx, logits, k, done)
             branches = ctx.fork(seq, len(cands))
             outs = yield [Extend(b, [a]) for b, a in zip(branches, cands)]
             states = [finish_state(ctx) for _ in cands]
@@ -59,7 +59,7 @@ class TransferQStar(AlignedDecoder):
             scores, _ = self.score_texts(ctx, texts)
             ctx.stats.candidates_scored += len(cands)
             ctx.stats.tokens_generated += len(cands)
-            out = sample_shifted(ctx, logits, gen, cands, scores)
+            out = sample_scored(ctx, logits, gen, cands, scores, done)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             i = cands.index(tok) if tok in cands else 0

@@ -19,7 +19,14 @@ from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, Seq, Tree
-from .aligned import AlignedDecoder, AlignmentError, CommonOptions, emit_one, topk_ids
+from .aligned import (
+    AlignedDecoder,
+    AlignmentError,
+    CommonOptions,
+    emit_one,
+    sample_scored,
+    topk_ids,
+)
 from .base import Run
 
 
@@ -56,7 +63,7 @@ class Vas(AlignedDecoder):
         vseqs, _ = yield from self.backbone_seqs(ctx, [h for h, _ in heads])
         on_base = any(h.runner == "base" for h, _ in heads)
         while True:
-            cands = topk_ids(logits, k)
+            cands = topk_ids(ctx, logits, k, ctx.choices[c].tokens)
             if self.opt.batched:
                 outs = yield [Tree(seq, cands, logits=True, hidden=on_base)] + [
                     Tree(v, cands, logits=False, hidden=True) for v in vseqs.values()]
@@ -70,9 +77,8 @@ class Vas(AlignedDecoder):
             ctx.stats.candidates_scored += len(cands)
             vals = torch.stack([h.module(hidden[h.runner]) for h, _ in heads])  # [H, k]
             vals = vals - vals.mean(dim=1, keepdim=True)
-            out = ctx.sample(logits[None], [gen], weights=betas, cand_scores=vals[None],
-                             cand_ids=torch.tensor([cands]),
-                             top_k=k if self.restrict else None)
+            out = sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
+                                weights=betas, restrict=self.restrict)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             if emit_one(ctx, c, tok, logits, out.logprobs[0]):

@@ -18,7 +18,13 @@ from torch import Tensor
 from .output import ChoiceState, Detokenizer, TokenInfo
 from .primitives import EngineError, Seq
 from .runner import ModelRunner
-from .sampling import SamplingParams, row_generator, sample_rows
+from .sampling import (
+    SamplingParams,
+    adjusted_logits,
+    build_adjust,
+    row_generator,
+    sample_rows,
+)
 
 
 @dataclass
@@ -90,8 +96,20 @@ class DecodeContext:
         assert self.params.seed is not None
         return row_generator(self.params.seed, *key)
 
-    def sample(self, logits: Tensor, gens: list[torch.Generator], **kw: Any):
-        return sample_rows(logits, self.params, gens, **kw)
+    def sample(self, logits: Tensor, gens: list[torch.Generator],
+               histories: list[list[int]], **kw: Any):
+        """Sample one token per row of ``logits`` [R, V]; ``histories[r]`` are the tokens row r
+        has generated so far (its choice's or branch's answer), which the request's penalties,
+        logit bias and ``min_tokens`` act on. ``kw`` as in ``sampling.sample_rows``."""
+        adj = build_adjust(self.params, histories, self.prompt_ids, self.eos_ids, logits.device)
+        return sample_rows(logits, self.params, gens, adjust=adj, **kw)
+
+    def candidates(self, logits: Tensor, k: int, histories: list[list[int]]) -> Tensor:
+        """The top-``k`` token ids [R, k] of each row after penalties and logit bias: the
+        candidate set a strategy scores (a +100 bias makes its token a candidate)."""
+        adj = build_adjust(self.params, histories, self.prompt_ids, self.eos_ids, logits.device)
+        lg = adjusted_logits(logits.float(), adj)
+        return torch.topk(lg, min(k, lg.shape[-1]), dim=-1).indices
 
     # ---- output ----------------------------------------------------------------------------
     def emit(self, choice: int, token: int, logprob: float | None = None,

@@ -212,9 +212,11 @@ class Engine:
         def on_delta(choice: int, text: str, info: TokenInfo | None) -> None:
             self._send(req, ("delta", choice, text, info))
 
+        # tokens that end a choice: EOS (unless ignore_eos) and the request's stop_token_ids
+        stops = (set() if req.params.ignore_eos else set(self.eos_ids))
+        stops |= set(req.params.stop_token_ids)
         req.ctx = DecodeContext(self.runners, self.tokenizer, req.prompt_ids, req.params, req.n,
-                                self.eos_ids if not req.params.ignore_eos else set(), on_delta,
-                                req.resources, req.prompt_text)
+                                stops, on_delta, req.resources, req.prompt_text)
         try:
             req.gen = req.decoder.run(req.ctx)
             req.pending = self._advance(req, None)

@@ -260,7 +260,7 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
                 break
             alignment = {"strategy": name, "weights": weights,
                          **{k: v for k, v in params.items() if k != "weight"}}
-            if reward_options:
+            if reward_options and HEAD_KIND.get(name) is None:  # heads fixed them at training
                 alignment["reward_options"] = dict(reward_options)
             build_decoder(alignment, registry=registry)  # validates; raises AlignmentError
             ref = name == "best_of_n" and set(params) == {"n"}

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LogitAdjust",
     "SampleOut",
     "guided_sample",
     "guided_sample_torch",
@@ -60,6 +61,66 @@ class SampleOut:
     base_logprobs: Tensor
     top_ids: Tensor
     top_logprobs: Tensor
+
+
+@dataclass
+class LogitAdjust:
+    """Per-row processing of the raw logits before guidance (SPEC step 0).
+
+    OpenAI's ``presence_penalty`` / ``frequency_penalty``, vLLM's ``repetition_penalty`` and
+    ``logit_bias`` (``min_tokens`` rides in ``bias`` as ``-inf`` on the stop tokens). Only the
+    J tokens a row has seen or biased are listed, so the cost is O(J), not O(V).
+
+    Attributes:
+        ids: ``[B, J]`` int64 token ids, distinct within a row; ``-1`` is padding.
+        counts: ``[B, J]`` float32 occurrences of the token in the row's generated tokens.
+        seen: ``[B, J]`` bool, the token is in the prompt or the generated tokens.
+        bias: ``[B, J]`` float32 added last; ``-inf`` bans the token.
+        presence: ``[B]`` float32 subtracted once from every generated token (OpenAI).
+        frequency: ``[B]`` float32 subtracted per occurrence (OpenAI).
+        repetition: ``[B]`` float32 > 0; seen tokens' logits are divided by it when positive
+            and multiplied when negative (Keskar et al. 2019, as vLLM does); 1.0 is off.
+    """
+
+    ids: Tensor
+    counts: Tensor
+    seen: Tensor
+    bias: Tensor
+    presence: Tensor
+    frequency: Tensor
+    repetition: Tensor
+
+
+def adjusted_values(x: Tensor, adj: LogitAdjust) -> Tensor:
+    """SPEC step 0 on the gathered raw logits ``x`` [B, J] of ``adj.ids``: the new values."""
+    rep = adj.repetition.float()[:, None]
+    pos = torch.where(x > 0, x / rep, x * rep)
+    x = torch.where(adj.seen, pos, x)  # x / 1 and x * 1 are exact: rep == 1 is a no-op
+    counts = adj.counts.float()
+    x = x - adj.frequency.float()[:, None] * counts
+    x = x - adj.presence.float()[:, None] * (counts > 0).float()
+    return x + adj.bias.float()
+
+
+def apply_adjust(logits: Tensor, adj: LogitAdjust | None) -> Tensor:
+    """The raw logits [B, V] after SPEC step 0 (a new float32 tensor; input untouched)."""
+    x = logits.float()
+    if adj is None or adj.ids.shape[1] == 0:
+        return x
+    b, v = x.shape
+    valid = adj.ids >= 0
+    idx = torch.where(valid, adj.ids, torch.full_like(adj.ids, v))  # padding -> spare column
+    ext = torch.cat([x, x.new_zeros(b, 1)], dim=1)
+    new = adjusted_values(ext.gather(1, idx), adj)
+    return ext.scatter(1, idx, new)[:, :v]
+
+
+def candidate_mask(cand_ids: Tensor, v: int) -> Tensor:
+    """[B, V] bool: True at each row's valid candidate ids (SPEC step 1b)."""
+    b = cand_ids.shape[0]
+    idx = torch.where(cand_ids >= 0, cand_ids, torch.full_like(cand_ids, v))
+    mask = torch.zeros(b, v + 1, dtype=torch.bool, device=cand_ids.device)
+    return mask.scatter_(1, idx, True)[:, :v]
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,9 +236,26 @@ def _guided_logits(
     dense: Tensor | None,
     cand_scores: Tensor | None,
     cand_ids: Tensor | None,
+    adjust: LogitAdjust | None = None,
+    restrict: Tensor | None = None,
+) -> Tensor:
+    """SPEC steps 0-1b: adjusted logits, ``+ sum_h w_h dense_h``, sparse candidate additions,
+    then (restricted rows) every non-candidate masked to -inf."""
+    g = _shifted_logits(apply_adjust(logits, adjust), weights, dense, cand_scores, cand_ids)
+    if restrict is not None and cand_ids is not None:
+        keep = candidate_mask(cand_ids, g.shape[1]) | ~restrict.to(torch.bool)[:, None]
+        g = torch.where(keep, g, torch.full_like(g, float("-inf")))
+    return g
+
+
+def _shifted_logits(
+    g: Tensor,
+    weights: Tensor | None,
+    dense: Tensor | None,
+    cand_scores: Tensor | None,
+    cand_ids: Tensor | None,
 ) -> Tensor:
     """SPEC step 1: ``g = logits + sum_h w_h dense_h``, then sparse candidate additions."""
-    g = logits.float()
     if weights is None or weights.shape[1] == 0:
         return g
     w = weights.float()
@@ -221,6 +299,8 @@ def guided_sample_torch(
     top_p: Tensor,
     noise_seed: Tensor,
     n_top: int = 0,
+    adjust: LogitAdjust | None = None,
+    restrict: Tensor | None = None,
 ) -> SampleOut:
     """Readable torch implementation of SPEC.md; the oracle the Triton kernel is tested on.
 
@@ -228,7 +308,7 @@ def guided_sample_torch(
     """
     b, v = logits.shape
     dev = logits.device
-    g = _guided_logits(logits, weights, dense, cand_scores, cand_ids)  # step 1
+    g = _guided_logits(logits, weights, dense, cand_scores, cand_ids, adjust, restrict)
     neg_inf = torch.full_like(g, float("-inf"))
 
     temperature = temperature.to(device=dev, dtype=torch.float32)
@@ -332,6 +412,8 @@ def _check_inputs(
     top_p: Tensor,
     noise_seed: Tensor,
     n_top: int,
+    adjust: LogitAdjust | None = None,
+    restrict: Tensor | None = None,
 ) -> None:
     """Shape checks only: value checks would force a device sync on every decoding step."""
     if logits.dim() != 2:
@@ -360,6 +442,21 @@ def _check_inputs(
             raise ValueError(f"{name} must be [B], got {tuple(t.shape)}")
     if not 0 <= n_top <= v:
         raise ValueError(f"n_top must be in [0, V], got {n_top}")
+    if adjust is not None:
+        j = adjust.ids.shape[1] if adjust.ids.dim() == 2 else -1
+        for name in ("ids", "counts", "seen", "bias"):
+            t = getattr(adjust, name)
+            if t.dim() != 2 or tuple(t.shape) != (b, j):
+                raise ValueError(f"adjust.{name} must be [B, J], got {tuple(t.shape)}")
+        for name in ("presence", "frequency", "repetition"):
+            t = getattr(adjust, name)
+            if tuple(t.shape) != (b,):
+                raise ValueError(f"adjust.{name} must be [B], got {tuple(t.shape)}")
+    if restrict is not None:
+        if tuple(restrict.shape) != (b,):
+            raise ValueError(f"restrict must be [B], got {tuple(restrict.shape)}")
+        if cand_ids is None:
+            raise ValueError("restrict needs cand_ids (the set to restrict sampling to)")
 
 
 def guided_sample(
@@ -374,14 +471,20 @@ def guided_sample(
     noise_seed: Tensor,
     n_top: int = 0,
     backend: str = "auto",
+    adjust: LogitAdjust | None = None,
+    restrict: Tensor | None = None,
 ) -> SampleOut:
-    """Guide, temperature-scale, top-k/top-p filter and sample one token per row (SPEC.md).
+    """Adjust, guide, temperature-scale, top-k/top-p filter and sample one token per row.
+
+    See SPEC.md: ``adjust`` (penalties and logit bias, step 0) and ``restrict`` ([B] bool: the
+    row samples only among its valid ``cand_ids``, step 1b) are optional.
 
     ``backend`` is "auto" (Triton on CUDA, torch elsewhere; ``ALIGNSERVE_SAMPLER`` may
     override), "torch" or "triton". Both backends compute the same function; see SPEC.md.
     """
     _check_inputs(
-        logits, weights, dense, cand_scores, cand_ids, temperature, top_k, top_p, noise_seed, n_top
+        logits, weights, dense, cand_scores, cand_ids, temperature, top_k, top_p, noise_seed, n_top,
+        adjust, restrict,
     )
     chosen = resolve_backend(backend, logits.device)
     if chosen == "triton":
@@ -402,6 +505,8 @@ def guided_sample(
             top_p,
             noise_seed,
             n_top,
+            adjust,
+            restrict,
         )
         return SampleOut(tokens, logprobs, base_lp, top_ids, top_lp)
     return guided_sample_torch(
@@ -415,4 +520,6 @@ def guided_sample(
         top_p,
         noise_seed,
         n_top,
+        adjust,
+        restrict,
     )

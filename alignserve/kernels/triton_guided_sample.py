@@ -255,6 +255,16 @@ def _guided_sample_kernel(
     dense_ptr,
     cs_ptr,
     cid_ptr,
+    cval_ptr,
+    cfirst_ptr,
+    restrict_ptr,
+    aid_ptr,
+    acnt_ptr,
+    aseen_ptr,
+    abias_ptr,
+    pres_ptr,
+    freq_ptr,
+    rep_ptr,
     temp_ptr,
     topk_ptr,
     topp_ptr,
@@ -267,9 +277,13 @@ def _guided_sample_kernel(
     V,
     H,
     K,
+    J,
     n_top,
     HAS_DENSE: tl.constexpr,
     HAS_CAND: tl.constexpr,
+    HAS_ADJ: tl.constexpr,
+    HAS_RESTRICT: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     WRITE_G: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -308,11 +322,40 @@ def _guided_sample_kernel(
             g = x + acc
         if WRITE_G:
             tl.store(g_row + idx, g, mask=mask)
-        if not HAS_CAND:
+        if not (HAS_CAND or HAS_ADJ):
             z = tl.math.div_rn(g, t_eff)
             zmax, zarg, m_z, s_z, kmin = _z_stats(
                 z, _ordered_key(z), idx, zmax, zarg, m_z, s_z, kmin
             )
+
+    # ---- step 0: penalties and logit bias on the listed tokens (distinct ids per row) -------
+    if HAS_ADJ:
+        tl.debug_barrier()  # pass 1 wrote g[ids] from other threads of this program
+        joffs = tl.arange(0, BLOCK_J)
+        pres = tl.load(pres_ptr + row)
+        freq = tl.load(freq_ptr + row)
+        rep = tl.load(rep_ptr + row)
+        for j0 in range(0, J, BLOCK_J):
+            jj = j0 + joffs
+            jmask = jj < J
+            ids = tl.load(aid_ptr + row * J + jj, mask=jmask, other=-1)
+            valid = jmask & (ids >= 0) & (ids < V)
+            x = tl.load(x_row + ids, mask=valid, other=0.0)
+            cnt = tl.load(acnt_ptr + row * J + jj, mask=valid, other=0.0)
+            seen = tl.load(aseen_ptr + row * J + jj, mask=valid, other=0)
+            bias = tl.load(abias_ptr + row * J + jj, mask=valid, other=0.0)
+            xr = tl.where(x > 0, tl.math.div_rn(x, rep), x * rep)
+            x = tl.where(seen != 0, xr, x)  # rep == 1 is exact identity
+            x = x - freq * cnt
+            x = x - pres * tl.where(cnt > 0, 1.0, 0.0)
+            x = x + bias
+            if HAS_DENSE:
+                acc = tl.zeros([BLOCK_J], tl.float32)
+                for h in range(0, H):
+                    w = tl.load(w_ptr + row * H + h)
+                    acc += w * tl.load(dense_ptr + (row * H + h) * V + ids, mask=valid, other=0.0)
+                x = x + acc
+            tl.store(g_row + ids, x, mask=valid)
 
     # ---- sparse candidates: scatter into the scratch row, then z statistics -----------------
     if HAS_CAND:
@@ -335,7 +378,23 @@ def _guided_sample_kernel(
                 earlier = same & (jj[None, :] < kk[:, None])
                 first = first & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
             gv = tl.load(g_row + ids, mask=first, other=0.0)
-            tl.store(g_row + ids, gv + total, mask=first)
+            # staged, so a restricted row can mask the whole row before the scatter
+            tl.store(cval_ptr + row * K + kk, gv + total, mask=kk < K)
+            tl.store(cfirst_ptr + row * K + kk, tl.where(first, ids, -1), mask=kk < K)
+        tl.debug_barrier()
+        if HAS_RESTRICT:
+            if tl.load(restrict_ptr + row) != 0:  # step 1b: only the candidates stay
+                for start in range(0, V, BLOCK_V):
+                    idx = start + offs
+                    tl.store(g_row + idx, tl.full([BLOCK_V], float("-inf"), tl.float32),
+                             mask=idx < V)
+                tl.debug_barrier()
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + koffs
+            ids = tl.load(cfirst_ptr + row * K + kk, mask=kk < K, other=-1)
+            val = tl.load(cval_ptr + row * K + kk, mask=kk < K, other=0.0)
+            tl.store(g_row + ids, val, mask=(kk < K) & (ids >= 0))
+    if HAS_CAND or HAS_ADJ:
         tl.debug_barrier()
         for start in range(0, V, BLOCK_V):
             idx = start + offs
@@ -456,6 +515,8 @@ def guided_sample_triton(
     top_p: Tensor,
     noise_seed: Tensor,
     n_top: int = 0,
+    adjust=None,  # LogitAdjust | None (see guided_sample.py; imported lazily there)
+    restrict: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the kernel; returns (tokens, logprobs, base_logprobs, top_ids, top_logprobs).
 
@@ -468,13 +529,30 @@ def guided_sample_triton(
     h = 0 if weights is None else int(weights.shape[1])
     has_dense = dense is not None and h > 0
     has_cand = cand_ids is not None and cand_scores is not None and h > 0 and cand_ids.shape[1] > 0
-    write_g = has_dense or has_cand
+    has_adj = adjust is not None and adjust.ids.shape[1] > 0
+    has_restrict = restrict is not None and has_cand
+    write_g = has_dense or has_cand or has_adj
     g_buf = torch.empty_like(logits) if write_g else logits
     w = weights.to(torch.float32).contiguous() if h > 0 else logits
     d = dense.to(torch.float32).contiguous() if has_dense else logits
     cs = cand_scores.to(torch.float32).contiguous() if has_cand else logits
     cid = cand_ids.to(torch.int64).contiguous() if has_cand else logits
     k_cand = int(cand_ids.shape[1]) if has_cand else 0
+    cval = torch.empty(b, max(k_cand, 1), dtype=torch.float32, device=dev)
+    cfirst = torch.empty(b, max(k_cand, 1), dtype=torch.int64, device=dev)
+    rst = restrict.to(device=dev, dtype=torch.int32).contiguous() if has_restrict else logits
+    if has_adj:
+        j_adj = int(adjust.ids.shape[1])
+        aid = adjust.ids.to(device=dev, dtype=torch.int64).contiguous()
+        acnt = adjust.counts.to(device=dev, dtype=torch.float32).contiguous()
+        aseen = adjust.seen.to(device=dev, dtype=torch.int32).contiguous()
+        abias = adjust.bias.to(device=dev, dtype=torch.float32).contiguous()
+        pres = adjust.presence.to(device=dev, dtype=torch.float32).contiguous()
+        freq = adjust.frequency.to(device=dev, dtype=torch.float32).contiguous()
+        repn = adjust.repetition.to(device=dev, dtype=torch.float32).contiguous()
+    else:
+        j_adj = 0
+        aid = acnt = aseen = abias = pres = freq = repn = logits
 
     tokens = torch.empty(b, dtype=torch.int64, device=dev)
     lp = torch.empty(b, dtype=torch.float32, device=dev)
@@ -498,6 +576,16 @@ def guided_sample_triton(
         d,
         cs,
         cid,
+        cval,
+        cfirst,
+        rst,
+        aid,
+        acnt,
+        aseen,
+        abias,
+        pres,
+        freq,
+        repn,
         temperature.to(device=dev, dtype=torch.float32).contiguous(),
         top_k.to(device=dev, dtype=torch.int64).contiguous(),
         top_p.to(device=dev, dtype=torch.float32).contiguous(),
@@ -510,9 +598,13 @@ def guided_sample_triton(
         v,
         h,
         k_cand,
+        j_adj,
         n_top,
         HAS_DENSE=has_dense,
         HAS_CAND=has_cand,
+        HAS_ADJ=has_adj,
+        HAS_RESTRICT=has_restrict,
+        BLOCK_J=max(16, min(256, triton.next_power_of_2(max(j_adj, 1)))),
         WRITE_G=write_g,
         BLOCK_V=block_v,
         BLOCK_K=block_k,

@@ -179,6 +179,12 @@ def create_app(client: EngineClient, model_name: str,
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             msg, param = "Request body is not valid JSON.", None
+        elif first.get("type") == "unsupported_field":
+            param = ".".join(loc + [first["ctx"]["field"]])
+            msg = f"Unsupported value for '{param}': {first['msg']}"
+        elif first.get("type") == "extra_forbidden":
+            msg = (f"Unknown field '{param}': this server does not implement it (see the "
+                   "README's API section for the supported fields)")
         else:
             msg = f"Invalid value for '{param}': {first.get('msg')}" if param else first["msg"]
         return JSONResponse(error_body(msg, "invalid_request_error", param, "invalid_value"),
@@ -258,6 +264,7 @@ def create_app(client: EngineClient, model_name: str,
             raise APIError(400, "best_of is not supported; use alignment.strategy='best_of_n'",
                            "best_of")
         n_top = body.logprobs or 0
+        check_top_logprobs(alignment, n_top, "logprobs")
         inputs = []
         for p in prompts:
             ids = client.encode(p) if isinstance(p, str) else list(p)
@@ -326,6 +333,7 @@ def create_app(client: EngineClient, model_name: str,
         n_top = body.top_logprobs or 0
         if n_top and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
+        check_top_logprobs(alignment, n_top, "top_logprobs")
         params = sampling(body, mt, n_top, body.logprobs)
         inp = GenerationInput(ids, text, params, body.n, alignment)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -409,9 +417,33 @@ def create_app(client: EngineClient, model_name: str,
 
     def sampling(body: Any, max_tokens: int, n_top: int, logprobs: bool) -> SamplingParams:
         seed = None if body.seed is None else int(body.seed) % (2**63)
+        bias = body.logit_bias_ids()
+        vocab = client.engine.base.config.vocab_size
+        for name, ids in (("logit_bias", list(bias)), ("stop_token_ids", body.stop_token_ids)):
+            bad = [t for t in ids or [] if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"{name}: token id {bad[0]} is outside the vocabulary "
+                                    f"[0, {vocab})", name)
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed the maximum "
+                                f"number of tokens ({max_tokens})", "min_tokens")
         return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                               max_tokens=max_tokens, stop=body.stop or [], seed=seed,
-                              logprobs=logprobs, top_logprobs=n_top, ignore_eos=body.ignore_eos)
+                              logprobs=logprobs, top_logprobs=n_top, ignore_eos=body.ignore_eos,
+                              presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty,
+                              repetition_penalty=body.repetition_penalty, logit_bias=bias,
+                              min_tokens=body.min_tokens,
+                              stop_token_ids=list(body.stop_token_ids or []))
+
+    def check_top_logprobs(spec: dict[str, Any] | None, n_top: int, field: str) -> None:
+        """Strategies that return a whole chosen sample report each token's logprob but no
+        top alternatives: asking for them is a 400, not an empty list."""
+        cls = STRATEGIES.get(strategy_of(spec))
+        if n_top and cls is not None and not cls.reports_top_logprobs:
+            raise APIError(400, f"{field}: strategy '{cls.name}' returns whole chosen samples "
+                                "and reports each token's logprob but no top alternatives; "
+                                f"set {field} to 0", field)
 
     async def run(inp: GenerationInput, request: Request | None = None) -> dict[str, Any]:
         """Await one generation; a client that hangs up cancels it (its slots free at once)."""
