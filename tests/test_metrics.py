@@ -11,13 +11,18 @@ import pytest
 from alignserve.eval.metrics import (
     bon_kl_bound,
     coherence,
+    degenerate_fraction,
     distinct_n,
     diversity,
     kl_from_logprobs,
     mean_ci95,
     win_rate,
 )
-from alignserve.eval.plots import plot_reward_vs_compute, plot_reward_vs_kl
+from alignserve.eval.plots import (
+    plot_reward_vs_compute,
+    plot_reward_vs_cost_grid,
+    plot_reward_vs_kl,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -142,6 +147,24 @@ def test_distinct_n_sees_cross_response_repeats_that_diversity_does_not() -> Non
     assert distinct_n(texts, 2) == pytest.approx(0.5)
 
 
+# --- degenerate_fraction ---------------------------------------------------------------------
+
+
+def test_degenerate_fraction_hand_values() -> None:
+    # "a a a a a a": 4-grams (a,a,a,a) at positions 0, 1, 2 -> 3 occurrences -> degenerate;
+    # "a a a a a": only 2 -> not; "x y z w x y z w x y z w": (x,y,z,w) 3 times -> degenerate;
+    # "x y z w x y z w": twice -> not
+    texts = ["a a a a a a", "a a a a a", "x y z w x y z w x y z w", "x y z w x y z w"]
+    assert degenerate_fraction(texts) == pytest.approx(0.5)
+    assert degenerate_fraction(texts, times=2) == pytest.approx(1.0)
+    assert degenerate_fraction(["I love it!"] * 3) == 0.0  # across answers is not a loop
+    assert degenerate_fraction(["aaa"], n=1, times=3, tokenize=list) == 1.0
+    with pytest.raises(ValueError):
+        degenerate_fraction([])
+    with pytest.raises(ValueError):
+        degenerate_fraction(["a"], n=0)
+
+
 # --- coherence -------------------------------------------------------------------------------
 
 _FAKE_VECTORS = {
@@ -234,3 +257,17 @@ def test_plot_reward_vs_compute_rejects_nonpositive_compute(tmp_path: Path) -> N
     bad = [dict(_RESULTS[0], tokens_per_returned=0.0)]
     with pytest.raises(ValueError):
         plot_reward_vs_compute(bad, tmp_path / "bad.png")
+
+
+def test_plot_reward_vs_cost_grid_writes_png(tmp_path: Path) -> None:
+    pts = [dict(r, x=float(r["tokens_per_returned"]), label=r["setting"]) for r in _RESULTS]
+    panel = {"title": "demo", "results": pts,
+             "reference": [{"label": f"N={n}", "x": float(n), "reward": 0.1 * n}
+                           for n in (1, 2, 4)],
+             "target": {"x": 1.5, "y": 0.3, "label": "target"}, "ylim": (-1.0, 1.0)}
+    _assert_png(plot_reward_vs_cost_grid([[panel, panel], [panel]], tmp_path / "grid.png"))
+    with pytest.raises(ValueError):
+        plot_reward_vs_cost_grid([[dict(panel, results=[dict(pts[0], x=0.0)])]],
+                                 tmp_path / "bad.png")
+    with pytest.raises(ValueError):
+        plot_reward_vs_cost_grid([], tmp_path / "empty.png")

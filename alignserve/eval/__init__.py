@@ -6,6 +6,7 @@
 from alignserve.eval.metrics import (
     bon_kl_bound,
     coherence,
+    degenerate_fraction,
     distinct_n,
     diversity,
     kl_from_logprobs,
@@ -16,6 +17,7 @@ from alignserve.eval.metrics import (
 __all__ = [
     "bon_kl_bound",
     "coherence",
+    "degenerate_fraction",
     "distinct_n",
     "diversity",
     "kl_from_logprobs",

@@ -2,8 +2,9 @@
 
 One run = a list of *settings* (strategy + parameters, e.g. ``best_of_n n=4``) evaluated on the
 same prompts and seeds. Plain sampling always runs first: it is the reference for the win rate
-and the KL estimate. Every response is generated at temperature 1 with no top-k/top-p, so the
-base distribution the KL refers to is the model itself.
+and the KL estimate. ``alignserve eval`` generates every response at temperature 1 with no
+top-k/top-p, so the base distribution the KL refers to is the model itself (the backends take a
+``temperature`` for other drivers, e.g. ``bench/frontier.py``).
 
 Where the responses come from (``Backend``):
 
@@ -289,6 +290,7 @@ class Response:
     wall_s: float
     error: str | None = None
     policy_logprobs: list[float] | None = None  # in-process only: the sampling distribution's
+    tokens: list[int] | None = None  # in-process only: the returned token ids
 
     @property
     def n_tokens(self) -> int:
@@ -300,7 +302,8 @@ class Backend(Protocol):
     device: str
 
     def generate(self, jobs: Sequence[Job], alignment: dict[str, Any] | None, max_tokens: int,
-                 concurrency: int, on_done: Callable[[], None]) -> list[Response]: ...
+                 concurrency: int, on_done: Callable[[], None],
+                 temperature: float = 1.0) -> list[Response]: ...
 
     def close(self) -> None: ...
 
@@ -343,6 +346,9 @@ class InProcessBackend:
         self.registry = Registry.build(heads, tokenizer_fingerprint(self.engine.tokenizer),
                                        self.engine.base.config.hidden_size,
                                        judge_scorer=HFNextTokenScorer(model_dir))
+        from ..server.main import attach_backbones
+
+        attach_backbones(self.engine, self.registry)  # backbone-placed heads need their model
         self.tok = self.engine.tokenizer
         self.device = f"in-process engine ({device}, {dtype}, {slots} slots)"
 
@@ -353,7 +359,8 @@ class InProcessBackend:
         return list(self.tok(text, add_special_tokens=False).input_ids), text
 
     def generate(self, jobs: Sequence[Job], alignment: dict[str, Any] | None, max_tokens: int,
-                 concurrency: int, on_done: Callable[[], None]) -> list[Response]:
+                 concurrency: int, on_done: Callable[[], None],
+                 temperature: float = 1.0) -> list[Response]:
         from ..decoders import build_decoder
         from ..engine.sampling import SamplingParams
         from ..engine.scheduler import EngineRequest
@@ -364,7 +371,8 @@ class InProcessBackend:
             t0 = time.perf_counter()
             res = self.engine.generate(EngineRequest(
                 prompt_ids=ids, prompt_text=text, decoder=dec, resources=self.registry,
-                params=SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=job.seed)))
+                params=SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                      seed=job.seed)))
             wall = time.perf_counter() - t0
             ch = res["choices"][0]
             lps = [float(i.logprob) if i.logprob is not None else math.nan for i in ch["infos"]]
@@ -372,12 +380,88 @@ class InProcessBackend:
                     for i in ch["infos"]]
             st = res["stats"]
             return Response(ch["text"], lps, int(st.tokens_generated),
-                            int(st.guidance_forwards), wall, policy_logprobs=plps)
+                            int(st.guidance_forwards), wall, policy_logprobs=plps,
+                            tokens=[int(t) for t in ch["tokens"]])
 
         return _run_pool(one, jobs, concurrency, on_done)
 
+    def positions_processed(self) -> int:
+        """Token positions every model of the engine has run through its transformer so far
+        (prompt prefill, decode steps, tree candidates, rollouts, backbones; padding excluded).
+
+        Read it before and after a batch that runs alone to get that batch's compute."""
+        return sum(r.tokens_processed for r in self.engine.runners.values())
+
+    def tempered_logprobs(self, jobs: Sequence[Job], answers: Sequence[Sequence[int]],
+                          temperature: float, concurrency: int = 8,
+                          on_done: Callable[[], None] = lambda: None) -> list[list[float]]:
+        """log p_T(y_t | x, y_<t) of each answer token under the base model at ``temperature``.
+
+        One teacher-forced forward of prompt + answer per job (batched by the engine):
+        ``log_softmax(logits / T)`` at the answer's positions. This is the distribution plain
+        sampling at that temperature draws from, so ``policy_logprob - this`` summed over an
+        answer is the Monte-Carlo KL of a token-wise strategy from plain sampling at the same
+        temperature (for plain sampling itself it is 0 up to float rounding).
+
+        Returns one list of floats per job (empty for an empty answer).
+
+        Raises:
+            ValueError: if ``temperature`` is not > 0 (greedy decoding has no log-density).
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        from ..engine.sampling import SamplingParams
+        from ..engine.scheduler import EngineRequest
+
+        lock = threading.Lock()
+
+        def one(item: tuple[Job, Sequence[int]]) -> list[float]:
+            job, answer = item
+            dec = _TeacherForced(list(answer), temperature)
+            if answer:
+                ids, text = self.prompt_ids(job.prompt)
+                self.engine.generate(EngineRequest(
+                    prompt_ids=ids, prompt_text=text, decoder=dec,  # type: ignore[arg-type]
+                    params=SamplingParams(max_tokens=0, seed=0)))
+            with lock:
+                on_done()
+            return dec.logprobs
+
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            return list(pool.map(one, zip(jobs, answers, strict=True)))
+
     def close(self) -> None:
         self.engine.shutdown()
+
+
+class _TeacherForced:
+    """An engine request that samples nothing: it runs prompt + given answer through the base
+    model in one forward and keeps ``log_softmax(logits / T)`` of each answer token.
+
+    Duck-types the engine's decoder interface (``name``, ``slots_needed``, ``run``), so the
+    forwards batch with whatever else the engine is running."""
+
+    name = "teacher_forced"
+
+    def __init__(self, answer: list[int], temperature: float) -> None:
+        self.answer = answer
+        self.temperature = temperature
+        self.logprobs: list[float] = []
+
+    def slots_needed(self, n: int) -> dict[str, int]:
+        return {"base": n}
+
+    def run(self, ctx: Any) -> Any:
+        import torch
+
+        from ..engine.primitives import Extend
+
+        seq = ctx.new_seq("base")
+        n = len(ctx.prompt_ids)
+        [out] = yield [Extend(seq, list(ctx.prompt_ids) + self.answer, logits="all")]
+        lp = torch.log_softmax(out.logits[n - 1:-1].float() / self.temperature, dim=-1)
+        ids = torch.tensor(self.answer, device=lp.device)[:, None]
+        self.logprobs = lp.gather(1, ids)[:, 0].tolist()
 
 
 class HttpBackend:
@@ -412,12 +496,13 @@ class HttpBackend:
         self.device = f"server {self.url} (model {self.model})"
 
     def generate(self, jobs: Sequence[Job], alignment: dict[str, Any] | None, max_tokens: int,
-                 concurrency: int, on_done: Callable[[], None]) -> list[Response]:
+                 concurrency: int, on_done: Callable[[], None],
+                 temperature: float = 1.0) -> list[Response]:
         def one(job: Job) -> Response:
             t0 = time.perf_counter()
             r = self.client.chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": job.prompt}],
-                max_tokens=max_tokens, temperature=1.0, seed=job.seed, logprobs=True,
+                max_tokens=max_tokens, temperature=temperature, seed=job.seed, logprobs=True,
                 extra_body={"alignment": alignment} if alignment else None)
             wall = time.perf_counter() - t0
             ch = r.choices[0]

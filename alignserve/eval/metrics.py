@@ -174,6 +174,35 @@ def distinct_n(texts: Sequence[str], n: int, tokenize: Tokenizer | None = None) 
     return len(unique) / total if total else 0.0
 
 
+def degenerate_fraction(texts: Sequence[str], n: int = 4, times: int = 3,
+                        tokenize: Tokenizer | None = None) -> float:
+    """Fraction of texts in which some token n-gram occurs at least ``times`` times.
+
+    degenerate(text) = [max_g count_g(ngrams_n(tokens(text))) >= times], occurrences may
+    overlap ("a a a a a a" holds the 4-gram (a, a, a, a) three times), and the result is
+        degenerate_fraction = (1/N) sum_i degenerate(text_i).
+
+    The default (a 4-gram three times) flags the loops strong guidance falls into ("I love it!
+    I love it! I love it!") while a normal 30-50-token answer essentially never triggers it.
+    Pass the model's tokenizer (``tokenizer.tokenize``) to count subword tokens.
+
+    Raises:
+        ValueError: if ``texts`` is empty, or ``n`` or ``times`` is < 1.
+    """
+    if len(texts) == 0:
+        raise ValueError("texts must not be empty")
+    if n < 1 or times < 1:
+        raise ValueError(f"n and times must be >= 1, got n={n}, times={times}")
+    tok = tokenize or _whitespace_tokens
+    flagged = 0
+    for text in texts:
+        counts: dict[tuple[str, ...], int] = {}
+        for g in _ngrams(tok(text), n):
+            counts[g] = counts.get(g, 0) + 1
+        flagged += bool(counts) and max(counts.values()) >= times
+    return flagged / len(texts)
+
+
 def coherence(prompts: Sequence[str], responses: Sequence[str], embed_fn: EmbedFn) -> float:
     """Mean cosine similarity between each prompt's and its response's embedding.
 

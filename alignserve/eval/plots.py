@@ -1,10 +1,11 @@
-"""Report figures: reward vs KL (the alignment frontier) and reward vs compute.
+"""Report figures: reward vs KL (the alignment frontier), reward vs compute, and a grid of
+reward-vs-cost panels with a reference curve and a target region (``bench/frontier.py``).
 
 The figures are drawn with matplotlib's object-oriented API on an Agg canvas, never through
 ``pyplot``: that needs no display, does not change the process-wide backend, and keeps no
 global figure state, so plotting is safe inside the server or from several threads.
 
-Both functions take ``results``: a list of dicts, one per (strategy, setting), with keys
+The first two take ``results``: a list of dicts, one per (strategy, setting), with keys
 ``strategy``, ``setting``, ``reward``, ``reward_lo``, ``reward_hi`` (95% CI), ``kl`` and
 ``tokens_per_returned``.
 """
@@ -183,4 +184,113 @@ def plot_reward_vs_compute(
     ax.grid(True, which="both", alpha=0.3)
     if results:
         ax.legend(title="Strategy", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_reward_vs_cost_grid(
+    panels: Sequence[Sequence[Mapping[str, Any]]],
+    path: str | Path,
+    xlabel: str = "Wall time per answer ÷ plain sampling's (log scale)",
+    reference_label: str = "Best-of-N",
+) -> Path:
+    """A grid of reward-vs-cost panels, each with a reference curve and a target region.
+
+    ``panels[i][j]`` is the panel in row i, column j (e.g. rows = concurrency levels, columns =
+    objectives), a mapping with
+
+    * ``title``: the panel's title;
+    * ``results``: rows with ``strategy``, ``label`` (short text next to the point), ``x`` (> 0,
+      the cost), ``reward``, ``reward_lo``, ``reward_hi`` (95% CI); drawn as points with error
+      bars, one colour and marker per strategy, the same in every panel;
+    * ``reference``: points of the reference curve with ``label``, ``x``, ``reward`` (drawn as a
+      dashed line joining them in the order given, e.g. Best-of-N for N = 1..16, each point
+      labelled);
+    * ``target`` (optional): ``{"x": x_max, "y": y_min, "label": str}``, shaded as the region
+      x <= x_max, y >= y_min (e.g. Best-of-8's reward at half its cost), always in view;
+    * ``ylim`` (optional): ``(lo, hi)`` the y axis never goes beyond (e.g. the reward's range).
+
+    The x axis is logarithmic with plain-number ticks. One legend for the whole figure.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: on an empty grid, a missing key or a non-positive x.
+    """
+    if not panels or not all(panels):
+        raise ValueError("panels must be a non-empty grid")
+    n_rows, n_cols = len(panels), max(len(r) for r in panels)
+    colours: dict[str, int] = {}
+    for row in panels:
+        for p in row:
+            for r in p["results"]:
+                for k in ("strategy", "label", "x", "reward", "reward_lo", "reward_hi"):
+                    if k not in r:
+                        raise ValueError(f"panel {p.get('title')!r}: a result lacks {k!r}")
+                if float(r["x"]) <= 0:
+                    raise ValueError(f"panel {p.get('title')!r}: x must be > 0 for a log axis")
+                colours.setdefault(str(r["strategy"]), len(colours))
+    fig = Figure(figsize=(5.2 * n_cols, 4.4 * n_rows + 0.9), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    handles: dict[str, Any] = {}
+    for i, row in enumerate(panels):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            if j >= len(row):
+                ax.set_visible(False)
+                continue
+            p = row[j]
+            ref = list(p.get("reference", []))  # joined in the order given (N = 1, 2, 4...)
+            if ref:
+                (line,) = ax.plot([float(r["x"]) for r in ref], [float(r["reward"]) for r in ref],
+                                  "--", color="0.35", marker=".", zorder=1)
+                handles.setdefault(reference_label, line)
+                for r in ref:
+                    ax.annotate(str(r["label"]), (float(r["x"]), float(r["reward"])),
+                                textcoords="offset points", xytext=(4, -11), fontsize=7,
+                                color="0.35")
+            tgt = p.get("target")
+            for strategy, rows in _by_strategy(p["results"]).items():
+                c = colours[strategy]
+                h = ax.errorbar([float(r["x"]) for r in rows], [float(r["reward"]) for r in rows],
+                                yerr=_yerr(rows), fmt=_MARKERS[c % len(_MARKERS)],
+                                color=f"C{c % 10}", capsize=2, markersize=6, zorder=2)
+                handles.setdefault(strategy, h)
+                for r in rows:
+                    if r["label"]:
+                        ax.annotate(str(r["label"]), (float(r["x"]), float(r["reward"])),
+                                    textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                    color=f"C{c % 10}")
+            ax.set_xscale("log")
+            ax.margins(x=0.12, y=0.1)
+            if p.get("ylim"):  # e.g. the reward's range, so one wide interval cannot squash all
+                lo, hi = (float(v) for v in p["ylim"])
+                y0, y1 = ax.get_ylim()
+                ax.set_ylim(max(y0, lo), min(y1, hi))
+            if tgt:  # shade after autoscaling so the region reaches the panel's edges
+                x_max, y_min = float(tgt["x"]), float(tgt["y"])
+                x0, _ = ax.get_xlim()
+                x0 = min(x0, x_max / 1.25)  # the region is always in view
+                _, y1 = ax.get_ylim()
+                patch = ax.fill_between([x0, x_max], y_min, max(y1, y_min), color="tab:green",
+                                        alpha=0.15, zorder=0, linewidth=0)
+                handles.setdefault(str(tgt.get("label", "target")), patch)
+                ax.set_xlim(left=x0)
+                ax.set_ylim(top=max(y1, y_min))
+            ax.xaxis.set_major_formatter(plain)
+            lo_x, hi_x = ax.get_xlim()
+            wide = hi_x / lo_x > 10  # over a decade: label minor ticks 2 and 5 only
+            ax.xaxis.set_minor_formatter(FuncFormatter(
+                lambda v, _pos, wide=wide: f"{v:g}" if not wide
+                or f"{v:.0e}"[0] in "25" else ""))
+            ax.tick_params(axis="x", which="both", labelsize=7)
+            ax.set_title(str(p["title"]), fontsize=10)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel("Mean reward (95% CI)", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+    if handles:
+        ncol = max(1, min(len(handles), int(5.2 * n_cols // 2.6)))
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                   ncol=ncol, fontsize=8)
     return _save(fig, path)
