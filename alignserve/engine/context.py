@@ -60,6 +60,8 @@ class DecodeContext:
         self.prompt_logprobs: list[float | None] | None = None
         self.prompt_hidden: Tensor | None = None  # final hidden state at the prompt's last token
         self.info: dict[str, Any] = {}  # strategy-specific facts for the response
+        # set by the scheduler: lowers this request's slot reservation (see ``release``)
+        self.on_release: Callable[[str, int], None] | None = None
 
     # ---- sequences -------------------------------------------------------------------------
     def new_seq(self, model: str = "base") -> Seq:
@@ -80,6 +82,25 @@ class DecodeContext:
             if s.slot >= 0:
                 self.runners[s.model].free(s)
         self.seqs.clear()
+
+    def release(self, model: str, k: int) -> None:
+        """Give back ``k`` of the KV-cache slots of ``model`` reserved for this request.
+
+        The scheduler reserves a request's worst case (``Decoder.slots_needed``) for its whole
+        life; a strategy that knows it will never again hold more than ``reserved - k`` slots
+        of ``model`` (e.g. Best-of-N after pruning samples, whose slots it has freed) calls this
+        so that waiting requests can be admitted at the next engine step. Irreversible.
+
+        Raises ``EngineError`` if the request would then hold more slots than it reserves.
+        """
+        if k < 0:
+            raise EngineError(f"release({model!r}, {k}): k must be >= 0")
+        if k and self.on_release is not None:
+            self.on_release(model, k)
+
+    def held(self, model: str = "base") -> int:
+        """KV-cache slots of ``model`` this request holds now."""
+        return sum(1 for s in self.seqs if s.model == model and s.slot >= 0)
 
     def commit(self, seq: Seq, index: int, token: int) -> None:
         self.runners[seq.model].commit(seq, index, token)

@@ -217,6 +217,7 @@ class Engine:
         stops |= set(req.params.stop_token_ids)
         req.ctx = DecodeContext(self.runners, self.tokenizer, req.prompt_ids, req.params, req.n,
                                 stops, on_delta, req.resources, req.prompt_text)
+        req.ctx.on_release = lambda model, k: self._release(req, model, k)
         try:
             req.gen = req.decoder.run(req.ctx)
             req.pending = self._advance(req, None)
@@ -225,6 +226,18 @@ class Engine:
             return
         if not req.done:
             self._running.append(req)
+
+    def _release(self, req: EngineRequest, model: str, k: int) -> None:
+        """Lower a running request's reservation (``DecodeContext.release``); the next
+        ``_admit`` sees the slots."""
+        assert req.ctx is not None
+        have = req.reserved.get(model, 0)
+        if k > have - req.ctx.held(model):
+            raise EngineError(f"release({model!r}, {k}): the request reserves {have} slots and "
+                              f"holds {req.ctx.held(model)}")
+        with self._cv:
+            req.reserved[model] = have - k
+            self._reserved[model] -= k
 
     def _advance(self, req: EngineRequest, outs: list[ForwardOut] | None) -> list[Op]:
         """Resume a strategy until it asks for forwards; finish the request if it returns."""

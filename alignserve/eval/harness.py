@@ -265,6 +265,8 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
                 alignment["reward_options"] = dict(reward_options)
             build_decoder(alignment, registry=registry)  # validates; raises AlignmentError
             ref = name == "best_of_n" and set(params) == {"n"}
+            if ref:  # the reference curve is plain Best-of-N (n >= 8 prunes by default)
+                alignment["keep"] = 1.0
             out.append(Setting(name, dict(params), alignment, reference=ref))
     return out
 
@@ -604,6 +606,10 @@ def kl_bound(setting: Setting, mean_tokens: float) -> float | None:
         return int(a.get(name, STRATEGIES[setting.strategy].Options.model_fields[name].default))
 
     if setting.strategy == "best_of_n":
+        from ..decoders.best_of_n import BestOfN
+
+        if BestOfN({k: v for k, v in a.items() if k != "strategy"}).prunes:
+            return None  # early rejection: the Best-of-N formula does not hold
         return bon_kl_bound(opt("n"))
     if setting.strategy == "cd_block":
         k, m = opt("k"), opt("block")
