@@ -2,28 +2,34 @@
 
 Unknown fields are accepted and ignored (``extra="allow"``) because OpenAI clients send fields we
 do not implement; the ``alignment`` object is passed on to the strategy layer, which validates it.
+Types are strict, as OpenAI's API and our published schema say: numbers are JSON numbers (an
+integer is accepted where a float is expected), integers are integers, booleans are booleans; a
+string ``"1"`` or ``true`` for a number is a 400 naming the field. Every string in the body,
+known field or not, must be valid Unicode text (``validation.check_text``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .validation import check_text
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     n: int = Field(1, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 = off (extension, as in vLLM)")
+    top_k: int = Field(0, ge=0, le=2**31 - 1, description="0 = off (extension, as in vLLM)")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
@@ -33,6 +39,11 @@ class _Common(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     alignment: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:  # a lone surrogate anywhere is a 400, never a 500
+        return check_text(data)
 
     @field_validator("stop")
     @classmethod
@@ -67,7 +78,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
