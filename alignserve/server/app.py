@@ -443,11 +443,11 @@ def create_app(client: EngineClient, model_name: str,
 
     def sse(gen: AsyncIterator[str], started: tuple) -> StreamingResponse:
         """The SSE response for a submitted request; however it ends (even before its first
-        event) a request still live is cancelled and counted as a disconnect."""
+        event) a request still live is cancelled, and a client gone before the end counted."""
         req = started[0]
 
-        def on_close() -> None:
-            if req.cancelled or not req.done:
+        def on_close(gone: bool) -> None:
+            if gone:
                 metrics.disconnects += 1
             if not req.done:
                 client.engine.cancel(req)

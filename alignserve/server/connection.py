@@ -74,21 +74,36 @@ class ContainErrors:
 
 
 class EngineStream(StreamingResponse):
-    """SSE response that calls ``on_close()`` exactly once when it ends, whatever the cause.
+    """SSE response that calls ``on_close(gone)`` exactly once when it ends, whatever the cause.
 
-    The body generator is closed first (so its own ``finally`` blocks run now rather than at
-    garbage collection), then ``on_close`` runs; it is where the HTTP layer cancels the engine
-    request if it is still live and counts the disconnect.
+    ``gone`` is True when the client left before the response's end (its last body message
+    never went out and no error of ours cut it short). The body generator is closed first (so
+    its own ``finally`` blocks run now rather than at garbage collection), then ``on_close``
+    runs; it is where the HTTP layer cancels the engine request if it is still live and counts
+    the disconnect.
     """
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[bool], None],
                  **kwargs: object) -> None:
         super().__init__(content, **kwargs)  # type: ignore[arg-type]
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        complete = failed = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal complete
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, tracked)
+        except ClientDisconnect:
+            raise
+        except BaseException:
+            failed = True  # our fault (or shutdown), not the client leaving
+            raise
         finally:
             try:
                 aclose = getattr(self.body_iterator, "aclose", None)
@@ -97,4 +112,4 @@ class EngineStream(StreamingResponse):
             except Exception:  # noqa: BLE001 - closing must not stop the cancellation below
                 log.debug("closing the stream's generator failed", exc_info=True)
             finally:
-                self._on_close()
+                self._on_close(not complete and not failed)
