@@ -221,6 +221,14 @@ async def run_load(url: str, proc: psutil.Process | None, args: argparse.Namespa
             "tokens_after_warmup": st.tokens - tokens_warm, "total_s": time.monotonic() - t0}
 
 
+def _metric(text: str, name: str) -> str:
+    """One unlabelled sample from Prometheus text ("?" when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return f"{float(line.split()[1]):.0f}"
+    return "?"
+
+
 def report(res: dict[str, Any], args: argparse.Namespace) -> bool:
     st: Stats = res["stats"]
     five = sum(v for k, v in st.codes.items() if isinstance(k, int) and k >= 500)
@@ -236,6 +244,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> bool:
             ("transport errors", ", ".join(f"{k} {v}" for k, v in st.transport_errors.items())
              or "0"),
             ("completed / abandoned mid-stream", f"{st.completed} / {st.disconnected}"),
+            ("disconnects counted by the server", _metric(res["metrics"],
+                                                          "alignserve_client_disconnects_total")),
             ("throughput after warm-up", f"{res['completed_after_warmup'] / res['elapsed']:.2f} "
                                          f"req/s, {res['tokens_after_warmup'] / res['elapsed']:.1f}"
                                          " completion tok/s"),

@@ -31,7 +31,11 @@ class AlignmentError(ValueError):
 
 
 class CommonOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Fields every aligned strategy takes; subclasses add their own. Strict types, as
+    ``/v1/heads`` publishes them: a weight is a JSON number (integers accepted), a count an
+    integer, a flag a boolean; ``"1"``, ``true`` or ``null`` for a number is refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     weights: dict[str, float] = Field(default_factory=dict)
     transform: str = Field("identity", pattern="^(identity|log_sigmoid|quantile)$")
     reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict)

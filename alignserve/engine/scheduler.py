@@ -136,10 +136,28 @@ class Engine:
         return req
 
     def cancel(self, req: EngineRequest) -> None:
-        """Ask the loop to drop a request (client went away); its slots free on the next step."""
-        req.cancelled = True
+        """Drop a request whose client went away; safe from any thread, idempotent.
+
+        A waiting request leaves the queue at once (it no longer counts toward
+        ``max_waiting``) and ends with its ``("error", EngineError("cancelled"))`` event now; it
+        holds no slot reservation yet. A running one is dropped at the start of the next step,
+        before admission, so its slots and reservation go to the waiting requests that step.
+        """
         with self._cv:
+            if req.done:
+                return
+            req.cancelled = True
+            if self._unqueue(req):
+                self._end(req, ("error", EngineError("cancelled")))
             self._cv.notify()
+
+    def _unqueue(self, req: EngineRequest) -> bool:
+        """Remove ``req`` from the waiting queue (caller holds the lock); False if absent."""
+        for i, w in enumerate(self._waiting):
+            if w is req:  # identity: dataclass equality would compare field values
+                del self._waiting[i]
+                return True
+        return False
 
     def generate(self, req: EngineRequest, timeout: float | None = None) -> dict[str, Any]:
         """Blocking helper: submit and wait for the final result (raises the request's error)."""
@@ -190,6 +208,13 @@ class Engine:
 
     def _admit(self) -> None:
         with self._cv:
+            now = time.monotonic()
+            expired = [r for r in self._waiting if now > r.deadline]
+            for req in expired:  # timed out while waiting: they free their queue places too
+                self._unqueue(req)
+                self._end(req, ("error", RequestTimeout(
+                    f"request exceeded the {self.config.request_timeout_s:.0f} s timeout "
+                    "while waiting for a batch slot")))
             while self._waiting:
                 req = self._waiting[0]
                 if req.cancelled:
@@ -254,7 +279,8 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        self._admit()
+        # drop cancelled and timed-out requests first, so the slots they reserved go to the
+        # waiting requests admitted in this same step
         now = time.monotonic()
         for req in list(self._running):
             if req.cancelled:
@@ -262,6 +288,8 @@ class Engine:
             elif now > req.deadline:
                 self._fail(req, RequestTimeout(
                     f"request exceeded the {self.config.request_timeout_s:.0f} s timeout"))
+        self._running = [r for r in self._running if not r.done]
+        self._admit()
         if not self._running:
             return
         by_model: dict[str, list[tuple[EngineRequest, int]]] = {}

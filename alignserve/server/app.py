@@ -32,8 +32,10 @@ from ..engine.api import ContextLengthError, EngineClient, GenerationInput
 from ..engine.primitives import EngineError
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import QueueFull, RequestTimeout
+from .connection import ContainErrors, EngineStream
 from .metrics import CONTENT_TYPE, Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .validation import invalid_text_error
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # alignment fields that multiply work per request (samples, candidates, beams, rollout lengths):
@@ -174,6 +176,9 @@ def create_app(client: EngineClient, model_name: str,
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
+        if (bad_text := invalid_text_error(errs)) is not None:  # a lone surrogate somewhere
+            return JSONResponse(error_body(bad_text[0], "invalid_request_error", bad_text[1],
+                                           "invalid_value"), status_code=400)
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
@@ -201,6 +206,8 @@ def create_app(client: EngineClient, model_name: str,
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
                                        None, None), status_code=500)
 
+    # an exception escaping the app would make uvicorn drop the keep-alive connection
+    app.add_middleware(ContainErrors)
     # added last, so it runs first: a request without a valid key never reaches a handler
     # (plain ASGI, not @app.middleware: that wrapper hides a client's disconnect from handlers)
     app.add_middleware(GateMiddleware, api_keys=list(api_keys), metrics=metrics,
@@ -282,7 +289,7 @@ def create_app(client: EngineClient, model_name: str,
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             started = begin(inputs[0])
-            return sse(stream_completion(rid, body, inputs[0], started))
+            return sse(stream_completion(rid, body, inputs[0], started), started)
         for inp in inputs:  # validate every prompt's strategy before running any
             try:
                 build_decoder(inp.alignment, registry=client.resources)
@@ -338,7 +345,8 @@ def create_app(client: EngineClient, model_name: str,
         inp = GenerationInput(ids, text, params, body.n, alignment)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return sse(stream_chat(rid, body, inp, begin(inp)))
+            started = begin(inp)
+            return sse(stream_chat(rid, body, inp, started), started)
         res = await run(inp, request)
         metrics.observe_result(strategy_of(alignment), res)
         choices = []
@@ -454,7 +462,10 @@ def create_app(client: EngineClient, model_name: str,
                 if done:
                     return task.result()
                 if request is not None and await request.is_disconnected():
-                    task.cancel()
+                    task.cancel()  # leaves the engine's queue (or batch) at once
+                    if not getattr(request.state, "gone", False):  # once per request, even
+                        request.state.gone = True  # when several prompts run side by side
+                        metrics.disconnects += 1
                     raise APIError(499, "client closed the connection", None, "client_closed")
         except (APIError, asyncio.CancelledError):
             task.cancel()
@@ -462,9 +473,19 @@ def create_app(client: EngineClient, model_name: str,
         except Exception as exc:  # noqa: BLE001
             raise to_api_error(exc) from None
 
-    def sse(gen: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+    def sse(gen: AsyncIterator[str], started: tuple) -> StreamingResponse:
+        """The SSE response for a submitted request; however it ends (even before its first
+        event) a request still live is cancelled, and a client gone before the end counted."""
+        req = started[0]
+
+        def on_close(gone: bool) -> None:
+            if gone:
+                metrics.disconnects += 1
+            if not req.done:
+                client.engine.cancel(req)
+
+        return EngineStream(gen, on_close, media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
 
     def begin(inp: GenerationInput):
         """Submit a streaming request; errors (400, 429) surface before the 200 is sent."""
@@ -552,23 +573,19 @@ def create_app(client: EngineClient, model_name: str,
         return gen()
 
     async def watched(events: AsyncIterator[tuple], strategy: str) -> AsyncIterator[tuple]:
-        """Pass a stream's engine events through, accounting its result, a mid-stream error
-        or the client leaving early. Closing this (disconnect) closes ``events``, whose
-        ``finally`` cancels the engine request and so frees its slots on the next step."""
-        ended = False
+        """Pass a stream's engine events through, accounting its result or a mid-stream
+        error. Closing this (disconnect) closes ``events``, whose ``finally`` cancels the engine
+        request; ``sse``'s ``on_close`` counts the disconnect (and cancels a request whose
+        stream never reached this generator)."""
         try:
             async for ev in events:
                 if ev[0] == "done":
-                    ended = True
                     metrics.observe_result(strategy, ev[1])
                 elif ev[0] == "error":
-                    ended = True
                     err = to_api_error(ev[1])
                     metrics.stream_errors[err.code or err.err_type] += 1
                 yield ev
         finally:
-            if not ended:
-                metrics.disconnects += 1
             await events.aclose()
 
     def top_map(top: list[tuple[int, float]] | None) -> dict[str, float] | None:

@@ -85,7 +85,8 @@ class Metrics:
                "errors sent inside a stream after its 200 status, by error type",
                [({"type": t}, v) for t, v in sorted(self.stream_errors.items())])
         metric("alignserve_client_disconnects_total", "counter",
-               "streams whose client went away before the end", [({}, self.disconnects)])
+               "requests (streamed or not) whose client went away before the end",
+               [({}, self.disconnects)])
         metric("alignserve_queue_depth", "gauge", "requests waiting for KV-cache slots",
                [({}, engine.queue_depth)])
         metric("alignserve_running_requests", "gauge", "requests in the running batch",

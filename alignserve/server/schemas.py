@@ -8,6 +8,10 @@ Every field a request may carry does what it says or is refused with a 400 namin
   field unless the value is one that changes nothing (null, ``response_format`` text, ...);
 - anything else is unknown: a 400 naming it (``extra="forbid"``).
 The ``alignment`` object is passed on to the strategy layer, which validates it.
+Types are strict, as OpenAI's API and our published schema say: numbers are JSON numbers (an
+integer is accepted where a float is expected), integers are integers, booleans are booleans; a
+string ``"1"`` or ``true`` for a number is a 400 naming the field. Every string in the body,
+known field or not, must be valid Unicode text (``validation.check_text``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from .validation import check_text
 
 # accepted and ignored: none of them changes what is generated
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier",
@@ -71,12 +77,12 @@ def _screen(data: Any, unsupported: dict[str, Any], ignored: tuple[str, ...]) ->
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     n: int = Field(1, ge=1)
@@ -100,7 +106,8 @@ class _Common(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _screen_fields(cls, data: Any) -> Any:
-        return _screen(data, UNSUPPORTED_FIELDS, IGNORED_FIELDS)
+        # a lone surrogate anywhere is a 400, never a 500; then drop / refuse by name
+        return _screen(check_text(data), UNSUPPORTED_FIELDS, IGNORED_FIELDS)
 
     @field_validator("logit_bias")
     @classmethod
@@ -151,7 +158,7 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 

@@ -355,9 +355,7 @@ class ConciseReward:
         _reject_unknown(self.info.name, opts, ("target_words",))
         target = opts.get("target_words", self.DEFAULT_TARGET)
         fld = _field(self.info.name, "target_words")
-        if isinstance(target, float) and target.is_integer():
-            target = int(target)
-        if isinstance(target, bool) or not isinstance(target, int):
+        if isinstance(target, bool) or not isinstance(target, int):  # 30.0 or "30": refused
             raise RewardOptionError(fld, f"target_words must be an integer from 1 to "
                                          f"{self.MAX_TARGET}")
         if not 1 <= target <= self.MAX_TARGET:
