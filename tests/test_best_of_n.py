@@ -57,7 +57,8 @@ class PlainBestOfN(BestOfN):
         gens = [ctx.generator(c)] + [ctx.generator(c, 1 + j) for j in range(1, big_n)]
         states, _ = yield from rollout(ctx, branches, logits[None].expand(big_n, -1), gens,
                                        ctx.params.max_tokens, extend_last=False)
-        scores, _ = self.score_texts(ctx, [st.text for st in states], population=True)
+        scores, _ = yield from self.score_texts(ctx, [st.text for st in states],
+                                                population=True)
         best = int(scores.argmax())
         ctx.info.setdefault("candidates", []).append(
             {"scores": [round(float(x), 5) for x in scores], "chosen": best})

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..engine.context import DecodeContext
 from ..engine.output import ChoiceState, Detokenizer, TokenInfo
-from ..engine.primitives import Extend, Seq
+from ..engine.primitives import Extend, Score, Seq
 from .base import Decoder, Run, decode_rows, emit_rows, parallel, prefill
 
 
@@ -151,7 +151,7 @@ class AlignedDecoder(Decoder):
                                    gens)
         else:
             yield from parallel([self.run_choice(ctx, c, seqs[c], last) for c in range(ctx.n)])
-        self.report(ctx)
+        yield from self.report(ctx)
 
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits: Tensor) -> Run:
         raise NotImplementedError
@@ -161,7 +161,7 @@ class AlignedDecoder(Decoder):
         return [n for n, w in self.weights.items() if w]
 
     def score_texts(self, ctx: DecodeContext, texts: list[str],
-                    population: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                    population: bool = False) -> Run:
         """Combined and per-objective sequence rewards of ``texts`` (responses to this prompt).
 
         With ``population`` the texts are alternatives for one prompt, so the log-sigmoid and
@@ -169,38 +169,41 @@ class AlignedDecoder(Decoder):
         """
         from ..value_models.compose import combine
 
-        reg = ctx.resources
-        per: dict[str, np.ndarray] = {}
-        for name in self.reward_names():
-            src = reg.rewards[name]
-            opts = [self.opt.reward_options.get(name, {})] * len(texts)
-            per[name] = np.asarray(src.score([ctx.prompt_text] * len(texts), texts, opts),
-                                   dtype=np.float64)
+        names = self.reward_names()
+        outs = (yield [self._score_op(ctx, n, n, texts) for n in names]) if texts else []
+        per = {n: np.asarray(o, dtype=np.float64) for n, o in zip(names, outs)} if texts \
+            else {n: np.zeros(0) for n in names}
         ctx.stats.guidance_forwards += len(per) * len(texts)
         # alternatives for one prompt are their own reference set (log-sigmoid, quantile)
         transform = self.opt.transform if population else "identity"
         used = {n: w for n, w in self.weights.items() if w}
         return combine(per, used, transform), per
 
-    def report(self, ctx: DecodeContext) -> None:
+    def _score_op(self, ctx: DecodeContext, source: str, objective: str,
+                  texts: list[str]) -> Score:
+        """A batched reward call: ``source`` on ``texts`` with ``objective``'s options."""
+        opts = self.opt.reward_options.get(objective, {})
+        return Score(source, [ctx.prompt_text] * len(texts), list(texts),
+                     [opts] * len(texts), ctx.resources)
+
+    def report(self, ctx: DecodeContext) -> Run:
         """Per-objective rewards of the returned texts, for the response's ``alignment``."""
         reg = ctx.resources
         if reg is None:
             return
         texts = [st.text for st in ctx.choices]
-        rewards: dict[str, list[float]] = {}
+        sources: dict[str, str] = {}  # objective -> the reward source that scores it
         for name in self.weights:
-            src = reg.rewards.get(name)
-            if src is None:
+            if name in reg.rewards:
+                sources[name] = name
+            else:
                 head = reg.heads.get(name)
                 name_r = head.manifest.get("reward") if head is not None else None
-                src = reg.rewards.get(name_r) if name_r else None
-            if src is None:
-                continue
-            opts = [self.opt.reward_options.get(name, {})] * len(texts)
-            rewards[name] = [round(float(x), 5) for x in src.score([ctx.prompt_text] * len(texts),
-                                                                  texts, opts)]
-        ctx.info["rewards"] = rewards
+                if name_r in reg.rewards:
+                    sources[name] = name_r
+        outs = yield [self._score_op(ctx, src, name, texts) for name, src in sources.items()]
+        ctx.info["rewards"] = {name: [round(float(x), 5) for x in o]
+                               for name, o in zip(sources, outs)}
         ctx.info["weights"] = self.weights
 
 
@@ -228,7 +231,7 @@ def rollout(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, gens: list[torc
     for step in range(max_new):
         if not live:
             break
-        out = ctx.sample(torch.stack([last[i] for i in live]), [gens[i] for i in live],
+        out = yield from ctx.sample(torch.stack([last[i] for i in live]), [gens[i] for i in live],
                          [states[i].tokens for i in live], temperature=0.0 if greedy else None)
         ctx.stats.tokens_generated += len(live)
         feed = []
@@ -261,7 +264,7 @@ def emit_tokens(ctx: DecodeContext, c: int, tokens: list[int],
 
 def sample_scored(ctx: DecodeContext, logits: Tensor, gen: torch.Generator, cands: list[int],
                   scores: np.ndarray | Tensor, history: list[int],
-                  weights: Tensor | None = None, restrict: bool = True) -> Any:
+                  weights: Tensor | None = None, restrict: bool = True) -> Run:
     """Sample one token with ``l(a) + sum_h w_h scores[h, a]`` added on the candidates.
 
     ``logits`` [V] are the base logits, ``scores`` [k] (already weighted, ``weights`` None) or
@@ -274,8 +277,9 @@ def sample_scored(ctx: DecodeContext, logits: Tensor, gen: torch.Generator, cand
     s = torch.as_tensor(scores, dtype=torch.float32)
     if weights is None:
         s, weights = s.reshape(1, -1), torch.ones(1, 1)
-    return ctx.sample(logits[None], [gen], [history], weights=weights, cand_scores=s[None],
-                      cand_ids=torch.tensor([cands]), restrict=restrict)
+    return (yield from ctx.sample(logits[None], [gen], [history], weights=weights,
+                                  cand_scores=s[None], cand_ids=torch.tensor([cands]),
+                                  restrict=restrict))
 
 
 def topk_ids(ctx: DecodeContext, logits: Tensor, k: int, history: list[int]) -> list[int]:

@@ -35,11 +35,15 @@ class Args(AlignedDecoder):
             texts = [ctx.tokenizer.decode(prefix + [a], skip_special_tokens=True)
                      for a in cands]
             if self.opt.batched:
-                scores, _ = self.score_texts(ctx, texts)
-            else:
-                scores = np.concatenate([self.score_texts(ctx, [t])[0] for t in texts])
+                scores, _ = yield from self.score_texts(ctx, texts)
+            else:  # the reference code's way: one reward call per candidate
+                parts = []
+                for t in texts:
+                    one, _ = yield from self.score_texts(ctx, [t])
+                    parts.append(one)
+                scores = np.concatenate(parts)
             ctx.stats.candidates_scored += len(cands)
-            out = sample_scored(ctx, logits, gen, cands, scores, prefix)
+            out = yield from sample_scored(ctx, logits, gen, cands, scores, prefix)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             if emit_one(ctx, c, tok, logits, out.logprobs[0]):

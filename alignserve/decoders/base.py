@@ -87,7 +87,7 @@ def decode_rows(ctx: DecodeContext, seqs: list[Seq], logits: Tensor, choices: li
     """Plain token-by-token sampling of several rows until each choice finishes."""
     live = list(range(len(seqs)))
     while live:
-        out = ctx.sample(logits, [gens[i] for i in live],
+        out = yield from ctx.sample(logits, [gens[i] for i in live],
                          [ctx.choices[choices[i]].tokens for i in live])
         ctx.stats.tokens_generated += len(live)
         done = emit_rows(ctx, [choices[i] for i in live], out.tokens, out.base_logprobs, logits,

@@ -117,8 +117,8 @@ class BestOfN(AlignedDecoder):
                     self._drop(ctx, branches[i])
             live = [i for i in live if not states[i].finished]
             if self.prunes and done < max_tokens and len(live) > self.opt.min_live:
-                scores, _ = self.score_texts(ctx, [visible_text(ctx, states[i]) for i in live],
-                                             population=True)
+                partial = [visible_text(ctx, states[i]) for i in live]
+                scores, _ = yield from self.score_texts(ctx, partial, population=True)
                 m = max(self.opt.min_live, math.ceil(self.keep * len(live)))
                 order = np.argsort(-scores, kind="stable")
                 drop = sorted(live[j] for j in order[m:])
@@ -131,7 +131,8 @@ class BestOfN(AlignedDecoder):
                 per.extend([0] * (k + 1 - len(per)))
                 per[k] += len(drop)
         cands = [i for i in range(big_n) if i not in pruned]
-        scores, _ = self.score_texts(ctx, [states[i].text for i in cands], population=True)
+        texts = [states[i].text for i in cands]
+        scores, _ = yield from self.score_texts(ctx, texts, population=True)
         best = cands[int(scores.argmax())]
         full: list[float | None] = [None] * big_n
         for i, s in zip(cands, scores):
@@ -161,8 +162,8 @@ class BestOfN(AlignedDecoder):
             ctx.free(seq)
             ctx.release(seq.model, 1)
 
-    def report(self, ctx: DecodeContext) -> None:
-        super().report(ctx)
+    def report(self, ctx: DecodeContext) -> Run:
+        yield from super().report(ctx)
         if "samples_started" in ctx.info:
             returned = sum(len(st.tokens) for st in ctx.choices)
             ctx.info["tokens_discarded"] = ctx.stats.tokens_generated - returned

@@ -44,7 +44,8 @@ class CdBlock(AlignedDecoder):
                 st.tokens = list(done)
             states, last = yield from rollout(ctx, branches, logits[None].expand(k, -1), gens,
                                               m, states=states)
-            scores, _ = self.score_texts(ctx, [st.text for st in states], population=True)
+            texts = [st.text for st in states]
+            scores, _ = yield from self.score_texts(ctx, texts, population=True)
             best = int(scores.argmax())
             st = states[best]
             new = st.tokens[len(done):]

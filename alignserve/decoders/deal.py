@@ -70,7 +70,7 @@ class Deal(AlignedDecoder):
                                          o.lookahead, greedy=True, extend_last=False,
                                          states=look)
             texts = [st.text if st.finished else det.decode(st.tokens) for st in look]
-            scores, _ = self.score_texts(ctx, texts)
+            scores, _ = yield from self.score_texts(ctx, texts)
             ctx.stats.candidates_scored += len(kids)
             ctx.stats.tokens_generated += len(kids)
             order = sorted(range(len(kids)), key=lambda j: -scores[j])

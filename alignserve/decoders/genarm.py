@@ -43,9 +43,9 @@ class GenArm(AlignedDecoder):
             base = torch.log_softmax(logits.float(), -1)[None]
             if self.opt.normalize:
                 guided = (base + (alphas[:, :, None] * dense).sum(1)) / scale
-                out = ctx.sample(guided, [gen], [ctx.choices[c].tokens])
+                out = yield from ctx.sample(guided, [gen], [ctx.choices[c].tokens])
             else:
-                out = ctx.sample(base, [gen], [ctx.choices[c].tokens], weights=alphas,
+                out = yield from ctx.sample(base, [gen], [ctx.choices[c].tokens], weights=alphas,
                                  dense=dense)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1

@@ -56,10 +56,10 @@ class TransferQStar(AlignedDecoder):
             states, _ = yield from rollout(ctx, branches, first, greedy_gens, m - 1, greedy=True,
                                            extend_last=False, states=states)
             texts = [ctx.tokenizer.decode(st.tokens, skip_special_tokens=True) for st in states]
-            scores, _ = self.score_texts(ctx, texts)
+            scores, _ = yield from self.score_texts(ctx, texts)
             ctx.stats.candidates_scored += len(cands)
             ctx.stats.tokens_generated += len(cands)
-            out = sample_scored(ctx, logits, gen, cands, scores, done)
+            out = yield from sample_scored(ctx, logits, gen, cands, scores, done)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             i = cands.index(tok) if tok in cands else 0

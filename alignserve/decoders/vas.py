@@ -77,7 +77,7 @@ class Vas(AlignedDecoder):
             ctx.stats.candidates_scored += len(cands)
             vals = torch.stack([h.module(hidden[h.runner]) for h, _ in heads])  # [H, k]
             vals = vals - vals.mean(dim=1, keepdim=True)
-            out = sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
+            out = yield from sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
                                 weights=betas, restrict=self.restrict)
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1

@@ -8,7 +8,7 @@ name ("base", or a guidance backbone's name) and never the scheduler itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,15 +16,9 @@ import torch
 from torch import Tensor
 
 from .output import ChoiceState, Detokenizer, TokenInfo
-from .primitives import EngineError, Seq
+from .primitives import EngineError, Sample, Seq
 from .runner import ModelRunner
-from .sampling import (
-    SamplingParams,
-    adjusted_logits,
-    build_adjust,
-    row_generator,
-    sample_rows,
-)
+from .sampling import SamplingParams, adjusted_logits, build_adjust, row_generator
 
 
 @dataclass
@@ -118,12 +112,22 @@ class DecodeContext:
         return row_generator(self.params.seed, *key)
 
     def sample(self, logits: Tensor, gens: list[torch.Generator],
-               histories: list[list[int]], **kw: Any):
-        """Sample one token per row of ``logits`` [R, V]; ``histories[r]`` are the tokens row r
-        has generated so far (its choice's or branch's answer), which the request's penalties,
-        logit bias and ``min_tokens`` act on. ``kw`` as in ``sampling.sample_rows``."""
-        adj = build_adjust(self.params, histories, self.prompt_ids, self.eos_ids, logits.device)
-        return sample_rows(logits, self.params, gens, adjust=adj, **kw)
+               histories: list[list[int]], *, temperature: float | None = None,
+               top_k: int | None = None, **kw: Any) -> Generator[list[Any], list[Any], Any]:
+        """Sample one token per row of ``logits`` [R, V] (use as ``out = yield from
+        ctx.sample(...)``): the scheduler runs every request's samples of a step as one fused
+        call. ``histories[r]`` are the tokens row r has generated so far (its choice's or
+        branch's answer), which the request's penalties, logit bias and ``min_tokens`` act on.
+        ``temperature``/``top_k`` override the request's (greedy rollouts); ``kw`` are the
+        ``Sample`` op's guidance fields. Returns a ``SampleOut`` of CPU tensors."""
+        p = self.params
+        adj = build_adjust(p, histories, self.prompt_ids, self.eos_ids, logits.device)
+        op = Sample(logits=logits, gens=gens,
+                    temperature=float(p.temperature if temperature is None else temperature),
+                    top_k=int(p.top_k if top_k is None else top_k), top_p=float(p.top_p),
+                    adjust=adj, **kw)
+        [out] = yield [op]
+        return out
 
     def candidates(self, logits: Tensor, k: int, histories: list[list[int]]) -> Tensor:
         """The top-``k`` token ids [R, k] of each row after penalties and logit bias: the

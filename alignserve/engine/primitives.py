@@ -17,13 +17,21 @@ Operations:
   verification step of speculative decoding). The sequence does not grow; ``ctx.commit(seq, i)``
   then makes candidate i the next token without another forward (its K/V entry is moved into
   place) and the candidate's logits are the next step's logits.
+
+Host operations, batched by the scheduler across every running request in one step:
+- ``Sample``: one token per row with per-row settings (``DecodeContext.sample`` builds it). All
+  ``Sample`` ops of a step run as ONE fused sampler call, with one device-to-host transfer.
+- ``Score``: a reward source on texts. All ``Score`` ops of a step that name the same source run
+  as one batched call of that source.
+A strategy receives a ``SampleOut`` (CPU tensors, its rows only) or a float64 ``np.ndarray``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 
@@ -56,7 +64,49 @@ class Tree:
     hidden: bool = False
 
 
+@dataclass(eq=False)
+class Sample:
+    """Sample one token for each of R rows (SPEC of ``kernels/guided_sample.py``).
+
+    ``logits`` [R, V] float; ``gens`` one generator per row (each draws one noise seed);
+    ``temperature``/``top_k``/``top_p`` scalars for all R rows; ``adjust`` a ``LogitAdjust``
+    for the R rows or None; guidance ``weights`` [R, H], ``dense`` [R, H, V], ``cand_scores``
+    [R, H, K], ``cand_ids`` [R, K]; ``restrict`` samples only among ``cand_ids``; ``n_top``
+    top entries to return.
+    """
+
+    logits: Tensor
+    gens: list[torch.Generator]
+    temperature: float
+    top_k: int
+    top_p: float
+    adjust: Any = None
+    weights: Tensor | None = None
+    dense: Tensor | None = None
+    cand_scores: Tensor | None = None
+    cand_ids: Tensor | None = None
+    restrict: bool = False
+    n_top: int = 0
+
+    @property
+    def rows(self) -> int:
+        return int(self.logits.shape[0])
+
+
+@dataclass(eq=False)
+class Score:
+    """Score ``texts`` (answers to ``prompts``) with the reward source ``source`` of the
+    request's registry; ``options`` one dict per text. Result: float64 array [len(texts)]."""
+
+    source: str
+    prompts: list[str]
+    texts: list[str]
+    options: list[dict[str, Any]]
+    registry: Any = None
+
+
 Op = Extend | Tree
+HostOp = Sample | Score
 
 
 @dataclass

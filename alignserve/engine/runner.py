@@ -19,15 +19,22 @@ from .primitives import EngineError, Extend, ForwardOut, Op, Seq, Tree
 
 
 class ModelRunner:
-    def __init__(self, name: str, model_dir: Path, slots: int = 32, max_len: int = 2048,
+    def __init__(self, name: str, model_dir: Path | None, slots: int = 32, max_len: int = 2048,
                  dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 pad_budget: int = 24, num_layers: int | None = None) -> None:
+                 pad_budget: int = 24, num_layers: int | None = None,
+                 module: tuple[CausalLM, ModelConfig] | None = None) -> None:
+        """Load ``model_dir`` (safetensors), or serve an already built ``module`` (e.g. the
+        random-weight models of ``bench/gpu_check.py``)."""
         self.name = name
         self.device = torch.device(device)
         self.model: CausalLM
         self.config: ModelConfig
-        self.model, self.config = load_causal_lm(model_dir, dtype=dtype, max_len=max_len,
-                                                 num_layers=num_layers)
+        if module is not None:
+            self.model, self.config = module
+        else:
+            assert model_dir is not None
+            self.model, self.config = load_causal_lm(model_dir, dtype=dtype, max_len=max_len,
+                                                     num_layers=num_layers)
         self.model.to(self.device)
         self.max_len = max_len
         self.cache = KVCache(self.config, slots, max_len, dtype, self.device)

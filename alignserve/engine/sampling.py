@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,42 +110,91 @@ def adjusted_logits(logits: Tensor, adjust: LogitAdjust | None) -> Tensor:
     return logits if adjust is None else apply_adjust(logits, adjust)
 
 
-def sample_rows(
-    logits: Tensor,
-    params: SamplingParams,
-    gens: list[torch.Generator],
-    weights: Tensor | None = None,
-    dense: Tensor | None = None,
-    cand_scores: Tensor | None = None,
-    cand_ids: Tensor | None = None,
-    n_top: int = 0,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    adjust: LogitAdjust | None = None,
-    restrict: bool = False,
-) -> SampleOut:
-    """Sample one token for each row of ``logits`` [R, V] with the request's parameters.
+def _pad_adjust(ops: Sequence[Any], b: int, device: torch.device) -> LogitAdjust | None:
+    """The ops' ``LogitAdjust`` stacked over all B rows, J padded with -1 ids (rows without
+    processing get neutral penalties, so they are unchanged)."""
+    if all(op.adjust is None for op in ops):
+        return None
+    j = max(op.adjust.ids.shape[1] for op in ops if op.adjust is not None)
+    ids = torch.full((b, j), -1, dtype=torch.long, device=device)
+    counts = torch.zeros(b, j, device=device)
+    seen = torch.zeros(b, j, dtype=torch.bool, device=device)
+    bias = torch.zeros(b, j, device=device)
+    pres, freq = torch.zeros(b, device=device), torch.zeros(b, device=device)
+    rep = torch.ones(b, device=device)
+    r0 = 0
+    for op in ops:
+        r1 = r0 + op.rows
+        a = op.adjust
+        if a is not None:
+            jj = a.ids.shape[1]
+            ids[r0:r1, :jj], counts[r0:r1, :jj] = a.ids, a.counts
+            seen[r0:r1, :jj], bias[r0:r1, :jj] = a.seen, a.bias
+            pres[r0:r1], freq[r0:r1], rep[r0:r1] = a.presence, a.frequency, a.repetition
+        r0 = r1
+    return LogitAdjust(ids, counts, seen, bias, pres, freq, rep)
 
-    ``temperature``/``top_k`` override the request's values (greedy rollouts). ``adjust`` are
-    the rows' penalties and bias (``build_adjust``); ``restrict`` samples only among each row's
-    ``cand_ids`` (strategies that choose among the candidates they scored). Guidance tensors
-    are passed through to the fused sampler.
+
+def sample_batch(ops: Sequence[Any]) -> list[SampleOut]:
+    """Run many ``Sample`` operations (any requests, any settings) as ONE fused sampler call.
+
+    Rows are concatenated; per-row temperature / top-k / top-p / noise seed come from each op;
+    guidance is padded to the largest H (zero weights) and K (-1 ids), which changes no row's
+    result (the sampler is batch-invariant, SPEC.md). The outputs are moved to the host once
+    and split back per op (``top_ids``/``top_logprobs`` cut to each op's ``n_top``).
+
+    Raises whatever ``guided_sample`` raises for malformed inputs (the scheduler then retries
+    op by op, so one bad request fails alone).
     """
-    r = logits.shape[0]
+    logits = torch.cat([op.logits.float() for op in ops])
+    b, v = logits.shape
     dev = logits.device
-    t = params.temperature if temperature is None else temperature
-    k = params.top_k if top_k is None else top_k
-    return guided_sample(
-        logits.float(),
-        weights,
-        dense,
-        cand_scores,
-        cand_ids,
-        temperature=torch.full((r,), float(t), device=dev),
-        top_k=torch.full((r,), int(k), dtype=torch.long, device=dev),
-        top_p=torch.full((r,), float(params.top_p), device=dev),
-        noise_seed=draw_noise_seeds(gens).to(dev),
-        n_top=n_top,
-        adjust=adjust,
-        restrict=torch.ones(r, dtype=torch.bool, device=dev) if restrict else None,
-    )
+    per_row = [(op.temperature, op.top_k, op.top_p) for op in ops for _ in range(op.rows)]
+    temperature = torch.tensor([t for t, _, _ in per_row], dtype=torch.float32, device=dev)
+    top_k = torch.tensor([k for _, k, _ in per_row], dtype=torch.long, device=dev)
+    top_p = torch.tensor([p for _, _, p in per_row], dtype=torch.float32, device=dev)
+    seeds = torch.cat([draw_noise_seeds(op.gens) for op in ops]).to(dev)
+    h = max((op.weights.shape[1] for op in ops if op.weights is not None), default=0)
+    kk = max((op.cand_ids.shape[1] for op in ops if op.cand_ids is not None), default=0)
+    weights = dense = cand_scores = cand_ids = restrict = None
+    if h:
+        weights = torch.zeros(b, h, device=dev)
+        if any(op.dense is not None for op in ops):
+            dense = torch.zeros(b, h, v, device=dev)
+        if kk:
+            cand_scores = torch.zeros(b, h, kk, device=dev)
+    if kk:
+        cand_ids = torch.full((b, kk), -1, dtype=torch.long, device=dev)
+    if any(op.restrict for op in ops):
+        restrict = torch.zeros(b, dtype=torch.bool, device=dev)
+    r0 = 0
+    for op in ops:
+        r1 = r0 + op.rows
+        if op.weights is not None:
+            hh = op.weights.shape[1]
+            weights[r0:r1, :hh] = op.weights  # type: ignore[index]
+            if op.dense is not None:
+                dense[r0:r1, :hh] = op.dense  # type: ignore[index]
+            if op.cand_scores is not None:
+                cs = op.cand_scores
+                cand_scores[r0:r1, :hh, :cs.shape[2]] = cs  # type: ignore[index]
+        if op.cand_ids is not None:
+            cand_ids[r0:r1, :op.cand_ids.shape[1]] = op.cand_ids  # type: ignore[index]
+        if op.restrict:
+            restrict[r0:r1] = True  # type: ignore[index]
+        r0 = r1
+    n_top = max(op.n_top for op in ops)
+    out = guided_sample(logits, weights, dense, cand_scores, cand_ids, temperature=temperature,
+                        top_k=top_k, top_p=top_p, noise_seed=seeds, n_top=n_top,
+                        adjust=_pad_adjust(ops, b, dev), restrict=restrict)
+    # one device-to-host transfer for the whole step (no per-row synchronisation)
+    host = SampleOut(*(t.cpu() for t in (out.tokens, out.logprobs, out.base_logprobs,
+                                          out.top_ids, out.top_logprobs)))
+    res, r0 = [], 0
+    for op in ops:
+        r1 = r0 + op.rows
+        res.append(SampleOut(host.tokens[r0:r1], host.logprobs[r0:r1],
+                             host.base_logprobs[r0:r1], host.top_ids[r0:r1, :op.n_top],
+                             host.top_logprobs[r0:r1, :op.n_top]))
+        r0 = r1
+    return res

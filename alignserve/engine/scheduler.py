@@ -1,9 +1,17 @@
 """The engine: owns the models and runs the step loop in one background thread.
 
 Iteration-level batching: requests join the running set between steps (when the KV-cache slots
-their strategy needs are free) and leave as soon as they finish or are cancelled. In each step
-every running request's strategy has yielded its next forward operations; all of them are run as
-batched forwards per model (``ModelRunner.run``), and each strategy is resumed with its outputs.
+their strategy needs are free) and leave as soon as they finish or are cancelled. One step:
+
+1. host rounds: every ``Sample`` operation of every running request runs as ONE fused sampler
+   call (``sampling.sample_batch``), every ``Score`` operation as one batched call per reward
+   source; strategies whose operations are all answered resume, and may ask again (a few
+   rounds at most);
+2. one forward round: every ``Extend``/``Tree`` operation runs as batched forwards per model
+   (``ModelRunner.run``), and each strategy is resumed with its outputs.
+
+A failing sampler input or reward source fails only the requests whose operations caused it
+(the batch is retried op by op); the step goes on for the others.
 
 Callers (the HTTP layer, benchmarks, tests) talk to it through ``submit`` with a callback that
 receives events, or the blocking ``generate`` helper. Events: ``("delta", choice, text, info)``,
@@ -24,17 +32,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..decoders.base import Decoder
 from .context import DecodeContext
 from .output import TokenInfo
-from .primitives import EngineError, ForwardOut, Op
+from .primitives import EngineError, Extend, Sample, Score, Tree
 from .runner import ModelRunner
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sample_batch
 
 log = logging.getLogger("alignserve.engine")
 Event = tuple
+_UNSET = object()  # an operation of the current step whose result is not there yet
+HOST_ROUNDS = 8  # sample/score rounds per step before the forward round
 
 
 class QueueFull(EngineError):
@@ -71,7 +82,8 @@ class EngineRequest:
     # filled by the engine
     ctx: DecodeContext | None = None
     gen: Any = None
-    pending: list[Op] = field(default_factory=list)
+    pending: list[Any] = field(default_factory=list)  # Op | Sample | Score
+    outs: list[Any] = field(default_factory=list)  # results so far, _UNSET where not yet run
     cancelled: bool = False
     deadline: float = 0.0
     done: bool = False
@@ -264,18 +276,70 @@ class Engine:
             req.reserved[model] = have - k
             self._reserved[model] -= k
 
-    def _advance(self, req: EngineRequest, outs: list[ForwardOut] | None) -> list[Op]:
-        """Resume a strategy until it asks for forwards; finish the request if it returns."""
+    def _advance(self, req: EngineRequest, outs: list[Any] | None) -> list[Any]:
+        """Resume a strategy until it asks for work; finish the request if it returns."""
         try:
             ops = req.gen.send(outs) if outs is not None else next(req.gen)
             for _ in range(10_000):
                 if ops:
+                    req.outs = [_UNSET] * len(ops)
                     return list(ops)
                 ops = req.gen.send([])
             raise EngineError(f"strategy {req.decoder.name} yielded no work repeatedly")
         except StopIteration:
             self._complete(req)
             return []
+
+    def _resume_ready(self, reqs: list[EngineRequest]) -> None:
+        """Resume every request whose current operations are all answered."""
+        for req in reqs:
+            if req.done or any(o is _UNSET for o in req.outs):
+                continue
+            try:
+                req.pending = self._advance(req, req.outs)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("strategy %s failed", req.decoder.name)
+                self._fail(req, exc)
+
+    def _open(self, kinds: tuple[type, ...]) -> list[tuple[EngineRequest, int]]:
+        return [(r, i) for r in self._running if not r.done
+                for i, op in enumerate(r.pending) if isinstance(op, kinds) and r.outs[i] is _UNSET]
+
+    def _host_round(self) -> bool:
+        """Run every open ``Sample`` as one fused call and every open ``Score`` as one call per
+        reward source; resume the requests they complete. False when there was nothing."""
+        samples, scores = self._open((Sample,)), self._open((Score,))
+        if not samples and not scores:
+            return False
+        if samples:
+            self._batched(samples, sample_batch)
+        by_source: dict[tuple[int, str], list[tuple[EngineRequest, int]]] = {}
+        for req, i in scores:
+            op = req.pending[i]
+            by_source.setdefault((id(op.registry), op.source), []).append((req, i))
+        for refs in by_source.values():
+            self._batched(refs, run_scores)
+        touched = {id(r): r for r, _ in samples + scores}
+        self._resume_ready(list(touched.values()))
+        return True
+
+    def _batched(self, refs: list[tuple[EngineRequest, int]], fn: Callable) -> None:
+        """``fn`` over all referenced ops at once; if it fails, op by op, failing only the
+        requests whose op fails (a bad input or a broken reward source stays theirs)."""
+        try:
+            outs = fn([r.pending[i] for r, i in refs])
+        except Exception:  # noqa: BLE001
+            log.warning("batched %s failed; retrying op by op", fn.__name__, exc_info=True)
+            for req, i in refs:
+                if req.done:
+                    continue
+                try:
+                    req.outs[i] = fn([req.pending[i]])[0]
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(req, exc)
+            return
+        for (req, i), out in zip(refs, outs):
+            req.outs[i] = out
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -292,12 +356,13 @@ class Engine:
         self._admit()
         if not self._running:
             return
+        for _ in range(HOST_ROUNDS):  # sampling and reward calls, batched across requests
+            if not self._host_round():
+                break
+            self._running = [r for r in self._running if not r.done]
         by_model: dict[str, list[tuple[EngineRequest, int]]] = {}
-        for req in self._running:
-            for i, op in enumerate(req.pending):
-                by_model.setdefault(op.seq.model, []).append((req, i))
-        results: dict[int, list[ForwardOut | None]] = {
-            id(r): [None] * len(r.pending) for r in self._running}
+        for req, i in self._open((Extend, Tree)):
+            by_model.setdefault(req.pending[i].seq.model, []).append((req, i))
         for model, refs in by_model.items():
             ok = []
             for req, i in refs:  # validate per request so one bad request fails alone
@@ -313,15 +378,8 @@ class Engine:
                 continue
             outs = self.runners[model].run([r.pending[i] for r, i in ok])
             for (req, i), out in zip(ok, outs):
-                results[id(req)][i] = out
-        for req in list(self._running):
-            if req.done:
-                continue
-            try:
-                req.pending = self._advance(req, results[id(req)])  # type: ignore[arg-type]
-            except Exception as exc:  # noqa: BLE001
-                log.exception("strategy %s failed", req.decoder.name)
-                self._fail(req, exc)
+                req.outs[i] = out
+        self._resume_ready(list(self._running))
         self._running = [r for r in self._running if not r.done]
         self.step_count += 1
         self.last_step_s = time.perf_counter() - t0
@@ -388,3 +446,20 @@ class Engine:
                 elif isinstance(v, list):
                     ids.update(int(x) for x in v)
         return ids
+
+
+def run_scores(ops: list[Score]) -> list[np.ndarray]:
+    """All ``Score`` ops of one step that name the same reward source, as one batched call."""
+    src = ops[0].registry.rewards[ops[0].source]
+    prompts = [p for op in ops for p in op.prompts]
+    texts = [t for op in ops for t in op.texts]
+    options = [o for op in ops for o in op.options]
+    flat = np.asarray(src.score(prompts, texts, options), dtype=np.float64)
+    if flat.shape != (len(texts),):
+        raise EngineError(f"reward {ops[0].source!r} returned {flat.shape} scores for "
+                          f"{len(texts)} texts")
+    out, r0 = [], 0
+    for op in ops:
+        out.append(flat[r0:r0 + len(op.texts)])
+        r0 += len(op.texts)
+    return out
