@@ -83,7 +83,7 @@ class Metrics:
                               "request's arrival to its first generated token", REQ,
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("alignserve_inter_token_latency_seconds", "seconds between "
-                             "successive generated tokens of a request", REQ,
+                             "successive output deltas (tokens) of a request", REQ,
                              buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("alignserve_request_latency_seconds", "seconds from the request's "
                              "arrival to its last token (end to end)", REQ,
@@ -145,8 +145,9 @@ class RequestTimer:
         self.last: float | None = None
 
     def event(self, ev: tuple) -> None:
-        """One engine event; every ``delta`` is a generated token."""
-        if ev[0] != "delta":
+        """One engine event. An output delta (a token emitted, or text released) counts; the
+        closing flush of a finished choice (no token, no text) does not."""
+        if ev[0] != "delta" or (ev[3] is None and not ev[2]):
             return
         now = time.perf_counter()
         if self.first is None:
