@@ -35,6 +35,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest request body accepted, else 413 (default 1000000)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may run before it is stopped (default 600)")
+    p.add_argument("--sse-heartbeat", type=float, default=10.0, metavar="SECONDS",
+                   help="send the SSE comment ': keep-alive' after this many idle seconds in a "
+                        "stream (default 10; 0 = never)")
     p.add_argument("--max-candidates", type=int, default=None,
                    help="server-wide cap on the alignment fields that multiply work per request "
                         "(n, k, top_k, beams, rollout, lookahead, block); larger values get 400 "

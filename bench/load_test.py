@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -35,6 +32,8 @@ from typing import Any
 
 import httpx
 import psutil
+
+from alignserve.server.launch import ServerProcess
 
 MODEL = "SmolLM2-135M-Instruct"
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,33 +61,10 @@ class Stats:
     error_messages: Counter = field(default_factory=Counter)  # 4xx bodies, stream errors
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "alignserve.cli", "serve", "--port", str(port),
-           "--log-level", "warning", "--slots", str(args.slots), "--max-len", "512",
-           "--max-waiting", str(args.max_waiting)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("server exited during start-up")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start in 300 s")
+def start_server(args: argparse.Namespace) -> ServerProcess:
+    return ServerProcess(["--slots", str(args.slots), "--max-len", "512",
+                          "--max-waiting", str(args.max_waiting)],
+                         log=args.server_log, cwd=ROOT, timeout=300)
 
 
 def check_completion(body: dict[str, Any], chat: bool) -> str | None:
@@ -295,15 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         url, pid = args.url.rstrip("/"), args.pid
     else:
-        server, url = start_server(args)
-        pid = server.pid
+        server = start_server(args)
+        url, pid = server.url, server.pid
     try:
         proc = psutil.Process(pid) if pid else None
         res = asyncio.run(run_load(url, proc, args))
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(10)
+            server.stop(10)
     ok = report(res, args)
     print(f"\n{'PASS' if ok else 'FAIL'} ({res['total_s']:.0f} s)")
     return 0 if ok else 1

@@ -26,9 +26,7 @@ import gc
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +37,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from alignserve.server.launch import ServerProcess  # noqa: E402
 
 T0 = time.perf_counter()
 GOAL_BATCH1 = 0.90  # ours/HF at batch 1
@@ -202,43 +202,10 @@ def bench_hf_batched(prompts: list[dict], n_new: int, hf: HFRunner, bs: int) -> 
 
 
 # ---- over HTTP -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(threads: int, logfile: Any) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "alignserve.cli", "serve", "--port", str(port),
-           "--log-level", "warning", "--slots", "32", "--threads", str(threads)]
-    log("starting server: " + " ".join(cmd[1:]))
-    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} during start-up")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not answer /health within 300 s")
-
-
-def stop_server(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
+def start_server(threads: int, logfile: Any) -> ServerProcess:
+    args = ["--slots", "32", "--threads", str(threads)]
+    log("starting server: alignserve serve " + " ".join(args))
+    return ServerProcess(args, log=logfile, timeout=300)
 
 
 def http_round(url: str, model: str, prompts: list[dict], clients: int, per_client: int,
@@ -294,10 +261,11 @@ def bench_http(prompts: list[dict], n_new: int, levels: list[int], per_client: i
                threads: int) -> list[dict[str, Any]]:
     import httpx
 
-    proc = None
+    srv = None
     with tempfile.NamedTemporaryFile("w+", prefix="alignserve-bench-", suffix=".log") as lf:
         try:
-            proc, url = start_server(threads, lf)
+            srv = start_server(threads, lf)
+            url = srv.url
             model = httpx.get(url + "/health", timeout=5).json()["model"]
             log(f"server up at {url} (model {model}); warm-up")
             http_round(url, model, prompts, 1, 1, n_new)
@@ -317,7 +285,8 @@ def bench_http(prompts: list[dict], n_new: int, levels: list[int], per_client: i
                 print("---- server log (tail) ----\n" + tail, file=sys.stderr)
             raise
         finally:
-            stop_server(proc)
+            if srv is not None:
+                srv.stop(15)
             log("server stopped")
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
+import uuid
 from pathlib import Path
 
-import httpx
 import pytest
+
+from alignserve.server.launch import ServerProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,39 +21,13 @@ def model_dir() -> Path:
     return resolve_model(None, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProc(ServerProcess):
+    """A server for a test module or session, logging to ``.pytest_cache/server-ID.log``."""
 
-
-class ServerProc:
     def __init__(self, extra: list[str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(ROOT / ".pytest_cache" / f"server-{self.port}.log", "w")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "alignserve.cli", "serve", "--port", str(self.port),
-               "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server did not become healthy in 180 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+        log = ROOT / ".pytest_cache" / f"server-{uuid.uuid4().hex[:8]}.log"
+        super().__init__(extra, log=log, cwd=ROOT, timeout=180)
 
 
 @pytest.fixture(scope="session")

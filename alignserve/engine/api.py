@@ -2,7 +2,8 @@
 
 The server speaks JSON; the engine speaks token ids and tensors. This module sits between them
 so the HTTP layer never touches a tensor: it tokenizes prompts (applying the chat template),
-builds an ``EngineRequest`` with the chosen strategy, bridges the engine thread's events into an
+builds an ``EngineRequest`` with the strategy the server built (any ``Strategy``; the engine never
+imports ``alignserve.decoders``), bridges the engine thread's events into an
 asyncio queue, and turns token ids into the strings OpenAI's logprob objects expect.
 """
 
@@ -14,10 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..decoders import build_decoder
 from .primitives import EngineError
 from .sampling import SamplingParams
 from .scheduler import Engine, EngineRequest
+from .strategy import Strategy
 
 
 class ContextLengthError(EngineError):
@@ -32,6 +33,7 @@ class GenerationInput:
     n: int = 1
     alignment: dict[str, Any] | None = None
     prompt_logprobs: bool = False
+    decoder: Strategy | None = None  # built by the caller (the server) from ``alignment``
 
 
 class EngineClient:
@@ -76,12 +78,13 @@ class EngineClient:
                 "max_tokens.")
 
     def start(self, inp: GenerationInput) -> tuple[EngineRequest, asyncio.Queue]:
-        """Validate the strategy and submit; raises (AlignmentError, QueueFull, ...) before any
-        output exists, so the HTTP layer can still answer with a 4xx status."""
+        """Submit ``inp`` with its strategy ``inp.decoder``; raises (EngineError, QueueFull)
+        before any output exists, so the HTTP layer can still answer with a 4xx status."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        decoder = build_decoder(inp.alignment, prompt_logprobs=inp.prompt_logprobs,
-                                registry=self.resources)
+        decoder = inp.decoder
+        if decoder is None:
+            raise ValueError("GenerationInput.decoder is not set: build the strategy first")
         need = sum(decoder.slots_needed(inp.n).values())
         if need > self.engine.base.cache.slots:
             raise EngineError(f"this request needs {need} KV-cache slots but the server has "
@@ -94,10 +97,13 @@ class EngineClient:
         return req, q
 
     async def events(self, req: EngineRequest, q: asyncio.Queue) -> AsyncIterator[tuple]:
-        """Yield a started request's events; cancels it if the consumer stops early."""
+        """Yield a started request's events; cancels it if the consumer stops early. The
+        ``done`` result also carries ``queue_s``: seconds from submission to admission."""
         try:
             while True:
                 ev = await q.get()
+                if ev[0] == "done" and req.admitted_at:
+                    ev[1]["queue_s"] = req.admitted_at - req.submitted_at
                 yield ev
                 if ev[0] in ("done", "error"):
                     return

@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..decoders.base import Decoder
 from .context import DecodeContext
 from .output import TokenInfo
 from .primitives import EngineError, Extend, Sample, Score, Tree
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample_batch
+from .strategy import Strategy
 
 log = logging.getLogger("alignserve.engine")
 Event = tuple
@@ -73,7 +73,7 @@ class EngineConfig:
 class EngineRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    decoder: Decoder
+    decoder: Strategy
     n: int = 1
     prompt_text: str = ""
     request_id: str = ""
@@ -88,6 +88,9 @@ class EngineRequest:
     deadline: float = 0.0
     done: bool = False
     reserved: dict[str, int] = field(default_factory=dict)
+    # time.monotonic() when submitted and when admitted to the batch (0.0 = not yet)
+    submitted_at: float = 0.0
+    admitted_at: float = 0.0
 
 
 class Engine:
@@ -142,7 +145,8 @@ class Engine:
             if len(self._waiting) >= self.config.max_waiting:
                 raise QueueFull(f"queue full ({self.config.max_waiting} waiting requests)")
             req.request_id = req.request_id or f"req-{next(self._ids)}"
-            req.deadline = time.monotonic() + self.config.request_timeout_s
+            req.submitted_at = time.monotonic()
+            req.deadline = req.submitted_at + self.config.request_timeout_s
             self._waiting.append(req)
             self._cv.notify()
         return req
@@ -240,6 +244,7 @@ class Engine:
                        for m, k in need.items()):
                     break
                 self._waiting.popleft()
+                req.admitted_at = time.monotonic()
                 req.reserved = need
                 for m, k in need.items():
                     self._reserved[m] = self._reserved.get(m, 0) + k

@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from ..engine.api import EngineClient
 from ..engine.scheduler import Engine, EngineConfig
 from ..value_models.registry import Registry
-from .app import ServerLimits, create_app
+from .app import create_app
+from .state import ServerLimits
 
 
 def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAPI:
@@ -32,7 +33,8 @@ def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAP
     client = EngineClient(engine, registry)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes,
-                          max_candidates=getattr(args, "max_candidates", None))
+                          max_candidates=getattr(args, "max_candidates", None),
+                          sse_heartbeat_s=getattr(args, "sse_heartbeat", 10.0))
     return create_app(client, name, limits, api_keys=keys)
 
 

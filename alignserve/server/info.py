@@ -1,0 +1,60 @@
+"""Read-only endpoints: ``/v1/models``, ``/v1/heads``, ``/health``, ``/metrics`` and the
+browser playground at ``/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, PlainTextResponse
+
+from ..decoders import STRATEGIES, strategy_info
+from .metrics import CONTENT_TYPE
+from .state import state_of
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def playground() -> FileResponse:
+    """The browser playground: plain HTML/JS over the public API, no build step."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics_page(request: Request) -> PlainTextResponse:
+    """Prometheus text format: request counts, tokens, latency histograms, engine gauges."""
+    srv = state_of(request)
+    return PlainTextResponse(srv.metrics.render(srv.client.engine), media_type=CONTENT_TYPE)
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    srv = state_of(request)
+    eng = srv.client.engine
+    return {"status": "ok", "model": srv.model_name, "running": eng.running,
+            "waiting": eng.queue_depth}
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    srv = state_of(request)
+    client, name = srv.client, srv.model_name
+    heads = client.resources.describe() if client.resources is not None else []
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "alignserve",
+             "max_model_len": client.max_len,
+             "alignment": {"strategies": sorted(STRATEGIES),
+                           "objectives": [h["name"] for h in heads]}}]
+    data += [{"id": f"{name}:{s}", "object": "model", "created": 0,
+              "owned_by": "alignserve", "root": name, "max_model_len": client.max_len}
+             for s in sorted(STRATEGIES) if s != "sample"]
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/heads")
+async def heads(request: Request) -> dict:
+    """Every reward source and guidance head, with its allowed weight range."""
+    client = state_of(request).client
+    rows = client.resources.describe() if client.resources is not None else []
+    return {"object": "list", "data": rows, "strategies": strategy_info()}

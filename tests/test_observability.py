@@ -1,0 +1,192 @@
+"""Latency histograms on /metrics, SSE keep-alive heartbeats, and the engine's import direction.
+
+One server of its own (fresh counters, so counts are exact) with ``--sse-heartbeat 0.05``: a
+Best-of-N stream on it is silent for far longer than 50 ms while its candidates are generated
+and scored, so heartbeats must appear there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from conftest import MODEL, ROOT, ServerProc
+
+from alignserve.server.sse import HEARTBEAT, with_heartbeat
+
+BON = {"strategy": "best_of_n", "n": 4, "weights": {"vader": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def beating() -> Iterator[ServerProc]:
+    srv = ServerProc(["--slots", "8", "--max-len", "512", "--max-tokens", "64",
+                      "--sse-heartbeat", "0.05"])
+    yield srv
+    srv.stop()
+
+
+def _samples(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def _buckets(s: dict[str, float], metric: str, labels: str) -> list[tuple[float, float]]:
+    """``(upper bound, cumulative count)`` of one histogram series, in bucket order."""
+    rows = []
+    for name, v in s.items():
+        m = re.fullmatch(rf'{metric}_bucket\{{(.*)\}}', name)
+        if m is None:
+            continue
+        le = re.search(r'le="([^"]+)"', m.group(1))
+        rest = re.sub(r',?le="[^"]+"', "", m.group(1)).strip(",")
+        if rest == labels and le is not None:
+            rows.append((float(le.group(1)), v))
+    return sorted(rows)
+
+
+def _check_histogram(s: dict[str, float], metric: str, labels: str, count: float) -> None:
+    rows = _buckets(s, metric, labels)
+    assert rows and rows[-1][0] == float("inf"), (metric, labels, rows)
+    cum = [v for _, v in rows]
+    assert cum == sorted(cum), (metric, rows)  # cumulative buckets never decrease
+    assert rows[-1][1] == s[f"{metric}_count{{{labels}}}"] == count, (metric, rows)
+
+
+def test_metrics_histograms_after_a_few_requests(beating):
+    url = beating.url
+    with httpx.Client(base_url=url, timeout=300) as c:
+        for i in range(3):
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": f"Count {i}:",
+                                                "max_tokens": 5, "ignore_eos": True, "seed": i})
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 5
+        r = c.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 6, "seed": 1, "alignment": BON})
+        assert r.status_code == 200, r.text
+        returned = r.json()["usage"]["completion_tokens"]
+        generated = r.json()["alignment"]["tokens_generated"]
+    s = _samples(url)
+    cmp = 'endpoint="/v1/completions",strategy="sample"'
+    chat = 'endpoint="/v1/chat/completions",strategy="best_of_n"'
+    for metric in ("alignserve_time_to_first_token_seconds", "alignserve_request_latency_seconds",
+                   "alignserve_queue_time_seconds", "alignserve_prompt_tokens",
+                   "alignserve_generation_tokens"):
+        _check_histogram(s, metric, cmp, 3)
+        _check_histogram(s, metric, chat, 1)
+    # 5 tokens each: every one of the 3 requests lands in the (4, 8] bucket
+    gen = dict(_buckets(s, "alignserve_generation_tokens", cmp))
+    assert gen[4.0] == 0 and gen[8.0] == 3
+    assert s[f"alignserve_generation_tokens_sum{{{cmp}}}"] == 15
+    # up to 4 gaps between 5 output deltas per request, at least one
+    itl = s[f"alignserve_inter_token_latency_seconds_count{{{cmp}}}"]
+    assert 3 <= itl <= 12
+    _check_histogram(s, "alignserve_inter_token_latency_seconds", cmp, itl)
+    # end to end is never shorter than the first token, nor the queue wait
+    for lab in (cmp, chat):
+        e2e = s[f"alignserve_request_latency_seconds_sum{{{lab}}}"]
+        assert 0 < s[f"alignserve_time_to_first_token_seconds_sum{{{lab}}}"] <= e2e
+        assert 0 <= s[f"alignserve_queue_time_seconds_sum{{{lab}}}"] <= e2e
+    # guidance cost: plain sampling returns all it generates; Best-of-4 about four times that
+    _check_histogram(s, "alignserve_guidance_cost_ratio", 'strategy="sample"', 3)
+    assert s['alignserve_guidance_cost_ratio_sum{strategy="sample"}'] == 3.0
+    _check_histogram(s, "alignserve_guidance_cost_ratio", 'strategy="best_of_n"', 1)
+    assert s['alignserve_guidance_cost_ratio_sum{strategy="best_of_n"}'] == pytest.approx(
+        generated / returned)
+    assert generated / returned > 1
+    # today's counters are still there, under their names
+    req = 'alignserve_requests_total{code="200",endpoint="/v1/completions",strategy="sample"}'
+    assert s[req] == 3
+    assert s['alignserve_tokens_returned_total{strategy="sample"}'] == 15
+
+
+def test_best_of_n_stream_sends_keep_alive_comments(beating):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about rain."}],
+            "max_tokens": 24, "seed": 3, "stream": True, "alignment": BON,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", beating.url + "/v1/chat/completions", json=body,
+                      timeout=300) as r:
+        raw = "".join(r.iter_text())
+    assert r.status_code == 200
+    events = [e for e in raw.split("\n\n") if e]
+    beats = [e for e in events if e.startswith(":")]
+    assert beats and all(e + "\n\n" == HEARTBEAT for e in beats), events[:5]
+    data = [e for e in events if not e.startswith(":")]
+    assert all(e.startswith("data: ") for e in data) and data[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in data[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks
+                   if ch["choices"])
+    assert text  # the answer arrives whole after the heartbeats
+    first_content = next(i for i, e in enumerate(events)
+                         if e.startswith("data: ") and '"content": "' in e
+                         and '"content": ""' not in e)
+    assert any(e.startswith(":") for e in events[:first_content])
+
+
+def test_openai_client_ignores_the_heartbeats(beating):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=beating.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=12,
+        seed=5, stream=True, extra_body={"alignment": BON})
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text
+
+
+def test_with_heartbeat_beats_only_when_idle_and_closes_what_it_wraps():
+    closed: list[str] = []
+
+    async def slow() -> object:
+        try:
+            yield "data: a\n\n"
+            await asyncio.sleep(0.25)
+            yield "data: b\n\n"
+            await asyncio.sleep(10)  # never reached: closed while waiting here
+            yield "data: c\n\n"
+        finally:
+            closed.append("inner")
+
+    async def main() -> list[str]:
+        out = []
+        agen = with_heartbeat(slow(), 0.04)
+        async for chunk in agen:
+            out.append(chunk)
+            if out.count(HEARTBEAT) >= 2 and chunk == HEARTBEAT and "data: b\n\n" in out:
+                break
+        await agen.aclose()
+        return out
+
+    out = asyncio.run(main())
+    assert out[0] == "data: a\n\n"
+    i = out.index("data: b\n\n")
+    assert 3 <= out[1:i].count(HEARTBEAT) <= 7  # ~0.25 s of silence at 0.04 s
+    assert closed == ["inner"]
+
+    async def passthrough() -> list[str]:
+        async def fast():  # noqa: ANN202
+            for x in ("data: 1\n\n", "data: 2\n\n"):
+                yield x
+        return [c async for c in with_heartbeat(fast(), 0.0)]
+
+    assert asyncio.run(passthrough()) == ["data: 1\n\n", "data: 2\n\n"]
+
+
+def test_engine_does_not_import_the_strategies():
+    code = ("import sys, alignserve.engine.api, alignserve.engine.scheduler; "
+            "print([m for m in sys.modules if m.startswith('alignserve.decoders')])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
