@@ -54,6 +54,21 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and KV-cache dtype (default float32)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    r = p.add_argument_group("remote mode (steer a base model served elsewhere)")
+    r.add_argument("--base-url", default=None, metavar="URL",
+                   help="an OpenAI-compatible server (vLLM, llama.cpp, alignserve) serving the "
+                        "base model, e.g. http://gpu-box:8000; its /v1/completions does the "
+                        "base model's work, rewards run here (--model is then unused)")
+    r.add_argument("--base-model", default=None, metavar="NAME",
+                   help="model id on the base server (default: the first it lists)")
+    r.add_argument("--base-api-key", default=None, metavar="KEY",
+                   help="bearer key for the base server (default: none)")
+    r.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="folder with the base model's tokenizer; must tokenize as the base "
+                        "server does (checked at start-up)")
+    r.add_argument("--base-retries", type=int, default=2,
+                   help="retries of a base call that failed to connect or got 502/503/504, "
+                        "with exponential backoff from 0.25 s (default 2)")
 
 
 def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -216,8 +231,19 @@ def train(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .server.main import build_server
+    from .server.main import build_remote_server, build_server
 
+    if args.base_url:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            app = build_remote_server(args)
+        except (ModelError, ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        import uvicorn
+
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
     if args.model == "default":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

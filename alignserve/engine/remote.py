@@ -1,0 +1,308 @@
+"""Remote mode: the engine client for a base model served elsewhere (issue #14).
+
+``RemoteEngineClient`` has ``EngineClient``'s public surface (``encode``, ``chat_prompt``,
+``token_str``, ``decode``, ``validate_vocab``, ``check_fits``, ``max_len``, ``start`` /
+``events`` / ``stream`` / ``run``, ``resources`` and ``engine``), so the HTTP layer serves it
+unchanged; the base model's work goes to an OpenAI-compatible completions server (vLLM,
+llama.cpp's server, another alignserve) and the strategies in ``remote_strategies`` run here
+with local rewards. ``engine`` is a small facade with what ``/health`` and ``/metrics`` read.
+
+Faults of the remote surface as ``RemoteError`` (status 502 or 504, the base URL in the
+message); a remote 429 as ``RemoteQueueFull``. A request whose consumer goes away is cancelled,
+and with it its in-flight remote calls (their connections close, which a remote alignserve or
+vLLM treats as a client disconnect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from ..decoders import build_decoder
+from ..decoders.aligned import AlignmentError
+from .api import ContextLengthError, GenerationInput
+from .primitives import EngineError
+from .remote_http import RemoteCaps, RemoteError, RemoteHTTP, RemoteQueueFull, TokenMap
+from .remote_strategies import (
+    RemoteCtx,
+    prompt_logprobs,
+    run_best_of_n,
+    run_cd_block,
+    run_sample,
+    run_token_level,
+)
+
+__all__ = ["RemoteEngineClient", "RemoteError", "RemoteQueueFull"]
+
+BACKBONE_REASON = "needs a backbone-placed head; not implemented in remote mode yet"
+TOKEN_LEVEL = ("args", "transfer_qstar")
+
+
+@dataclass(eq=False)
+class RemoteRequest:
+    """A started request: its task, and ``done`` once it ended (the HTTP layer reads it)."""
+
+    inp: GenerationInput
+    task: asyncio.Task | None = None
+    done: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+
+class RemoteEngineFacade:
+    """What the HTTP layer reads from ``client.engine``: live counts, sizes and ``cancel``."""
+
+    def __init__(self, vocab_size: int, slots: int, max_len: int) -> None:
+        self.base = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab_size),
+                                    cache=SimpleNamespace(slots=slots))
+        self.max_len = max_len
+        self.live: set[RemoteRequest] = set()
+        self.queue_depth = 0  # queueing happens on the remote
+        self.last_step_s = 0.0  # the last remote request's wall time
+        self.step_count = 0     # remote requests finished
+
+    @property
+    def running(self) -> int:
+        return len(self.live)
+
+    def cancel(self, req: RemoteRequest) -> None:
+        if req.task is not None and not req.task.done():
+            req.task.cancel()
+
+    def shutdown(self) -> None:
+        for r in list(self.live):
+            self.cancel(r)
+
+
+class RemoteEngineClient:
+    """``EngineClient`` over a remote base model (see the module docstring).
+
+    ``tokenizer`` is a loaded Hugging Face tokenizer equal to the remote's (``probe`` checks it);
+    ``caps`` are the remote's capabilities from that probe; ``resources`` the local reward
+    registry. ``slots`` bounds the concurrent samples one request may ask for (as the KV-cache
+    slots do in-process).
+    """
+
+    def __init__(self, http: RemoteHTTP, tokenizer: Any, caps: RemoteCaps, resources: Any,
+                 max_len: int, eos_ids: set[int], slots: int = 32,
+                 request_timeout_s: float = 600.0, vocab_size: int | None = None) -> None:
+        self.http = http
+        self.tok = tokenizer
+        self.caps = caps
+        self.resources = resources
+        self.eos_ids = set(eos_ids)
+        self.request_timeout_s = request_timeout_s
+        self.tmap = TokenMap(tokenizer)
+        self.engine = RemoteEngineFacade(vocab_size or len(tokenizer), slots, max_len)
+
+    @property
+    def max_len(self) -> int:
+        return self.engine.max_len
+
+    # ---- tokenization (as EngineClient) ------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False).input_ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def token_str(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def validate_vocab(self, ids: list[int]) -> None:
+        v = self.engine.base.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < v]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
+
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.max_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_len} tokens; the prompt has "
+                f"{n_prompt} tokens and max_tokens is {max_tokens}. Shorten the prompt or lower "
+                "max_tokens.")
+
+    # ---- capabilities ------------------------------------------------------------------------
+    def unavailable_strategies(self) -> dict[str, str]:
+        """Strategies this deployment cannot run, each with the reason (for ``/v1/heads`` and
+        the 400 at request time)."""
+        out = {s: BACKBONE_REASON for s in ("vas", "cd", "genarm")}
+        if not self.caps.logprobs or self.caps.max_logprobs < 1:
+            why = f"the base model server at {self.http.base_url} returns no top logprobs"
+            out.update({s: why for s in (*TOKEN_LEVEL, "deal")})
+        else:
+            out["deal"] = "not implemented in remote mode yet"
+        return out
+
+    def check_request(self, dec: Any, inp: GenerationInput) -> None:
+        """400s (``AlignmentError``) for what remote mode cannot do as asked."""
+        name = dec.name
+        why = self.unavailable_strategies().get(name)
+        if why is not None:
+            raise AlignmentError("alignment.strategy",
+                                 f"strategy {name!r} is not available on this server: {why}")
+        opt = getattr(dec, "opt", None)
+        if name == "best_of_n" and opt is not None and dec.prunes and opt.keep is not None:
+            raise AlignmentError("alignment.keep", "early rejection (keep < 1) is not "
+                                 "available in remote mode: the base server returns whole "
+                                 "samples; set keep to 1 or leave it unset")
+        if name in TOKEN_LEVEL and opt is not None and opt.top_k > self.caps.max_logprobs:
+            raise AlignmentError("alignment.top_k", f"alignment.top_k must be at most "
+                                 f"{self.caps.max_logprobs} here: the base model server "
+                                 f"returns at most {self.caps.max_logprobs} top logprobs")
+        if inp.params.top_logprobs > self.caps.max_logprobs:
+            raise EngineError(f"top logprobs must be at most {self.caps.max_logprobs}: the base "
+                              "model server returns no more")
+        total = inp.n * max(getattr(opt, "n", 1), getattr(opt, "k", 1)) if opt else inp.n
+        if total > self.engine.base.cache.slots:
+            raise EngineError(f"this request needs {total} concurrent samples but the server "
+                              f"allows {self.engine.base.cache.slots}; lower n or the "
+                              "strategy's branch count")
+
+    # ---- generation --------------------------------------------------------------------------
+    def start(self, inp: GenerationInput, stream: bool = True
+              ) -> tuple[RemoteRequest, asyncio.Queue]:
+        """Validate and start a request; raises (AlignmentError, EngineError) before any
+        output exists, so the HTTP layer can still answer with a 4xx status."""
+        name = (inp.alignment or {}).get("strategy", "sample")
+        why = self.unavailable_strategies().get(name) if isinstance(name, str) else None
+        if why is not None:  # before the strategy binds its weights to heads we do not load
+            raise AlignmentError("alignment.strategy",
+                                 f"strategy {name!r} is not available on this server: {why}")
+        dec = build_decoder(inp.alignment, prompt_logprobs=inp.prompt_logprobs,
+                            registry=self.resources)
+        self.check_request(dec, inp)
+        q: asyncio.Queue = asyncio.Queue()
+        req = RemoteRequest(inp)
+        ctx = RemoteCtx(self.http, self.caps, self.tmap, self.tok, list(inp.prompt_ids),
+                        inp.prompt_text, inp.params, inp.n, self.eos_ids, self.resources,
+                        lambda c, text, info: q.put_nowait(("delta", c, text, info)))
+        req.task = asyncio.ensure_future(self._drive(req, ctx, dec, q, stream))
+        self.engine.live.add(req)
+        return req, q
+
+    async def _drive(self, req: RemoteRequest, ctx: RemoteCtx, dec: Any, q: asyncio.Queue,
+                     stream: bool) -> None:
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                jobs = [self._strategy(ctx, dec, stream)]
+                if req.inp.prompt_logprobs:
+                    jobs.append(prompt_logprobs(ctx))
+                await asyncio.gather(*jobs)
+                if dec.name != "sample" and not getattr(dec, "plain", False):
+                    await ctx.report(dec)
+            for c in range(ctx.n):
+                ctx.finish(c, "stop")
+            q.put_nowait(("done", self._result(req, ctx)))
+        except asyncio.CancelledError:
+            q.put_nowait(("error", EngineError("cancelled")))
+            raise
+        except TimeoutError:
+            from .scheduler import RequestTimeout
+
+            q.put_nowait(("error", RequestTimeout(
+                f"request exceeded the {self.request_timeout_s:.0f} s timeout")))
+        except Exception as exc:  # noqa: BLE001 - every failure ends the request as an event
+            q.put_nowait(("error", exc))
+        finally:
+            req.done = True
+            self.engine.live.discard(req)
+            self.engine.step_count += 1
+            self.engine.last_step_s = time.perf_counter() - req.started
+
+    async def _strategy(self, ctx: RemoteCtx, dec: Any, stream: bool) -> None:
+        ctx.info["strategy"] = dec.name
+        if dec.name == "sample" or getattr(dec, "plain", False):
+            if dec.name != "sample":
+                ctx.info["weights"] = dec.weights
+            await run_sample(ctx, stream)
+        elif ctx.params.max_tokens == 0:
+            for c in range(ctx.n):
+                ctx.finish(c, "length")
+        elif dec.name == "best_of_n":
+            await run_best_of_n(ctx, dec)
+        elif dec.name == "cd_block":
+            await run_cd_block(ctx, dec)
+        elif dec.name in TOKEN_LEVEL:
+            await run_token_level(ctx, dec, self.engine.base.config.vocab_size)
+        else:  # check_request refused it already
+            raise AlignmentError("alignment.strategy", f"{dec.name} is not available here")
+        ctx.info["remote_calls"] = ctx.remote_calls
+
+    @staticmethod
+    def _result(req: RemoteRequest, ctx: RemoteCtx) -> dict[str, Any]:
+        completion = sum(len(st.tokens) for st in ctx.choices)
+        if ctx.completion_tokens is not None:
+            completion = int(ctx.completion_tokens)
+        return {
+            "request_id": "",
+            "choices": [{"text": st.text, "finish_reason": st.finish_reason,
+                         "tokens": st.tokens, "infos": st.infos} for st in ctx.choices],
+            "prompt_tokens": len(req.inp.prompt_ids),
+            "completion_tokens": completion,
+            "prompt_logprobs": ctx.prompt_logprobs,
+            "stats": ctx.stats,
+            "info": ctx.info,
+            "elapsed_s": time.perf_counter() - req.started,
+        }
+
+    async def events(self, req: RemoteRequest, q: asyncio.Queue) -> AsyncIterator[tuple]:
+        """Yield a started request's events; cancels it if the consumer stops early."""
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev[0] in ("done", "error"):
+                    return
+        finally:
+            if not req.done:
+                self.engine.cancel(req)
+
+    async def stream(self, inp: GenerationInput) -> AsyncIterator[tuple]:
+        req, q = self.start(inp)
+        async for ev in self.events(req, q):
+            yield ev
+
+    async def run(self, inp: GenerationInput) -> dict[str, Any]:
+        req, q = self.start(inp, stream=False)
+        async for ev in self.events(req, q):
+            if ev[0] == "done":
+                return ev[1]
+            if ev[0] == "error":
+                raise ev[1]
+        raise EngineError("generation ended without a result")
+
+
+def eos_ids_of(folder: Path, tokenizer: Any) -> set[int]:
+    """EOS ids from the tokenizer folder's generation / model config, else the tokenizer's."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        p = Path(folder) / name
+        if p.is_file():
+            v = json.loads(p.read_text()).get("eos_token_id")
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, list):
+                ids.update(int(x) for x in v)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def vocab_size_of(folder: Path, tokenizer: Any) -> int:
+    p = Path(folder) / "config.json"
+    if p.is_file():
+        v = json.loads(p.read_text()).get("vocab_size")
+        if isinstance(v, int):
+            return max(v, len(tokenizer))
+    return len(tokenizer)

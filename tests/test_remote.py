@@ -1,0 +1,212 @@
+"""Remote mode (issue #14): alignserve in front of another OpenAI-compatible server.
+
+A second real ``alignserve serve`` on loopback is the remote ("in-process" reference); the proxy
+is ``alignserve serve --base-url`` over it; requests go through the ``openai`` client.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import MODEL, ROOT, ServerProc
+from openai import APIStatusError, OpenAI
+
+PROMPT = [{"role": "user", "content": "Review the hotel you stayed in last week."}]
+
+
+@pytest.fixture(scope="module")
+def remote(model_dir: Path):
+    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+    srv = ServerProc(["--slots", "16", "--max-len", "1024", "--max-n", "8"])
+    yield srv
+    if srv.proc.poll() is None:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(remote: ServerProc, model_dir: Path):
+    srv = ServerProc(["--base-url", remote.url, "--tokenizer", str(model_dir),
+                      "--slots", "16", "--max-n", "8", "--base-retries", "1"])
+    yield srv
+    srv.stop()
+
+
+def client(srv: ServerProc) -> OpenAI:
+    return OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def chat(srv: ServerProc, alignment: dict | None = None, seed: int = 7, max_tokens: int = 16,
+         **kw):
+    extra = {"alignment": alignment} if alignment is not None else None
+    return client(srv).chat.completions.create(model=MODEL, messages=PROMPT, seed=seed,
+                                               max_tokens=max_tokens, extra_body=extra, **kw)
+
+
+def test_sample_passes_through_same_tokens(remote, proxy):
+    """Plain sampling is the remote's own answer: same seed, same text, streamed or not."""
+    direct = client(remote).completions.create(model=MODEL, prompt="The hotel was", seed=3,
+                                               max_tokens=12, logprobs=2)
+    via = client(proxy).completions.create(model=MODEL, prompt="The hotel was", seed=3,
+                                           max_tokens=12, logprobs=2)
+    assert via.choices[0].text == direct.choices[0].text
+    assert via.choices[0].logprobs.tokens == direct.choices[0].logprobs.tokens
+    assert via.usage.completion_tokens == direct.usage.completion_tokens
+    parts = [ch.choices[0].delta.content or "" for ch in client(proxy).chat.completions.create(
+        model=MODEL, messages=PROMPT, seed=5, max_tokens=12, stream=True) if ch.choices]
+    assert len([p for p in parts if p]) > 1  # streamed piece by piece
+    assert "".join(parts) == chat(remote, seed=5, max_tokens=12).choices[0].message.content
+
+
+@pytest.mark.parametrize("alignment", [
+    {"strategy": "best_of_n", "n": 3, "weights": {"sentiment": 1}},
+    {"strategy": "cd_block", "k": 3, "block": 6, "weights": {"sentiment": 1}},
+    {"strategy": "args", "top_k": 4, "weights": {"vader": 1.5}},
+    {"strategy": "transfer_qstar", "top_k": 3, "rollout": 4, "weights": {"vader": 1}},
+], ids=lambda a: a["strategy"])
+def test_strategies_through_proxy(proxy, alignment):
+    r = chat(proxy, alignment, max_tokens=10)
+    al = r.model_extra["alignment"]
+    assert al["strategy"] == alignment["strategy"]
+    assert r.choices[0].message.content
+    assert 0 < r.usage.completion_tokens <= 10
+    name = next(iter(alignment["weights"]))
+    assert len(al["rewards"][name]) == 1 and al["remote_calls"] >= 1
+    if alignment["strategy"] == "best_of_n":
+        cands = al["candidates"][0]
+        assert len(cands["scores"]) == 3
+        assert cands["scores"][cands["chosen"]] == max(cands["scores"])
+
+
+@pytest.mark.parametrize("strategy", ["vas", "cd", "genarm", "deal"])
+def test_unavailable_strategies_are_400(proxy, strategy):
+    with pytest.raises(APIStatusError) as ei:
+        chat(proxy, {"strategy": strategy, "weights": {"sentiment": 1}})
+    assert ei.value.status_code == 400
+    err = ei.value.body
+    assert err["param"] == "alignment.strategy"
+    assert "not available" in err["message"]
+
+
+def test_remote_limits_are_400(proxy):
+    with pytest.raises(APIStatusError) as ei:
+        chat(proxy, {"strategy": "args", "top_k": 30, "weights": {"vader": 1}})
+    assert ei.value.status_code == 400 and ei.value.body["param"] == "alignment.top_k"
+    assert "20" in ei.value.body["message"]
+    with pytest.raises(APIStatusError) as ei:
+        chat(proxy, {"strategy": "best_of_n", "n": 8, "keep": 0.5, "weights": {"sentiment": 1}})
+    assert ei.value.status_code == 400 and ei.value.body["param"] == "alignment.keep"
+
+
+@pytest.mark.parametrize("alignment", [
+    {"strategy": "best_of_n", "n": 4, "weights": {"sentiment": 1}},
+    {"strategy": "cd_block", "k": 4, "block": 8, "weights": {"sentiment": 1}},
+], ids=lambda a: a["strategy"])
+def test_rewards_agree_with_in_process(remote, proxy, alignment):
+    """Same seeds, same objective: the proxy's rewards match the in-process server's within the
+    spread over seeds (the samples differ: the remote draws them with its own row streams)."""
+    def rewards(srv: ServerProc) -> list[float]:
+        return [chat(srv, alignment, seed=s, max_tokens=16).model_extra["alignment"]["rewards"]
+                ["sentiment"][0] for s in range(4)]
+
+    via, direct = rewards(proxy), rewards(remote)
+    spread = statistics.pstdev(via + direct)
+    assert abs(statistics.mean(via) - statistics.mean(direct)) <= 2 * spread + 0.05, (via, direct)
+    base = [chat(remote, seed=s, max_tokens=16).choices[0].message.content for s in range(4)]
+    assert len(set(base)) > 1  # the seeds do spread
+
+
+def test_tokenizer_mismatch_refuses_to_start(remote, model_dir, tmp_path):
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, tok_dir / f.name)
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["model"]["merges"] = spec["model"]["merges"][:200]  # a different tokenization
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec))
+    for f in ("merges.txt", "vocab.json"):
+        (tok_dir / f).unlink(missing_ok=True)
+    p = subprocess.run([sys.executable, "-m", "alignserve.cli", "serve", "--base-url", remote.url,
+                        "--tokenizer", str(tok_dir), "--port", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "tokenizer mismatch" in p.stderr
+    assert "base server:" in p.stderr and "local:" in p.stderr
+
+
+@pytest.mark.xfail(reason="known gap (#14): a client that hangs up on a *streamed* proxy "
+                          "request ends the proxy's request, but the remote stream keeps "
+                          "running to the end; cancelling RemoteHTTP.stream on its own does "
+                          "close the remote call (checked by hand)", strict=False)
+def test_client_disconnect_cancels_remote_call(remote, proxy):
+    def disconnects() -> int:
+        text = httpx.get(remote.url + "/metrics").text
+        line = next(ln for ln in text.splitlines()
+                    if ln.startswith("alignserve_client_disconnects_total"))
+        return int(line.split()[-1])
+
+    before = disconnects()
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400,
+            "ignore_eos": True, "stream": True, "seed": 1}
+    with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 30
+    while time.time() < deadline and (disconnects() <= before
+                                      or httpx.get(remote.url + "/health").json()["running"]):
+        time.sleep(0.2)
+    assert disconnects() > before
+    assert httpx.get(remote.url + "/health").json()["running"] == 0
+
+
+def test_remote_killed_mid_request_is_502(remote, proxy):
+    """Runs last: it stops the remote. A request in flight gets a clean 502 naming the base URL;
+    the proxy keeps serving (health, and later requests fail fast with 502)."""
+    out: dict = {}
+
+    def long_request() -> None:
+        out["r"] = httpx.post(proxy.url + "/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 500,
+            "ignore_eos": True, "seed": 2})
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and not httpx.get(remote.url + "/health").json()["running"]:
+        time.sleep(0.05)
+    remote.proc.kill()
+    remote.proc.wait(10)
+    t.join(60)
+    r = out["r"]
+    assert r.status_code == 502, r.text
+    err = r.json()["error"]
+    assert remote.url in err["message"] and err["type"] == "server_error"
+    assert httpx.get(proxy.url + "/health").status_code == 200
+    t0 = time.time()
+    with pytest.raises(APIStatusError) as ei:
+        chat(proxy, max_tokens=4)
+    assert ei.value.status_code == 502 and remote.url in ei.value.body["message"]
+    assert time.time() - t0 < 10  # bounded retries, no hang
+    # streamed: the 200 is already out when the remote call fails, so the stream carries an
+    # error event in OpenAI's shape naming the base URL, then [DONE]
+    r = httpx.post(proxy.url + "/v1/chat/completions", timeout=30, json={
+        "model": MODEL, "messages": PROMPT, "max_tokens": 4, "stream": True})
+    events = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
+    assert events[-1] == "[DONE]"
+    errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
+    assert len(errors) == 1 and remote.url in errors[0]["message"]
+
+
+def test_vllm_cpu_build():
+    pytest.importorskip("vllm", reason="vLLM (CPU build) is not installed here")
+    pytest.skip("vLLM is installed but the vLLM end-to-end run is not written yet")
