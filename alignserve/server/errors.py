@@ -17,6 +17,7 @@ from ..decoders import AlignmentError
 from ..engine.api import ContextLengthError
 from ..engine.primitives import EngineError
 from ..engine.scheduler import QueueFull, RequestTimeout
+from ..remote.http import RemoteError
 from .validation import invalid_text_error
 
 
@@ -44,6 +45,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, AlignmentError):
         return APIError(400, str(exc), exc.field)
+    if isinstance(exc, RemoteError):  # remote-base mode: the base server failed (502 / 504)
+        return APIError(exc.status, str(exc), None, exc.code, "server_error")
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc), None, "queue_full", "rate_limit_error",
                         headers={"Retry-After": "1"})

@@ -35,7 +35,13 @@ def timer(srv: ServerState, request: Request, inp: GenerationInput) -> RequestTi
 
 
 def build(srv: ServerState, inp: GenerationInput) -> GenerationInput:
-    """Build and validate ``inp``'s strategy (``inp.decoder``); a bad one is a 400."""
+    """Build and validate ``inp``'s strategy (``inp.decoder``); a bad one is a 400, and so is
+    one the engine client cannot run (remote-base mode), with the reason."""
+    off = getattr(srv.client, "unavailable_strategies", dict)()
+    name = strategy_of(inp.alignment)
+    if name in off:
+        raise APIError(400, f"strategy {name!r} is not available on this server: {off[name]}",
+                       "alignment.strategy")
     try:
         inp.decoder = build_decoder(inp.alignment, prompt_logprobs=inp.prompt_logprobs,
                                     registry=srv.client.resources)

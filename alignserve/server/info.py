@@ -57,4 +57,10 @@ async def heads(request: Request) -> dict:
     """Every reward source and guidance head, with its allowed weight range."""
     client = state_of(request).client
     rows = client.resources.describe() if client.resources is not None else []
-    return {"object": "list", "data": rows, "strategies": strategy_info()}
+    strategies = strategy_info()
+    # remote-base mode: strategies the remote's capabilities rule out, with the reason
+    off = getattr(client, "unavailable_strategies", dict)()
+    for row in strategies:
+        if row["name"] in off:
+            row["unavailable"] = off[row["name"]]
+    return {"object": "list", "data": rows, "strategies": strategies}

@@ -47,8 +47,8 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
     """
     from transformers import AutoTokenizer
 
-    from ..engine.remote import RemoteEngineClient, eos_ids_of, vocab_size_of
-    from ..engine.remote_http import RemoteHTTP, probe
+    from ..remote.client import RemoteEngineClient, eos_ids_of, vocab_size_of
+    from ..remote.http import RemoteHTTP, probe
 
     keys = api_keys(args)
     if not args.tokenizer:
@@ -64,31 +64,11 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
     client = RemoteEngineClient(http, tok, caps, registry, max_len, eos_ids_of(tok_dir, tok),
                                 slots=args.slots, request_timeout_s=args.request_timeout,
                                 vocab_size=vocab_size_of(tok_dir, tok))
-    install_remote_error_mapping()
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes,
                           max_candidates=getattr(args, "max_candidates", None))
     name = args.served_name or http.model or "remote"
     return create_app(client, name, limits, api_keys=keys)
-
-
-def install_remote_error_mapping() -> None:
-    """TEMPORARY until ``to_api_error`` maps ``RemoteError`` itself (issue #14 / #16 split):
-    a remote fault becomes 502/504 ``server_error`` naming the base URL instead of a 400."""
-    from ..engine.remote_http import RemoteError
-    from . import app as app_mod
-
-    orig = getattr(app_mod, "to_api_error", None)
-    if orig is None or getattr(orig, "maps_remote", False):
-        return
-
-    def to_api_error(exc: BaseException):  # noqa: ANN202 - returns app.APIError
-        if isinstance(exc, RemoteError):
-            return app_mod.APIError(exc.status, str(exc), None, exc.code, "server_error")
-        return orig(exc)
-
-    to_api_error.maps_remote = True  # type: ignore[attr-defined]
-    app_mod.to_api_error = to_api_error
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:

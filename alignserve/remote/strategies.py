@@ -3,7 +3,7 @@
 Each strategy gets a ``RemoteCtx`` (the request, its output state, the remote transport) and
 does the base model's work through ``/v1/completions`` calls on the remote, with the request's
 sampling fields passed on; rewards and the candidates' sampling run here, with the same scoring
-(``AlignedDecoder.score_texts``), sampler (``sampling.sample_rows``) and output rules
+(``AlignedDecoder.score_texts``), sampler (``sampling.sample_batch``) and output rules
 (``output.Detokenizer``: stop strings, EOS, ``max_tokens``) as the in-process strategies.
 
 Remote round trips (one "call" may carry several prompts and ``n`` samples):
@@ -33,10 +33,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .context import Stats
-from .output import ChoiceState, Detokenizer, TokenInfo
-from .remote_http import RemoteCaps, RemoteHTTP, TokenMap
-from .sampling import SamplingParams, adjusted_logits, build_adjust, row_generator, sample_rows
+from ..engine.context import DecodeContext, Stats
+from ..engine.output import ChoiceState, Detokenizer, TokenInfo
+from ..engine.primitives import Sample, Score
+from ..engine.sampling import (
+    SamplingParams,
+    adjusted_logits,
+    build_adjust,
+    row_generator,
+    sample_batch,
+)
+from ..engine.scheduler import run_scores
+from .http import RemoteCaps, RemoteHTTP, TokenMap
 
 # rewards run on one thread, one batch at a time, as they do on the in-process engine thread
 REWARD_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignserve-rewards")
@@ -87,10 +95,8 @@ class RemoteCtx:
         d = hashlib.sha256(repr((int(self.params.seed or 0),) + key).encode()).digest()
         return int.from_bytes(d[:4], "little") & 0x7FFFFFFF
 
-    def sample(self, logits: Tensor, gens: list[torch.Generator], histories: list[list[int]],
-               **kw: Any):
-        adj = build_adjust(self.params, histories, self.prompt_ids, self.eos_ids, logits.device)
-        return sample_rows(logits, self.params, gens, adjust=adj, **kw)
+    # the same ``Sample`` operation as in-process (a generator: ``yield from ctx.sample``)
+    sample = DecodeContext.sample
 
     def candidates(self, logits: Tensor, k: int, histories: list[list[int]]) -> Tensor:
         adj = build_adjust(self.params, histories, self.prompt_ids, self.eos_ids, logits.device)
@@ -205,11 +211,12 @@ class RemoteCtx:
     async def score(self, dec: Any, texts: list[str], population: bool = False):
         """``dec.score_texts`` on the reward thread (the event loop keeps serving)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(REWARD_POOL, dec.score_texts, self, texts, population)
+        return await loop.run_in_executor(
+            REWARD_POOL, lambda: drive(dec.score_texts(self, texts, population)))
 
     async def report(self, dec: Any) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(REWARD_POOL, dec.report, self)
+        await loop.run_in_executor(REWARD_POOL, lambda: drive(dec.report(self)))
 
     def replay(self, done: list[int], new: list[int], remote_finish: str | None,
                max_tokens: int | None = None) -> ChoiceState:
@@ -230,6 +237,21 @@ class RemoteCtx:
 
 
 # ---- strategies ------------------------------------------------------------------------------
+def drive(gen: Any) -> Any:
+    """Run a shared strategy helper (a generator of ``Sample`` / ``Score`` operations, which
+    the in-process scheduler batches across requests) to completion here; return its value."""
+    try:
+        ops = next(gen)
+        while True:
+            if not all(isinstance(op, (Sample, Score)) for op in ops):
+                raise TypeError(f"remote mode cannot run {ops!r}")
+            outs = [sample_batch([op])[0] if isinstance(op, Sample) else run_scores([op])[0]
+                    for op in ops]
+            ops = gen.send(outs)
+    except StopIteration as stop:
+        return stop.value
+
+
 async def prompt_logprobs(ctx: RemoteCtx) -> None:
     """Log-probabilities of the prompt tokens (``echo`` with ``logprobs``): one extra call."""
     res = await ctx.http.complete(prompt=ctx.prompt_ids, max_tokens=1, echo=True,
@@ -377,7 +399,7 @@ async def run_token_level(ctx: RemoteCtx, dec: Any, vocab: int) -> None:
                          for a in cands]
             scores, _ = await ctx.score(dec, texts)
             ctx.stats.candidates_scored += len(cands)
-            out = sample_scored(ctx, logits, gen, cands, scores, done)
+            out = drive(sample_scored(ctx, logits, gen, cands, scores, done))
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             n_top = ctx.params.top_logprobs

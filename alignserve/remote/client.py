@@ -4,8 +4,9 @@
 ``token_str``, ``decode``, ``validate_vocab``, ``check_fits``, ``max_len``, ``start`` /
 ``events`` / ``stream`` / ``run``, ``resources`` and ``engine``), so the HTTP layer serves it
 unchanged; the base model's work goes to an OpenAI-compatible completions server (vLLM,
-llama.cpp's server, another alignserve) and the strategies in ``remote_strategies`` run here
-with local rewards. ``engine`` is a small facade with what ``/health`` and ``/metrics`` read.
+llama.cpp's server, another alignserve) and the strategies in ``alignserve.remote.strategies``
+run here with local rewards. ``engine`` is a small facade with what ``/health`` and
+``/metrics`` read.
 
 Faults of the remote surface as ``RemoteError`` (status 502 or 504, the base URL in the
 message); a remote 429 as ``RemoteQueueFull``. A request whose consumer goes away is cancelled,
@@ -26,10 +27,10 @@ from typing import Any
 
 from ..decoders import build_decoder
 from ..decoders.aligned import AlignmentError
-from .api import ContextLengthError, GenerationInput
-from .primitives import EngineError
-from .remote_http import RemoteCaps, RemoteError, RemoteHTTP, RemoteQueueFull, TokenMap
-from .remote_strategies import (
+from ..engine.api import ContextLengthError, GenerationInput
+from ..engine.primitives import EngineError
+from .http import RemoteCaps, RemoteError, RemoteHTTP, RemoteQueueFull, TokenMap
+from .strategies import (
     RemoteCtx,
     prompt_logprobs,
     run_best_of_n,
@@ -208,7 +209,7 @@ class RemoteEngineClient:
             q.put_nowait(("error", EngineError("cancelled")))
             raise
         except TimeoutError:
-            from .scheduler import RequestTimeout
+            from ..engine.scheduler import RequestTimeout
 
             q.put_nowait(("error", RequestTimeout(
                 f"request exceeded the {self.request_timeout_s:.0f} s timeout")))

@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 
-from .primitives import EngineError
-from .scheduler import QueueFull
+from ..engine.primitives import EngineError
+from ..engine.scheduler import QueueFull
 
 log = logging.getLogger("alignserve.remote")
 
