@@ -36,13 +36,14 @@ class GenerationInput:
     decoder: Strategy | None = None  # built by the caller (the server) from ``alignment``
 
 
-class EngineClient:
-    def __init__(self, engine: Engine, resources: Any = None) -> None:
-        self.engine = engine
-        # a tokenizer of our own: HF fast tokenizers may raise "Already borrowed" when the HTTP
-        # thread encodes while the engine thread decodes with the same instance
-        self.tok = copy.deepcopy(engine.tokenizer)
-        self.resources = resources
+class TextClient:
+    """The text side every engine client shares: tokenization with the served tokenizer
+    (``self.tok``), the context window and the vocabulary (``self.engine.max_len``,
+    ``self.engine.base.config.vocab_size``). ``EngineClient`` (in-process) and
+    ``alignserve.remote.client.RemoteEngineClient`` (a base served elsewhere) build on it."""
+
+    tok: Any
+    engine: Any
 
     @property
     def max_len(self) -> int:
@@ -76,6 +77,15 @@ class EngineClient:
                 f"This model's maximum context length is {self.max_len} tokens; the prompt has "
                 f"{n_prompt} tokens and max_tokens is {max_tokens}. Shorten the prompt or lower "
                 "max_tokens.")
+
+
+class EngineClient(TextClient):
+    def __init__(self, engine: Engine, resources: Any = None) -> None:
+        self.engine = engine
+        # a tokenizer of our own: HF fast tokenizers may raise "Already borrowed" when the HTTP
+        # thread encodes while the engine thread decodes with the same instance
+        self.tok = copy.deepcopy(engine.tokenizer)
+        self.resources = resources
 
     def start(self, inp: GenerationInput) -> tuple[EngineRequest, asyncio.Queue]:
         """Submit ``inp`` with its strategy ``inp.decoder``; raises (EngineError, QueueFull)

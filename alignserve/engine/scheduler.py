@@ -441,16 +441,21 @@ class Engine:
 
     @staticmethod
     def _eos_ids(model_dir: Path) -> set[int]:
-        ids: set[int] = set()
-        for name in ("generation_config.json", "config.json"):
-            p = Path(model_dir) / name
-            if p.is_file():
-                v = json.loads(p.read_text()).get("eos_token_id")
-                if isinstance(v, int):
-                    ids.add(v)
-                elif isinstance(v, list):
-                    ids.update(int(x) for x in v)
-        return ids
+        return eos_ids_from_config(model_dir)
+
+
+def eos_ids_from_config(model_dir: Path) -> set[int]:
+    """``eos_token_id`` (int or list) of a model folder's generation / model config."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        p = Path(model_dir) / name
+        if p.is_file():
+            v = json.loads(p.read_text()).get("eos_token_id")
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, list):
+                ids.update(int(x) for x in v)
+    return ids
 
 
 def run_scores(ops: list[Score]) -> list[np.ndarray]:

@@ -27,8 +27,9 @@ from typing import Any
 
 from ..decoders import build_decoder
 from ..decoders.aligned import AlignmentError
-from ..engine.api import ContextLengthError, GenerationInput
+from ..engine.api import GenerationInput, TextClient
 from ..engine.primitives import EngineError
+from ..engine.scheduler import eos_ids_from_config
 from .http import RemoteCaps, RemoteError, RemoteHTTP, RemoteQueueFull, TokenMap
 from .strategies import (
     RemoteCtx,
@@ -80,7 +81,7 @@ class RemoteEngineFacade:
             self.cancel(r)
 
 
-class RemoteEngineClient:
+class RemoteEngineClient(TextClient):
     """``EngineClient`` over a remote base model (see the module docstring).
 
     ``tokenizer`` is a loaded Hugging Face tokenizer equal to the remote's (``probe`` checks it);
@@ -100,38 +101,6 @@ class RemoteEngineClient:
         self.request_timeout_s = request_timeout_s
         self.tmap = TokenMap(tokenizer)
         self.engine = RemoteEngineFacade(vocab_size or len(tokenizer), slots, max_len)
-
-    @property
-    def max_len(self) -> int:
-        return self.engine.max_len
-
-    # ---- tokenization (as EngineClient) ------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False).input_ids)
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        if not getattr(self.tok, "chat_template", None):
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    def token_str(self, token_id: int) -> str:
-        return self.tok.decode([token_id])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def validate_vocab(self, ids: list[int]) -> None:
-        v = self.engine.base.config.vocab_size
-        bad = [i for i in ids if not 0 <= i < v]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {v})")
-
-    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > self.max_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {self.max_len} tokens; the prompt has "
-                f"{n_prompt} tokens and max_tokens is {max_tokens}. Shorten the prompt or lower "
-                "max_tokens.")
 
     # ---- capabilities ------------------------------------------------------------------------
     def unavailable_strategies(self) -> dict[str, str]:
@@ -286,15 +255,7 @@ class RemoteEngineClient:
 
 def eos_ids_of(folder: Path, tokenizer: Any) -> set[int]:
     """EOS ids from the tokenizer folder's generation / model config, else the tokenizer's."""
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        p = Path(folder) / name
-        if p.is_file():
-            v = json.loads(p.read_text()).get("eos_token_id")
-            if isinstance(v, int):
-                ids.add(v)
-            elif isinstance(v, list):
-                ids.update(int(x) for x in v)
+    ids = eos_ids_from_config(folder)
     if not ids and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
