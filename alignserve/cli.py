@@ -75,7 +75,7 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--model", default="default",
                    help="base model: 'default' (SmolLM2-135M-Instruct) or a local folder; the "
                         "head only works with this model's tokenizer (default 'default')")
-    p.add_argument("--suite", default="mixed", choices=["mixed", "rtp", "all"],
+    p.add_argument("--suite", default="mixed", choices=["mixed", "rtp", "neutral", "all"],
                    help="prompt suite; train split for training, validation split for the "
                         "reported metrics, test never (default mixed)")
     p.add_argument("--prompts", type=int, default=120,

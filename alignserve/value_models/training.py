@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from .heads import ARMHead, Head, ValueHead, save_head, tokenizer_fingerprint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
 FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -273,16 +273,74 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
-                     folder: Path, chunk: int = 16) -> dict[str, Any]:
-    """K base samples per prompt, cached in ``folder/samples.pt`` (saved after every chunk).
+class _RecordingSample:
+    """Plain sampling (same tokens as :class:`~alignserve.decoders.sample.Sample` for a seed)
+    that also keeps the final hidden state after every sampled token, so the features come out
+    of the sampling forwards themselves instead of a second pass over every response.
 
-    Requests of a chunk are submitted together so the engine decodes all their rows in one
-    batch; every request has its own seed, and the engine's per-row random streams make the
-    tokens independent of which requests share a batch.
+    ``hidden[c]`` is [T_c + 1, D] float32 for choice c: s_0 (last prompt token), then the state
+    after each emitted token, the stopping EOS included (one extra one-token forward per row).
+    """
+
+    def __new__(cls, *a: Any, **kw: Any) -> Any:  # built lazily: keeps engine imports local
+        from alignserve.decoders.base import Decoder, emit_rows, prefill
+        from alignserve.engine.primitives import Extend
+
+        class Recording(Decoder):
+            name = "sample"
+
+            def __init__(self) -> None:
+                super().__init__({})
+                self.hidden: list[list[Tensor]] = []
+                self.sampled: list[list[int]] = []
+
+            def run(self, ctx: Any) -> Any:
+                seq, last = yield from prefill(ctx, False)
+                n = ctx.n
+                h0 = ctx.prompt_hidden.detach().float().cpu()
+                self.hidden = [[h0] for _ in range(n)]
+                self.sampled = [[] for _ in range(n)]
+                seqs = [seq] + ctx.fork(seq, n - 1)
+                gens = [ctx.generator(c) for c in range(n)]
+                logits = last[None].expand(n, -1)
+                live = list(range(n))
+                while live:
+                    out = ctx.sample(logits, [gens[i] for i in live])
+                    ctx.stats.tokens_generated += len(live)
+                    done = emit_rows(ctx, live, out.tokens, out.base_logprobs, logits,
+                                     out.logprobs)
+                    toks = out.tokens.tolist()
+                    for i, t in zip(live, toks):
+                        self.sampled[i].append(int(t))
+                    # every row extends by its token (finished ones too, for the state after
+                    # their last token); only the unfinished rows' logits are used next
+                    outs = yield [Extend(seqs[i], [t], hidden=True) for i, t in zip(live, toks)]
+                    for i, o in zip(live, outs):
+                        self.hidden[i].append(o.hidden[-1].detach().float().cpu())
+                    keep = [j for j, d in enumerate(done) if not d]
+                    if not keep:
+                        return
+                    logits = torch.cat([outs[j].logits for j in keep])
+                    live = [live[j] for j in keep]
+
+        return Recording()
+
+
+def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
+                     folder: Path, chunk: int = 32) -> dict[str, Any]:
+    """K base samples per prompt, with their hidden states, cached in ``folder``.
+
+    ``samples.pt`` holds the texts and tokens (rewritten after every ``chunk`` prompts);
+    ``hidden-<start>.pt`` holds the states of the chunk starting at prompt ``start`` (a list of
+    [T+1, D] float32 tensors, one per sample). All requests are submitted at once, so the engine
+    keeps ``--slots`` rows (``slots / K`` prompts) decoding in one batch the whole time;
+    every request has its own seed, and the engine's per-row random streams make the tokens
+    independent of which requests share a batch. A killed run resumes after the last saved
+    chunk.
     """
     path = folder / "samples.pt"
-    data: dict[str, Any] = {"version": CACHE_VERSION, "prompts": [], "done": 0}
+    data: dict[str, Any] = {"version": CACHE_VERSION, "prompts": [], "done": 0,
+                            "hidden_chunks": []}
     if path.is_file():
         data = torch.load(path, weights_only=False)
         if data.get("version") != CACHE_VERSION:
@@ -295,7 +353,6 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
                          "changed?); delete the folder")
     if data["done"] >= len(todo):
         return {**data, "prompts": data["prompts"][:len(todo)], "done": len(todo)}
-    from alignserve.decoders.sample import Sample
     from alignserve.engine.sampling import SamplingParams
     from alignserve.engine.scheduler import EngineRequest
 
@@ -304,43 +361,80 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
     base.ensure_len(max(len(prompt_ids(tok, p.text)) for p in todo) + cfg.max_new_tokens + 2)
     engine = base.engine
     eos = base.eos_id()
-    bar = tqdm(total=len(todo), initial=data["done"], desc=f"sampling {folder.name}",
-               unit="prompt", disable=not cfg.progress)
-    for start in range(data["done"], len(todo), chunk):
-        batch = todo[start:start + chunk]
-        events: queue.Queue = queue.Queue()
-        reqs = []
-        for i, p in enumerate(batch):
-            ids = prompt_ids(tok, p.text)
-            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_tokens=cfg.max_new_tokens,
-                                    seed=_stable_int(cfg.seed, p.id))
+    first = data["done"]
+    bar = tqdm(total=len(todo), initial=first, desc=f"sampling {folder.name}",
+               unit="prompt", disable=not cfg.progress, mininterval=10.0, smoothing=0.05)
+    events: queue.Queue = queue.Queue()
+    reqs: dict[int, Any] = {}
+    decs: dict[int, Any] = {}
+    for i in range(first, len(todo)):
+        p = todo[i]
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_tokens=cfg.max_new_tokens, seed=_stable_int(cfg.seed, p.id))
 
-            def cb(ev: tuple, i: int = i, events: queue.Queue = events) -> None:
-                if ev[0] in ("done", "error"):
-                    events.put((i, ev))
+        def cb(ev: tuple, i: int = i) -> None:
+            if ev[0] in ("done", "error"):
+                events.put((i, ev))
 
-            reqs.append(engine.submit(EngineRequest(ids, params, decoder=Sample(), n=cfg.samples,
-                                                    prompt_text=p.text, callback=cb)))
-        results: list[Any] = [None] * len(batch)
-        for _ in batch:
-            i, ev = events.get()
-            if ev[0] == "error":
-                raise RuntimeError(f"sampling failed for prompt {batch[i].id}: {ev[1]}")
-            results[i] = ev[1]
-            bar.update(1)
-        for p, req, res in zip(batch, reqs, results):
-            data["prompts"].append({
-                "id": p.id, "text": p.text, "prompt_ids": list(req.prompt_ids),
-                "responses": [c["text"] for c in res["choices"]],
-                # EOS is kept as the last token when the model chose to stop
-                "tokens": [list(c["tokens"]) + ([eos] if c["finish_reason"] == "stop" else [])
-                           for c in res["choices"]],
-            })
-        data["done"] = start + len(batch)
-        _atomic_save(data, path)
+        decs[i] = _RecordingSample()
+        reqs[i] = engine.submit(EngineRequest(prompt_ids(tok, p.text), params, decoder=decs[i],
+                                              n=cfg.samples, prompt_text=p.text, callback=cb))
+    results: dict[int, Any] = {}
+    pending_hidden: list[Tensor] = []
+    while data["done"] < len(todo):
+        i, ev = events.get()
+        if ev[0] == "error":
+            raise RuntimeError(f"sampling failed for prompt {todo[i].id}: {ev[1]}")
+        results[i] = ev[1]
+        bar.update(1)
+        while data["done"] in results:
+            j = data["done"]
+            res, dec, p = results.pop(j), decs.pop(j), todo[j]
+            toks = []
+            for c, choice in enumerate(res["choices"]):
+                t = list(choice["tokens"]) + ([eos] if choice["finish_reason"] == "stop" else [])
+                if len(t) + 1 != len(dec.hidden[c]):
+                    raise RuntimeError(f"prompt {p.id}: {len(t)} tokens but "
+                                       f"{len(dec.hidden[c]) - 1} recorded states")
+                toks.append(t)
+                pending_hidden.append(torch.stack(dec.hidden[c]))
+            data["prompts"].append({"id": p.id, "text": p.text,
+                                    "prompt_ids": list(reqs.pop(j).prompt_ids),
+                                    "responses": [c["text"] for c in res["choices"]],
+                                    "tokens": toks})
+            data["done"] = j + 1
+            chunk_start = data["hidden_chunks"][-1][1] if data["hidden_chunks"] else 0
+            if data["done"] - chunk_start >= chunk or data["done"] == len(todo):
+                name = f"hidden-{chunk_start:05d}.pt"
+                _atomic_save(pending_hidden, folder / name)
+                pending_hidden = []
+                data["hidden_chunks"].append((chunk_start, data["done"], name))
+                _atomic_save(data, path)
     bar.close()
     return data
+
+
+def _recorded_features(data: dict[str, Any], folder: Path) -> dict[str, Tensor]:
+    """Features assembled from the states recorded while sampling (see sample_responses)."""
+    n = len(data["prompts"])
+    rows: list[Tensor] = []
+    for a, b, name in data["hidden_chunks"]:
+        if a >= n:
+            break
+        part = torch.load(folder / name, weights_only=True)
+        k = sum(len(p["tokens"]) for p in data["prompts"][a:min(b, n)])
+        rows.extend(part[:k])
+    lengths = [len(t) + 1 for p in data["prompts"] for t in p["tokens"]]
+    if len(rows) != len(lengths) or any(len(r) != m for r, m in zip(rows, lengths)):
+        raise ValueError(f"{folder}: recorded states do not match the samples; delete it")
+    return {
+        "hidden": torch.cat(rows),
+        "offsets": torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.long),
+        "group": torch.tensor([g for g, p in enumerate(data["prompts"]) for _ in p["tokens"]],
+                              dtype=torch.long),
+        "tokens": torch.tensor([x for p in data["prompts"] for t in p["tokens"] for x in t],
+                               dtype=torch.long),
+    }
 
 
 def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
@@ -352,6 +446,8 @@ def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
     first being the state at the last prompt token. ``tokens`` holds the response tokens (flat,
     [sum_s T_s]) and ``group`` the prompt index of every sample.
     """
+    if not backbone_layers and data.get("hidden_chunks"):
+        return _recorded_features(data, folder)
     suffix = f"-L{backbone_layers}" if backbone_layers else ""
     path = folder / f"features-n{len(data['prompts'])}{suffix}.pt"
     if path.is_file():
