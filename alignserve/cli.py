@@ -18,8 +18,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="model id clients send in 'model' (default: the model's folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--heads", default=None,
-                   help="folder of guidance heads (value heads, ARMs) to load at start-up")
+    p.add_argument("--heads", action="append", default=[], metavar="DIR",
+                   help="folder of guidance heads (value heads, ARMs) to load at start-up, in "
+                        "addition to the shipped default heads (repeatable; a head here "
+                        "replaces a default head of the same name)")
+    p.add_argument("--no-default-heads", action="store_true",
+                   help="do not load the heads shipped with the package (they are loaded only "
+                        "for the default model)")
     p.add_argument("--slots", type=int, default=32,
                    help="KV-cache slots = concurrent sequences, candidates and branches included "
                         "(default 32)")

@@ -24,7 +24,7 @@ from alignserve.value_models.registry import Registry
 
 N_PROMPTS = 16
 MAX_TOKENS = 16
-HEADS = ROOT / "heads"
+HEADS = ROOT / "alignserve" / "value_models" / "default_heads"
 
 
 @pytest.fixture(scope="module")

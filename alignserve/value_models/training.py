@@ -906,28 +906,36 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         rrange = _reward_range(weights, base)
     finally:
         base.close()
+    r_mean, r_std = float(train.rewards.mean()), float(train.rewards.std())
     log(f"[{cfg.name}] {train.num_samples} train samples ({len(train.hidden)} states), "
         f"{val.num_samples if val else 0} validation samples; reward mean "
-        f"{float(train.rewards.mean()):.3f} std {float(train.rewards.std()):.3f}")
+        f"{r_mean:.3f} std {r_std:.3f}")
+    if not r_std > 0:
+        raise ValueError(f"reward {cfg.reward!r} is constant over the samples; nothing to learn")
+    # every target, metric and preference margin below is in reward standard deviations
+    train.rewards = (train.rewards - r_mean) / r_std
+    if val is not None:
+        val.rewards = (val.rewards - r_mean) / r_std
     dim = int(train.hidden.shape[1])
     data_info = {"train_samples": train.num_samples, "train_states": len(train.hidden),
                  "val_samples": val.num_samples if val else 0,
-                 "train_reward_mean": float(train.rewards.mean()),
-                 "train_reward_std": float(train.rewards.std()),
+                 "train_reward_mean": r_mean, "train_reward_std": r_std,
                  "sample_cache": str(train.folder)}
     metrics: dict[str, Any]
     if cfg.kind == "value":
         module, history = train_value_head(cfg, train, val)
+        module.r_mean.fill_(r_mean)
+        module.r_std.fill_(r_std)
         metrics = value_metrics(module, val) if val else {}
         arch = {"dim": dim, "hidden": cfg.hidden}
         if cfg.backbone_layers:
             arch["layers"] = cfg.backbone_layers
-        desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation "
-                f"({cfg.method}); for VAS / controlled decoding")
+        desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation, in "
+                f"reward standard deviations ({cfg.method}); for VAS / controlled decoding")
         wrange = [-20.0, 20.0]
     else:
         assert embed is not None
-        margin = cfg.margin * float(train.rewards.std())
+        margin = cfg.margin  # rewards are standardised: margin in reward stds
         module, history = train_arm(cfg, train, embed, val, margin)
         metrics = arm_metrics(module, val, preference_pairs(val, margin), embed) if val else {}
         metrics["margin"] = margin
@@ -941,7 +949,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     training = {**asdict(cfg), **data_info, "history": history,
                 "seconds": round(time.perf_counter() - t0, 1)}
     manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,
-                "range": rrange if cfg.kind == "value" else [-1e9, 0.0],
+                "range": [(rrange[0] - r_mean) / r_std, (rrange[1] - r_mean) / r_std]
+                if cfg.kind == "value" else [-1e9, 0.0],
+                "reward_stats": {"mean": r_mean, "std": r_std, "reward_range": rrange},
                 "tokenizer": fingerprint, "arch": arch,
                 "placement": "backbone" if arch.get("layers") else "base",
                 "weight_range": wrange, "training": training, "metrics": metrics}
