@@ -63,6 +63,7 @@ from .heads import ARMHead, Head, ValueHead, save_head, tokenizer_fingerprint
 CACHE_VERSION = 2
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
 FRACTIONS = (0.25, 0.5, 0.75)
+TOPK = 64  # base log-probs kept per state while sampling (ARM training's candidate set)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,10 +274,43 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def nucleus_sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator,
+                   k: int = 1024) -> tuple[Tensor, Tensor]:
+    """Temperature + top-p sampling of one token per row of ``logits`` [R, V].
+
+    Returns (tokens [R] long, base log-probabilities of those tokens [R] at temperature 1).
+    The nucleus is found within the top ``k`` tokens (a partial sort, several times cheaper than
+    sorting the vocabulary on a CPU); rows whose top ``k`` hold less than ``top_p`` of the mass
+    fall back to the full sort, so the distribution is exactly the nucleus one. One uniform
+    draw per row from ``gen`` (the request's generator) makes the result independent of which
+    other requests share the batch.
+    """
+    lf = logits.float()
+    probs = torch.softmax(lf / max(temperature, 1e-5), dim=-1)
+    vals, idx = torch.topk(probs, min(k, probs.shape[-1]), dim=-1)
+    short = vals.sum(-1) < top_p
+    if bool(short.any()):
+        full_v, full_i = torch.sort(probs[short], dim=-1, descending=True)
+        pad = probs.shape[-1] - vals.shape[-1]
+        vals = F.pad(vals, (0, pad))
+        idx = F.pad(idx, (0, pad))
+        vals[short], idx[short] = full_v, full_i
+    keep = (vals.cumsum(-1) - vals) < top_p  # the smallest prefix whose mass reaches top_p
+    w = vals * keep
+    cum = w.cumsum(-1)
+    u = torch.rand(len(w), generator=gen) * cum[:, -1]
+    pos = torch.searchsorted(cum, u[:, None]).clamp_max(w.shape[-1] - 1)
+    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)
+    tokens = idx.gather(1, pos)[:, 0]
+    base_lp = torch.log_softmax(lf, dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, base_lp
+
+
 class _RecordingSample:
-    """Plain sampling (same tokens as :class:`~alignserve.decoders.sample.Sample` for a seed)
-    that also keeps the final hidden state after every sampled token, so the features come out
-    of the sampling forwards themselves instead of a second pass over every response.
+    """Plain sampling from the base (temperature + top-p with :func:`nucleus_sample`, one
+    generator per request) that also keeps the final hidden state after every sampled token, so
+    the features come out of the sampling forwards themselves instead of a second pass over
+    every response.
 
     ``hidden[c]`` is [T_c + 1, D] float32 for choice c: s_0 (last prompt token), then the state
     after each emitted token, the stopping EOS included (one extra one-token forward per row).
@@ -292,24 +326,33 @@ class _RecordingSample:
             def __init__(self) -> None:
                 super().__init__({})
                 self.hidden: list[list[Tensor]] = []
+                self.top: list[list[tuple[Tensor, Tensor]]] = []
                 self.sampled: list[list[int]] = []
+
+            @staticmethod
+            def topk(logits: Tensor) -> list[tuple[Tensor, Tensor]]:
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                v, i = torch.topk(lp, TOPK, dim=-1)
+                return [(a.half(), b.int()) for a, b in zip(v.cpu(), i.cpu())]
 
             def run(self, ctx: Any) -> Any:
                 seq, last = yield from prefill(ctx, False)
                 n = ctx.n
                 h0 = ctx.prompt_hidden.detach().float().cpu()
                 self.hidden = [[h0] for _ in range(n)]
+                top0 = self.topk(last[None])[0]
+                self.top = [[top0] for _ in range(n)]
                 self.sampled = [[] for _ in range(n)]
                 seqs = [seq] + ctx.fork(seq, n - 1)
-                gens = [ctx.generator(c) for c in range(n)]
+                gen = ctx.generator(0)
                 logits = last[None].expand(n, -1)
                 live = list(range(n))
+                p = ctx.params
                 while live:
-                    out = ctx.sample(logits, [gens[i] for i in live])
+                    tokens, base_lp = nucleus_sample(logits, p.temperature, p.top_p, gen)
                     ctx.stats.tokens_generated += len(live)
-                    done = emit_rows(ctx, live, out.tokens, out.base_logprobs, logits,
-                                     out.logprobs)
-                    toks = out.tokens.tolist()
+                    done = emit_rows(ctx, live, tokens, base_lp, None)
+                    toks = tokens.tolist()
                     for i, t in zip(live, toks):
                         self.sampled[i].append(int(t))
                     # every row extends by its token (finished ones too, for the state after
@@ -317,6 +360,7 @@ class _RecordingSample:
                     outs = yield [Extend(seqs[i], [t], hidden=True) for i, t in zip(live, toks)]
                     for i, o in zip(live, outs):
                         self.hidden[i].append(o.hidden[-1].detach().float().cpu())
+                        self.top[i].append(self.topk(o.logits[-1:])[0])
                     keep = [j for j, d in enumerate(done) if not d]
                     if not keep:
                         return
@@ -381,6 +425,7 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
                                               n=cfg.samples, prompt_text=p.text, callback=cb))
     results: dict[int, Any] = {}
     pending_hidden: list[Tensor] = []
+    pending_top: list[tuple[Tensor, Tensor]] = []
     while data["done"] < len(todo):
         i, ev = events.get()
         if ev[0] == "error":
@@ -398,6 +443,9 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
                                        f"{len(dec.hidden[c]) - 1} recorded states")
                 toks.append(t)
                 pending_hidden.append(torch.stack(dec.hidden[c]))
+                # the base's top-TOPK log-probs at s_0..s_{T-1} (the states that predict a token)
+                pending_top.append((torch.stack([v for v, _ in dec.top[c][:-1]]),
+                                    torch.stack([i for _, i in dec.top[c][:-1]])))
             data["prompts"].append({"id": p.id, "text": p.text,
                                     "prompt_ids": list(reqs.pop(j).prompt_ids),
                                     "responses": [c["text"] for c in res["choices"]],
@@ -407,7 +455,8 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
             if data["done"] - chunk_start >= chunk or data["done"] == len(todo):
                 name = f"hidden-{chunk_start:05d}.pt"
                 _atomic_save(pending_hidden, folder / name)
-                pending_hidden = []
+                _atomic_save(pending_top, folder / name.replace("hidden-", "topk-"))
+                pending_hidden, pending_top = [], []
                 data["hidden_chunks"].append((chunk_start, data["done"], name))
                 _atomic_save(data, path)
     bar.close()
@@ -963,3 +1012,68 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     if not math.isfinite(history[-1]["train_loss"] if history else 0.0):
         raise RuntimeError("training diverged (non-finite loss)")
     return head
+
+
+# --------------------------------------------------------------------------------------------
+# the shipped heads
+# --------------------------------------------------------------------------------------------
+
+# One sample cache (suite, prompts, K, tokens, temperature, seed) serves every shipped head; the
+# settings per head are the ones that gave the best validation metrics (see README, Training).
+SHIPPED_DATA: dict[str, Any] = {"suite": "all", "prompts": None, "val_prompts": 80,
+                                "samples": 8, "max_new_tokens": 48, "seed": 0}
+SHIPPED_HEADS: dict[str, dict[str, Any]] = {
+    "sentiment_value": {"kind": "value", "reward": "sentiment", "method": "td-lambda",
+                        "hidden": 64, "weight_decay": 0.01},
+    "non_toxic_value": {"kind": "value", "reward": "non_toxic", "method": "td-lambda",
+                        "hidden": 64, "weight_decay": 0.01},
+    "concise_value": {"kind": "value", "reward": "concise", "method": "td-lambda",
+                      "hidden": 64, "weight_decay": 0.01},
+    "sentiment_arm": {"kind": "arm", "reward": "sentiment", "epochs": 4},
+    "non_toxic_arm": {"kind": "arm", "reward": "non_toxic", "epochs": 4},
+    "concise_arm": {"kind": "arm", "reward": "concise", "epochs": 4},
+}
+
+
+def shipped_configs(out_dir: str | Path, **overrides: Any) -> list[TrainConfig]:
+    """TrainConfigs that rebuild every shipped head into ``out_dir/<name>``; ``overrides``
+    (e.g. run_dir, threads, prompts) apply to all of them."""
+    cfgs = []
+    for name, spec in SHIPPED_HEADS.items():
+        kw = {**SHIPPED_DATA, **spec, **{k: v for k, v in overrides.items() if v is not None}}
+        cfgs.append(TrainConfig(out=str(Path(out_dir) / name), name=name, **kw))
+    return cfgs
+
+
+def sample_only(cfg: TrainConfig) -> None:
+    """Fill the sample cache (validation, then train) without training anything."""
+    cfg = cfg.resolved()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
+    try:
+        for split, n in (("validation", cfg.val_prompts), ("train", cfg.prompts)):
+            if n == 0:
+                continue
+            prompts = select_prompts(split, cfg.suite, n)
+            sample_responses(base, cfg, prompts, cache_dir(cfg, split))
+    finally:
+        base.close()
+
+
+def train_all(out_dir: str | Path, only: Sequence[str] | None = None, sample: bool = True,
+              log: Callable[[str], None] | None = None, **overrides: Any) -> list[Head]:
+    """``alignserve train all``: sample once (cached, resumable), then train every shipped head
+    (or the ones in ``only``) into ``out_dir``. Returns the heads; logs the wall time."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    t0 = time.perf_counter()
+    cfgs = [c for c in shipped_configs(out_dir, **overrides) if not only or c.name in only]
+    unknown = set(only or ()) - set(SHIPPED_HEADS)
+    if unknown:
+        raise ValueError(f"unknown head(s) {sorted(unknown)}; shipped: {sorted(SHIPPED_HEADS)}")
+    if sample and cfgs:
+        sample_only(cfgs[0])  # every shipped head reads the same cache
+        log(f"[train all] samples ready after {time.perf_counter() - t0:.0f}s")
+    heads = [run_training(c, log) for c in cfgs]
+    log(f"[train all] {len(heads)} heads in {time.perf_counter() - t0:.0f}s -> {out_dir}")
+    return heads
