@@ -5,27 +5,41 @@ Pipeline (``alignserve train value|arm``):
 1. **Samples.** K continuations per train prompt are drawn from the frozen base through the
    :class:`~alignserve.engine.scheduler.Engine` (chat template, temperature 1.0, top-p 0.95, one
    fixed seed per prompt derived from ``--seed`` and the prompt id), so the heads learn about
-   exactly the distribution the server samples from. Sampling is by far the slow part, so the
-   samples are cached under ``<run-dir>/samples/<key>/`` and written in chunks: an interrupted
-   run resumes where it stopped, and heads for different rewards over the same prompts share one
-   cache (only the cheap reward scoring is redone per reward).
-2. **Features.** One more forward of the base over prompt + response stores the final hidden
-   state at the last prompt token (the empty-prefix state s_0) and after every response token
-   (s_1..s_T). A response that ended with EOS keeps the EOS token, because whether to stop is
-   part of what a length or tone objective has to learn. Heads read exactly these states at
-   decode time (placement ``base``), so training never runs the transformer again.
+   exactly the distribution the server samples from. Every request is submitted at once, so the
+   engine decodes ``--slots`` rows (128 for ``train all``) in every step. Sampling is by far the
+   slow part, so the samples are cached under ``<run-dir>/samples/<key>/`` and written in
+   chunks: an interrupted run resumes where it stopped, a run on N prompts reuses a cache of
+   more (prompts come in a fixed hash order), and heads for different rewards share one cache
+   (only the cheap reward scoring is redone per reward).
+2. **Features.** The sampling forwards themselves keep the final hidden state at the last
+   prompt token (the empty-prefix state s_0) and after every response token (s_1..s_T), plus
+   the base's top-64 log-probs at s_0..s_{T-1} (ARM training's candidate set). A response that
+   ended with EOS keeps the EOS token, because whether to stop is part of what a length or tone
+   objective has to learn. Heads read exactly these states at decode time (placement ``base``),
+   so training never runs the transformer again. (Backbone heads run one more forward of the
+   base's first L layers over prompt + response.)
 3. **Training** on the cached states only (seconds to minutes on a CPU):
 
+   * Rewards are standardised by their mean and standard deviation over the train samples
+     (stored as the head's ``reward_stats``): value heads predict the reward in reward standard
+     deviations, so a VAS / CD beta means "logits per reward std" for every reward, and the ARM
+     pair margin is in stds.
    * value heads: ``fudge`` regresses V(s_t) on the final reward r at every prefix;
      ``td-lambda`` regresses on lambda-returns (gamma = 1, reward only at the end) bootstrapped
      from the head's own values; ``cd-q`` regresses on V(s_{t+1}) along the sampled path (the
      one-sample Monte-Carlo estimate of sum_a pi_base(a) V([x, y<t, a])), with V(s_T) -> r.
-     Bootstrapped targets are recomputed from the current head every ``--refresh-every``
-     optimizer steps (0 = once per epoch), always with stop-gradient.
+     The empty-prefix state s_0, shared by the K samples of a prompt, regresses on their mean
+     reward (the K-sample Monte-Carlo value). Bootstrapped targets are recomputed from the
+     current head every ``--refresh-every`` optimizer steps (0 = once per epoch), always with
+     stop-gradient.
    * ARMs: preference pairs from the K samples of each prompt ranked by reward (near-ties below
-     ``--margin`` x reward std skipped), GenARM loss
+     ``--margin`` reward stds skipped), GenARM loss
      ``-log sigmoid(beta_r (sum_t log pi_r(y_w,t) - sum_t log pi_r(y_l,t)))`` with
-     ``log pi_r = ARMHead.logprobs(h, h @ E.T, E)``, E the tied embedding matrix.
+     ``log pi_r = ARMHead.logprobs(h, h @ E.T, E)``, E the tied embedding matrix. With the
+     recorded candidates the softmax is normalised over the base's top-64 tokens, y_t and the
+     remaining tail at its base mass (a sampled softmax, about 700x cheaper than the vocabulary
+     matmul; the prior scale s stays 1 so the tail term is exact for the base); held-out
+     accuracy is always measured with the full vocabulary.
 
 4. **Report** on validation prompts (never ``test``): Spearman rho between V(prefix) at 25/50/75%
    of the response and the final reward, plus MSE, for value heads; held-out pairwise accuracy
@@ -467,16 +481,20 @@ def _recorded_features(data: dict[str, Any], folder: Path) -> dict[str, Tensor]:
     """Features assembled from the states recorded while sampling (see sample_responses)."""
     n = len(data["prompts"])
     rows: list[Tensor] = []
+    tops: list[tuple[Tensor, Tensor]] = []
     for a, b, name in data["hidden_chunks"]:
         if a >= n:
             break
         part = torch.load(folder / name, weights_only=True)
         k = sum(len(p["tokens"]) for p in data["prompts"][a:min(b, n)])
         rows.extend(part[:k])
+        tops.extend(torch.load(folder / name.replace("hidden-", "topk-"), weights_only=True)[:k])
     lengths = [len(t) + 1 for p in data["prompts"] for t in p["tokens"]]
     if len(rows) != len(lengths) or any(len(r) != m for r, m in zip(rows, lengths)):
         raise ValueError(f"{folder}: recorded states do not match the samples; delete it")
     return {
+        "cand_lp": torch.cat([v for v, _ in tops]),
+        "cand_ids": torch.cat([i for _, i in tops]),
         "hidden": torch.cat(rows),
         "offsets": torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.long),
         "group": torch.tensor([g for g, p in enumerate(data["prompts"]) for _ in p["tokens"]],
@@ -586,6 +604,8 @@ class Split:
     tokens: Tensor
     rewards: Tensor
     folder: Path
+    cand_ids: Tensor | None = None  # [sum_s T_s, TOPK] the base's top token ids at s_0..s_{T-1}
+    cand_lp: Tensor | None = None  # [sum_s T_s, TOPK] their base log-probs (fp16)
 
     @property
     def num_samples(self) -> int:
@@ -609,7 +629,7 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
                              backbone_layers=cfg.backbone_layers)
     rewards = score_samples(data, weights, folder, base)
     return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
-                 folder)
+                 folder, feats.get("cand_ids"), feats.get("cand_lp"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,10 +656,21 @@ def value_targets(method: str, values: Tensor, split: Split, lam: float) -> Tens
 
     ``values`` are the current head's V(s) for every row (unused by ``fudge``).
     """
-    sample, _, last = _position_index(split)
+    sample, step, last = _position_index(split)
     r = split.rewards[sample]
+    # s_0 is the same state for the K samples of a prompt: its Monte-Carlo value is their mean
+    groups = int(split.group.max()) + 1
+    mc0 = torch.zeros(groups).index_add(0, split.group, split.rewards) \
+        / torch.bincount(split.group, minlength=groups).clamp_min(1)
+    first = step == 0
     if method == "fudge":
-        return r.clone()
+        return torch.where(first, mc0[split.group][sample], r)
+    out = _bootstrapped_targets(method, values, split, lam, r, last)
+    return torch.where(first, mc0[split.group][sample], out)
+
+
+def _bootstrapped_targets(method: str, values: Tensor, split: Split, lam: float, r: Tensor,
+                          last: Tensor) -> Tensor:
     nxt = torch.empty_like(values)
     nxt[:-1] = values[1:]
     if method == "cd-q":
@@ -727,17 +758,86 @@ def arm_sequence_logprobs(head: ARMHead | None, split: Split, samples: Sequence[
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
 
 
+def arm_sequence_logprobs_topk(head: ARMHead | None, split: Split, samples: Sequence[int],
+                               embed: Tensor) -> Tensor:
+    """sum_t log pi_r(y_t | s_{t-1}) per sample, normalised over the base's top-TOPK tokens
+    plus y_t instead of the whole vocabulary (head None = the base itself, exact: its
+    normaliser comes from the recorded top-1 log-prob).
+
+    For a base-placed ARM, s * l + E u(h) = (s h + u(h)) E^T, so the TOPK + 1 candidate logits
+    are one small batched product; this is a sampled-softmax approximation that is exact when
+    the candidates carry the ARM's mass (the top 64 hold almost all of the base's).
+    """
+    assert split.cand_ids is not None and split.cand_lp is not None
+    rows, tgt, own = _arm_rows(split, samples)
+    dev = embed.device
+    tok_rows = _token_rows(split, samples)
+    h = split.hidden[rows].to(dev).float()
+    ids = split.cand_ids[tok_rows].to(dev).long()  # [N, K]
+    y = tgt.to(dev)
+    e_y = embed[y]  # [N, D]
+    if head is None:  # log p(y) = l_y - lse, lse = l_top1 - lp_top1
+        lse = (h * embed[ids[:, 0]]).sum(-1) - split.cand_lp[tok_rows, 0].to(dev).float()
+        picked = (h * e_y).sum(-1) - lse
+    else:
+        # the base's own normaliser and tail mass outside the top K (exact, from the recorded
+        # top-K log-probs); the tail enters the ARM's normaliser with its base mass (delta ~ 0
+        # there), so only the prior scale s = 1 is consistent: train_arm freezes it
+        top_lp = split.cand_lp[tok_rows].to(dev).float()
+        lse_base = (h * embed[ids[:, 0]]).sum(-1) - top_lp[:, 0]
+        tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6)) + lse_base
+        g = head.base_scale * h + head.up(head.down(h))  # [N, D]
+        cand = torch.einsum("nd,nkd->nk", g, embed[ids])  # [N, K]
+        inside = (ids == y[:, None]).any(-1)
+        ly = (g * e_y).sum(-1)
+        # a y outside the top K is part of the tail: take it out of the tail at its base logit
+        # and put it back with the ARM's logit
+        base_y = (h * e_y).sum(-1)
+        rest = tail + torch.log1p(-torch.exp((base_y - tail).clamp(max=-1e-6)))
+        tail = torch.where(inside, tail, rest)
+        extra = torch.where(inside, torch.full_like(ly, float("-inf")), ly)
+        lse = torch.logsumexp(torch.cat([cand, tail[:, None], extra[:, None]], 1), dim=1)
+        picked = ly - lse
+    return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
+
+
+def _token_rows(split: Split, samples: Sequence[int]) -> Tensor:
+    """Indices into the per-token arrays (tokens, cand_ids) of the given samples' tokens."""
+    tok_off = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), split.lengths - 1]), 0)
+    return torch.cat([torch.arange(int(tok_off[s]), int(tok_off[s + 1])) for s in samples])
+
+
+def arm_sequence_logprobs_exact(head: ARMHead, split: Split, samples: Sequence[int],
+                                embed: Tensor) -> Tensor:
+    """Like :func:`arm_sequence_logprobs` for a base-placed ARM, with one vocabulary matmul
+    instead of two: log_softmax(s l + E u(h)) = log_softmax((s h + u(h)) E^T)."""
+    rows, tgt, own = _arm_rows(split, samples)
+    dev = embed.device
+    h = split.hidden[rows].to(dev).float()
+    g = head.base_scale * h + head.up(head.down(h))
+    lp = torch.log_softmax(g @ embed.T, dim=-1)
+    picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
+    return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
+
+
 @torch.no_grad()
 def arm_metrics(head: ARMHead, split: Split, pairs: list[tuple[int, int]], embed: Tensor,
-                base_sums: Tensor | None = None, chunk: int = 32) -> dict[str, float]:
+                base_sums: Tensor | None = None, chunk: int = 32,
+                approx: bool = False) -> dict[str, float]:
     """Pairwise accuracy of the ARM's reward sum log pi_r, of the base alone, and of the
-    head's increment over the base (sum log pi_r - sum log pi_base)."""
+    head's increment over the base (sum log pi_r - sum log pi_base).
+
+    Exact (full-vocabulary normalisation) unless ``approx``, which normalises over the recorded
+    top-TOPK candidates (cheap; used for the per-epoch validation line)."""
     n = split.num_samples
-    sums = torch.cat([arm_sequence_logprobs(head, split, range(i, min(i + chunk, n)), embed)
+    topk = split.cand_ids is not None
+    head_fn = arm_sequence_logprobs_topk if approx and topk else arm_sequence_logprobs_exact
+    sums = torch.cat([head_fn(head, split, range(i, min(i + chunk, n)), embed)
                       for i in range(0, n, chunk)]).cpu()
     if base_sums is None:
-        base_sums = torch.cat([arm_sequence_logprobs(None, split, range(i, min(i + chunk, n)),
-                                                     embed) for i in range(0, n, chunk)]).cpu()
+        base_fn = arm_sequence_logprobs_topk if topk else arm_sequence_logprobs
+        base_sums = torch.cat([base_fn(None, split, range(i, min(i + chunk, n)), embed)
+                               for i in range(0, n, chunk)]).cpu()
     if not pairs:
         return {"pairs": 0}
     w = torch.tensor([p[0] for p in pairs])
@@ -873,7 +973,10 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
     head = ARMHead(train.hidden.shape[1], cfg.rank).to(dev)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if train.cand_ids is not None:  # top-K training normalises the tail at the base's scale
+        head.base_scale.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
+                           weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
     pairs = preference_pairs(train, margin)
     if not pairs:
@@ -881,6 +984,10 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
                          "(lower --margin or raise --samples)")
     val_pairs = preference_pairs(val, margin) if val is not None else []
     val_base = None
+    # the recorded top-TOPK candidates make each step a few small products instead of two
+    # [tokens, vocabulary] matmuls (see arm_sequence_logprobs_topk)
+    seq_logprobs = arm_sequence_logprobs_topk if train.cand_ids is not None \
+        else arm_sequence_logprobs
     assert cfg.epochs is not None and cfg.batch_size is not None
     for epoch in range(start, cfg.epochs):
         head.train()
@@ -892,7 +999,7 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         for batch in bar:
             samples = sorted({s for p in batch for s in p})
             pos = {s: i for i, s in enumerate(samples)}
-            sums = arm_sequence_logprobs(head, train, samples, embed)
+            sums = seq_logprobs(head, train, samples, embed)
             w = torch.tensor([pos[p[0]] for p in batch], device=dev)
             ll = torch.tensor([pos[p[1]] for p in batch], device=dev)
             loss = -F.logsigmoid(cfg.beta_r * (sums[w] - sums[ll])).mean()
@@ -906,13 +1013,14 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         head.eval()
         rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
         if val is not None and val_pairs:
+            base_fn = arm_sequence_logprobs_topk if val.cand_ids is not None \
+                else arm_sequence_logprobs
             if val_base is None:
                 val_base = torch.cat([
-                    arm_sequence_logprobs(None, val, range(i, min(i + 32, val.num_samples)),
-                                          embed)
+                    base_fn(None, val, range(i, min(i + 32, val.num_samples)), embed)
                     for i in range(0, val.num_samples, 32)]).cpu()
-            rec["val_pairwise_accuracy"] = arm_metrics(head, val, val_pairs, embed,
-                                                       val_base)["pairwise_accuracy"]
+            rec["val_pairwise_accuracy"] = arm_metrics(head, val, val_pairs, embed, val_base,
+                                                       approx=True)["pairwise_accuracy"]
         history.append(rec)
         print(f"[{cfg.name}] epoch {epoch + 1}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)), file=sys.stderr)
