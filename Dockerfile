@@ -20,4 +20,4 @@ RUN make setup && make model
 COPY heads heads
 
 EXPOSE 8000
-CMD [".venv/bin/alignserve", "serve", "--host", "0.0.0.0", "--port", "8000", "--heads", "heads"]
+CMD [".venv/bin/alignserve", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -9,7 +9,7 @@ PORT ?= 8000
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup model serve test lint bench clean
+.PHONY: setup model serve test lint bench clean heads
 
 setup: $(STAMP)
 
@@ -27,8 +27,12 @@ model: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/alignserve models prepare
 
 serve: model
-	HF_HUB_OFFLINE=1 $(VENV)/bin/alignserve serve --host $(HOST) --port $(PORT) \
-		$(if $(wildcard heads/*/manifest.json),--heads heads,) $(SERVE_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/alignserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+# rebuild every shipped head (alignserve/value_models/default_heads) from scratch; the base
+# samples are cached in runs/train and shared by all heads (see README, Training)
+heads: model
+	HF_HUB_OFFLINE=1 $(VENV)/bin/alignserve train all $(TRAIN_ARGS)
 
 test: model
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -18,8 +18,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="model id clients send in 'model' (default: the model's folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--heads", default=None,
-                   help="folder of guidance heads (value heads, ARMs) to load at start-up")
+    p.add_argument("--heads", action="append", default=[], metavar="DIR",
+                   help="folder of guidance heads (value heads, ARMs) to load at start-up, in "
+                        "addition to the shipped default heads (repeatable; a head here "
+                        "replaces a default head of the same name)")
+    p.add_argument("--no-default-heads", action="store_true",
+                   help="do not load the heads shipped with the package (they are loaded only "
+                        "for the default model)")
     p.add_argument("--slots", type=int, default=32,
                    help="KV-cache slots = concurrent sequences, candidates and branches included "
                         "(default 32)")
@@ -93,7 +98,7 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--model", default="default",
                    help="base model: 'default' (SmolLM2-135M-Instruct) or a local folder; the "
                         "head only works with this model's tokenizer (default 'default')")
-    p.add_argument("--suite", default="mixed", choices=["mixed", "rtp", "all"],
+    p.add_argument("--suite", default="mixed", choices=["mixed", "rtp", "neutral", "all"],
                    help="prompt suite; train split for training, validation split for the "
                         "reported metrics, test never (default mixed)")
     p.add_argument("--prompts", type=int, default=120,
@@ -179,6 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
         "arm", help="autoregressive reward model (GenARM) head",
         description="Rank K base samples per prompt by the reward, build preference pairs and "
                     "fit a low-rank ARM head with GenARM's pairwise loss."), "arm")
+    a = tsub.add_parser(
+        "all", help="rebuild every shipped head (sentiment, non_toxic, concise x value, ARM)",
+        description="Sample the base once (cached under --run-dir, resumable) and train every "
+                    "head shipped in alignserve/value_models/default_heads with its recorded "
+                    "settings.")
+    a.add_argument("--out", default=None,
+                   help="folder for the heads (default: the package's default_heads folder)")
+    a.add_argument("--only", default=None, help="comma-separated subset of the heads")
+    a.add_argument("--prompts", type=int, default=None,
+                   help="train prompts, a prefix of the suite's hash order (default: the "
+                        "shipped heads' 544 of the 1156 train prompts of suite 'all')")
+    a.add_argument("--samples", type=int, default=None, help="samples per prompt (default 8)")
+    a.add_argument("--sample-only", action="store_true",
+                   help="only fill the sample cache (e.g. in the background), train nothing")
+    a.add_argument("--run-dir", default="runs/train", help="sample cache and checkpoints")
+    a.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a.add_argument("--slots", type=int, default=128,
+                   help="rows decoded together while sampling (default 128)")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     from .eval.cli import add_eval_parser
 
     add_eval_parser(sub)
@@ -206,8 +231,30 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def train_all_cmd(args: argparse.Namespace) -> int:
+    from .value_models.heads import default_heads_dir
+    from .value_models.training import sample_only, shipped_configs, train_all
+
+    out = args.out or str(default_heads_dir())
+    kw = {"run_dir": args.run_dir, "device": args.device, "threads": args.threads,
+          "slots": args.slots, "progress": not args.no_progress, "prompts": args.prompts,
+          "samples": args.samples}
+    try:
+        if args.sample_only:
+            sample_only(shipped_configs(out, **kw)[0])
+        else:
+            train_all(out, args.only.split(",") if args.only else None, **kw)
+    except (ModelError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
     from .value_models.training import TrainConfig, run_training
+
+    if args.train_cmd == "all":
+        return train_all_cmd(args)
 
     cfg = TrainConfig(
         kind=args.train_cmd, reward=args.reward, out=args.out, name=args.name,

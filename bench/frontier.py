@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                          "objective weight (beta for vas/cd, alpha for genarm, w for args). "
                          f"Defaults: {' '.join(SWEEPS)}; quick: {' '.join(QUICK_SWEEPS)}")
     ap.add_argument("--heads", default=None,
-                    help="folder of guidance heads (default heads/ when it exists)")
+                    help="folder of guidance heads (default: the heads shipped in the package)")
     ap.add_argument("--out", default="runs/frontier", help="output folder (default runs/frontier)")
     ap.add_argument("--quick", action="store_true",
                     help=f"small run: {QUICK['prompts']} prompts x {QUICK['seeds']} seed, "
@@ -135,6 +135,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = ap.parse_args(argv)
+    from alignserve.value_models.heads import default_heads_dir
+
     base = QUICK if a.quick else FULL
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip() and s != "sample"]
     cfg = Config(
@@ -144,7 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_tokens=base["max_tokens"] if a.max_tokens is None else a.max_tokens,
         temperature=a.temperature, clients=a.clients, strategies=strategies,
         sweeps=merge_sweeps(QUICK_SWEEPS if a.quick else SWEEPS, a.sweep, strategies),
-        heads=a.heads if a.heads is not None else ("heads" if Path("heads").is_dir() else None),
+        heads=a.heads if a.heads is not None else str(default_heads_dir()),
         out=a.out, quick=a.quick, device=a.device, threads=a.threads,
         progress=not a.no_progress)
     problems = [f"--{k} must be >= {lo}" for k, v, lo in (

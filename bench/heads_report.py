@@ -1,6 +1,7 @@
 """Print the held-out quality of every shipped head as a Markdown table (from the manifests).
 
-Usage: ``python bench/heads_report.py [HEADS_DIR]``. The numbers are the ones the training run
+Usage: ``python bench/heads_report.py [HEADS_DIR]`` (default: the package's shipped heads).
+The numbers are the ones the training run
 measured on the validation prompts and wrote into each head's ``manifest.json``.
 """
 
@@ -11,7 +12,11 @@ import sys
 from pathlib import Path
 
 
-def main(root: str = "heads") -> int:
+def main(root: str | None = None) -> int:
+    if root is None:
+        from alignserve.value_models.heads import default_heads_dir
+
+        root = str(default_heads_dir())
     rows = []
     for mf in sorted(Path(root).glob("*/manifest.json")):
         m = json.loads(mf.read_text())
@@ -20,14 +25,14 @@ def main(root: str = "heads") -> int:
             quality = (f"Spearman@25/50/75% {met.get('spearman_25', float('nan')):.2f} / "
                        f"**{met.get('spearman_50', float('nan')):.2f}** / "
                        f"{met.get('spearman_75', float('nan')):.2f}")
-            target = "Spearman@50% >= 0.5"
-            ok = met.get("spearman_50", 0) >= 0.5
+            target = "Spearman@50% >= 0.6"
+            ok = met.get("spearman_50", 0) >= 0.6
         else:
             quality = (f"pairwise acc **{met.get('pairwise_accuracy', float('nan')):.2f}** "
                        f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
                        f"{met.get('pairs', 0)} pairs)")
-            target = "accuracy >= 0.70"
-            ok = met.get("pairwise_accuracy", 0) >= 0.70
+            target = "accuracy >= 0.75"
+            ok = met.get("pairwise_accuracy", 0) >= 0.75
         size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "

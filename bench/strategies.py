@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated (default 1,8,32)")
     ap.add_argument("--reward", default="sentiment",
                     help="reward / head objective the strategies steer toward (default sentiment)")
-    ap.add_argument("--heads", default="heads", help="folder of trained heads (default heads)")
+    ap.add_argument("--heads", default="alignserve/value_models/default_heads",
+                    help="folder of trained heads (default: the shipped ones)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)

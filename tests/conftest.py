@@ -33,10 +33,9 @@ class ServerProc(ServerProcess):
 @pytest.fixture(scope="session")
 def server(model_dir: Path):
     (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-    heads = ["--heads", str(ROOT / "heads")] if any((ROOT / "heads").glob("*/manifest.json")) \
-        else []
+    # the default model loads the heads shipped in the package
     srv = ServerProc(["--slots", "24", "--max-len", "1024", "--max-tokens", "512",
-                      "--max-n", "8", "--max-waiting", "64", *heads])
+                      "--max-n", "8", "--max-waiting", "64"])
     yield srv
     srv.stop()
 

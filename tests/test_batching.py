@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 from alignserve.decoders import build_decoder
 from alignserve.engine import scheduler as sched
@@ -19,7 +18,6 @@ from alignserve.value_models.base import RewardInfo
 from alignserve.value_models.heads import tokenizer_fingerprint
 from alignserve.value_models.registry import Registry
 
-HEADS = ROOT / "heads"
 PROMPT = "Describe a kitchen table in one sentence."
 # the request under test, and 7 neighbours with other strategies and sampling parameters
 PROBE = ({"strategy": "args", "top_k": 4, "weights": {"sentiment": 1}},
@@ -58,9 +56,8 @@ def engine(model_dir: Path):
 
 @pytest.fixture(scope="module")
 def registry(engine):
-    heads = HEADS if any(HEADS.glob("*/manifest.json")) else None
-    reg = Registry.build(heads, tokenizer_fingerprint(engine.tokenizer),
-                         engine.base.config.hidden_size)
+    reg = Registry.build(None, tokenizer_fingerprint(engine.tokenizer),
+                         engine.base.config.hidden_size, default_heads=True)
     reg.rewards["broken"] = Broken()
     return reg
 

@@ -85,7 +85,7 @@ def test_tiny_run(tmp_path: Path, frontier) -> None:
     rc = frontier.main(["--objectives", "sentiment", "--prompts", "2", "--seeds", "1",
                         "--max-tokens", "4", "--clients", "2", "--strategies", "best_of_n,vas",
                         "--sweep", "best_of_n.n=2,8", "--sweep", "vas.weight=3",
-                        "--heads", str(ROOT / "heads"), "--out", str(out), "--no-progress"])
+                        "--out", str(out), "--no-progress"])
     assert rc == 0
     doc = json.loads((out / "frontier.json").read_text())
     [obj] = doc["objectives"]

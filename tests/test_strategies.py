@@ -24,7 +24,7 @@ from alignserve.value_models.registry import Registry
 
 N_PROMPTS = 16
 MAX_TOKENS = 16
-HEADS = ROOT / "heads"
+HEADS = ROOT / "alignserve" / "value_models" / "default_heads"
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +128,38 @@ def test_weight_is_monotone_args(engine, registry, prompts, plain):
     assert means[0] < means[1] < means[2], means
 
 
-def test_weight_is_monotone_genarm(engine, registry, prompts):
-    needs_head(registry, "sentiment", "arm")
+# the shipped heads' sliders: the reward rises with the weight (value heads are in reward
+# standard deviations, so the same betas serve every reward; GenARM is normalised by 1 + alpha,
+# so its effect saturates towards the ARM's own distribution as alpha grows past ~1)
+SLIDERS = {"vas": ({"top_k": 10}, "value", (0.0, 3.0, 8.0)),
+           "cd": ({"top_k": 10}, "value", (0.0, 3.0, 8.0)),
+           "genarm": ({}, "arm", (0.0, 0.3, 1.0))}
+
+
+@pytest.mark.parametrize("strategy", list(SLIDERS))
+def test_weight_is_monotone_with_shipped_heads(engine, registry, prompts, strategy):
+    params, kind, weights = SLIDERS[strategy]
+    needs_head(registry, "sentiment", kind)
     means = []
-    for w in (0.0, 1.0, 3.0):
+    for w in weights:
         res = run_all(engine, registry, prompts,
-                      {"strategy": "genarm", "weights": {"sentiment": w}}, seed=1)
+                      {"strategy": strategy, "weights": {"sentiment": w}, **params}, seed=1)
         means.append(mean_reward(registry, prompts, res, "sentiment"))
     assert means[0] < means[1] < means[2], means
+
+
+def test_genarm_reports_kl_and_stays_near_base_when_normalised(engine, registry, prompts):
+    needs_head(registry, "sentiment", "arm")
+    res = run_all(engine, registry, prompts[:4],
+                  {"strategy": "genarm", "weights": {"sentiment": 1.0}}, seed=1)
+    raw = run_all(engine, registry, prompts[:4],
+                  {"strategy": "genarm", "weights": {"sentiment": 1.0}, "normalize": False},
+                  seed=1)
+    kl = [r["info"]["kl_per_token"] for r in res]
+    kl_raw = [r["info"]["kl_per_token"] for r in raw]
+    assert all(k >= 0 for k in kl)
+    # the unnormalised sum also sharpens the base (temperature / 2): more KL per token
+    assert np.mean(kl) < np.mean(kl_raw), (kl, kl_raw)
 
 
 @pytest.mark.parametrize("strategy", ["best_of_n", "args", "vas", "cd", "cd_block", "genarm",
@@ -193,6 +217,13 @@ def test_heads_endpoint_lists_rewards_and_strategies(server):
     body = httpx.get(server.url + "/v1/heads").json()
     names = {row["name"] for row in body["data"]}
     assert {"sentiment", "vader", "non_toxic", "concise", "keywords"} <= names
+    # the server fixture passes no --heads: the package's default heads are loaded
+    kinds = {row["name"]: row["kind"] for row in body["data"]}
+    for reward in ("sentiment", "non_toxic", "concise"):
+        assert kinds.get(f"{reward}_value") == "value_head", kinds
+        assert kinds.get(f"{reward}_arm") == "arm", kinds
+    stats = next(r for r in body["data"] if r["name"] == "sentiment_value")["reward_stats"]
+    assert stats["std"] > 0
     for row in body["data"]:
         lo, hi = row["weight_range"]
         assert lo < hi

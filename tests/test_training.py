@@ -49,6 +49,36 @@ def test_value_head_learns_and_loads(run_dir: Path, tmp_path: Path) -> None:
     assert m["training"]["command"] == "pytest" and m["training"]["method"] == "fudge"
 
 
+def test_value_head_is_in_reward_stds(run_dir: Path, tmp_path: Path) -> None:
+    """Targets are standardised by the base samples' reward spread, stored with the head."""
+    head = run_training(_cfg(run_dir, tmp_path / "v", "value", method="fudge", epochs=2))
+    st = head.manifest["reward_stats"]
+    tr = head.manifest["training"]
+    assert st["std"] == pytest.approx(tr["train_reward_std"]) and st["std"] > 0
+    assert float(head.module.r_std) == pytest.approx(st["std"])
+    assert float(head.module.r_mean) == pytest.approx(st["mean"])
+    loaded = load_head(tmp_path / "v")
+    assert loaded.reward_stats == pytest.approx({"mean": st["mean"], "std": st["std"]})
+    h = torch.randn(3, 576)
+    assert torch.allclose(loaded.module.reward(h),
+                          st["mean"] + st["std"] * loaded.module(h), atol=1e-5)
+
+
+def test_old_value_head_without_stats_loads_as_raw(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from alignserve.value_models.heads import Head, save_head
+
+    head = ValueHead(8, 4)
+    save_head(tmp_path / "old", Head("old", "value", head, {"arch": {"dim": 8, "hidden": 4},
+                                                           "tokenizer": "vocab-x"}))
+    state = {k: v for k, v in head.state_dict().items() if not k.startswith("r_")}
+    save_file(state, str(tmp_path / "old" / "head.safetensors"))  # as written before the stats
+    loaded = load_head(tmp_path / "old")
+    assert float(loaded.module.r_mean) == 0.0 and float(loaded.module.r_std) == 1.0
+    assert loaded.reward_stats == {"mean": 0.0, "std": 1.0}
+
+
 @pytest.mark.parametrize("method", ["td-lambda", "cd-q"])
 def test_bootstrapped_value_methods_run(run_dir: Path, tmp_path: Path, method: str) -> None:
     head = run_training(_cfg(run_dir, tmp_path / "v", "value", method=method, epochs=3,

@@ -2,10 +2,18 @@
 
 Each autoregressive reward model (ARM) here is a low-rank adapter on the base model's own
 hidden state (``value_models.heads.ARMHead``), so the guidance costs one small matmul per step,
-no extra transformer forward. Normalisation: by default the guided logits are
-``log_softmax(l) + sum_i alpha_i log pi_r_i`` sampled at the request's temperature (alpha = 0
-is the base model exactly). With ``normalize: true`` they are divided by (1 + sum alpha), the
-reference code's choice, which keeps the distribution's sharpness comparable as alpha grows.
+no extra transformer forward.
+
+Normalisation (default ``normalize: true``, the reference code's choice): the guided logits are
+``(log pi_base + sum_i alpha_i log pi_r_i) / (1 + sum_i alpha_i)``, a geometric mixture of the
+base and the ARMs that keeps the base's sharpness. An ARM that equals the base then gives the base
+exactly at every alpha, so any change is guidance, not a temperature drop. ``normalize: false``
+samples ``log pi_base + sum_i alpha_i log pi_r_i`` unscaled (the paper's formula read literally):
+with an ARM close to the base that is about ``(1 + alpha) log pi_base``, i.e. sampling at
+temperature / (1 + alpha), which lowers diversity and inflates KL without steering. Either way
+alpha = 0 is the base model exactly. The response's ``alignment.kl_per_token`` is the mean
+KL(guided || base) in nats per emitted token, over the full distributions before temperature and
+top-p.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from .base import Run
 
 
 class GenArmOptions(CommonOptions):
-    normalize: bool = Field(False, description="divide guided logits by (1 + sum alpha)")
+    normalize: bool = Field(True, description="divide guided logits by (1 + sum alpha), the "
+                            "reference normalisation that keeps the base's sharpness; false = "
+                            "unscaled sum (sharpens like a temperature drop as alpha grows)")
 
 
 class GenArm(AlignedDecoder):
@@ -41,12 +51,13 @@ class GenArm(AlignedDecoder):
                                  for h, _ in arms])[None]  # [1, H, V]
             ctx.stats.guidance_forwards += 1
             base = torch.log_softmax(logits.float(), -1)[None]
+            guided = (base + (alphas[:, :, None] * dense).sum(1)) / scale
             if self.opt.normalize:
-                guided = (base + (alphas[:, :, None] * dense).sum(1)) / scale
                 out = yield from ctx.sample(guided, [gen], [ctx.choices[c].tokens])
             else:
                 out = yield from ctx.sample(base, [gen], [ctx.choices[c].tokens], weights=alphas,
-                                 dense=dense)
+                                            dense=dense)
+            self.track_kl(ctx, guided[0], base[0])
             tok = int(out.tokens[0])
             ctx.stats.tokens_generated += 1
             if emit_one(ctx, c, tok, logits, out.logprobs[0]):
@@ -55,6 +66,16 @@ class GenArm(AlignedDecoder):
                 Extend(v, [tok], logits="none", hidden=True) for v in vseqs.values()]
             logits = outs[0].logits[0]
             hidden = {"base": outs[0].hidden, **{r: o.hidden for r, o in zip(vseqs, outs[1:])}}
+
+    def track_kl(self, ctx: DecodeContext, guided: torch.Tensor, base: torch.Tensor) -> None:
+        """Add KL(softmax(guided) || base) (nats; [V] logits and base log-probs) to the running
+        mean ``ctx.info['kl_per_token']`` over the request's emitted tokens (all choices)."""
+        lg = torch.log_softmax(guided.float(), -1)
+        kl = float((lg.exp() * (lg - base.float())).sum())
+        self._kl = getattr(self, "_kl", (0.0, 0))
+        total, n = self._kl[0] + kl, self._kl[1] + 1
+        self._kl = (total, n)
+        ctx.info["kl_per_token"] = round(total / n, 5)
 
     @staticmethod
     def arm_logprobs(head, hidden: dict, base_logits, embed):  # type: ignore[no-untyped-def]

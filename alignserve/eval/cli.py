@@ -5,7 +5,7 @@ the evaluation code owns its flags. Examples::
 
     alignserve eval --strategies sample,best_of_n,cd_block --objective vader \\
         --prompts 2 --max-tokens 8 --seeds 1 --out runs/eval-tiny
-    alignserve eval --strategies sample,args,vas,genarm --objective sentiment --heads heads \\
+    alignserve eval --strategies sample,args,vas,genarm --objective sentiment \\
         --sweep "vas.weight=1,3,5" --bon-curve --out runs/eval
     alignserve eval --url http://127.0.0.1:8000 --strategies sample,best_of_n --out runs/live
 """
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_HEADS = "heads"
+DEFAULT_HEADS = str(Path(__file__).resolve().parent.parent / "value_models" / "default_heads")
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:

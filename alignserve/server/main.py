@@ -25,10 +25,13 @@ def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAP
     from ..value_models.registry import Registry
     from ..value_models.rewards import HFNextTokenScorer
 
-    registry = Registry.build(Path(args.heads) if args.heads else None,
+    heads = args.heads if isinstance(args.heads, list) else [args.heads] if args.heads else []
+    registry = Registry.build([Path(h) for h in heads],
                               tokenizer_fingerprint(engine.tokenizer),
                               engine.base.config.hidden_size,
-                              judge_scorer=HFNextTokenScorer(model_dir))
+                              judge_scorer=HFNextTokenScorer(model_dir),
+                              default_heads=getattr(args, "model", "default") == "default"
+                              and not getattr(args, "no_default_heads", False))
     attach_backbones(engine, registry)
     client = EngineClient(engine, registry)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,

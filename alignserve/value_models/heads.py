@@ -49,18 +49,39 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 class ValueHead(nn.Module):
-    """V(h) = w2 . tanh(W1 h + b1) + b2, with inputs standardised by stored statistics."""
+    """V(h) = w2 . tanh(W1 h + b1) + b2, with inputs standardised by stored statistics.
+
+    ``forward`` returns the value in **reward standard deviations**: the head is trained on
+    (r - r_mean) / r_std, where r_mean and r_std (buffers, also in the manifest's
+    ``reward_stats``) are the reward's mean and spread over the base model's own samples. A VAS
+    / CD weight beta is therefore "logits per reward standard deviation" and means the same for
+    every reward. ``reward(h)`` maps back to the reward's own units. Heads saved before these
+    buffers existed load with mean 0 and std 1 (their outputs are raw rewards).
+    """
 
     def __init__(self, dim: int, hidden: int = 128) -> None:
         super().__init__()
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sigma", torch.ones(dim))
+        self.register_buffer("r_mean", torch.zeros(()))
+        self.register_buffer("r_std", torch.ones(()))
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
+        """[..., D] hidden states -> [...] values in reward standard deviations (fp32)."""
         x = (h.float() - self.mu) / self.sigma
         return self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
+
+    def reward(self, h: Tensor) -> Tensor:
+        """[..., D] -> [...] predicted reward in the reward's own units."""
+        return self.r_mean + self.r_std * self(h)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # heads saved before the reward statistics existed predicted raw rewards: mean 0, std 1
+        state_dict.setdefault(prefix + "r_mean", torch.zeros(()))
+        state_dict.setdefault(prefix + "r_std", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ARMHead(nn.Module):
@@ -117,11 +138,19 @@ class Head:
                           description=desc, range=tuple(m.get("range", (-1e9, 1e9))),
                           weight_range=wr)  # type: ignore[arg-type]
 
+    @property
+    def reward_stats(self) -> dict[str, float]:
+        """Mean and std of the reward over the base's samples; a value head's output unit is
+        one std (old manifests without them: mean 0, std 1, i.e. raw reward units)."""
+        st = self.manifest.get("reward_stats") or {}
+        return {"mean": float(st.get("mean", 0.0)), "std": float(st.get("std", 1.0))}
+
     def describe(self) -> dict[str, Any]:
         m = self.manifest
         return {"name": self.name, "kind": self.info.kind, "description": self.info.description,
                 "reward": m.get("reward"), "placement": m.get("placement", "base"),
                 "weight_range": list(self.info.weight_range), "metrics": m.get("metrics", {}),
+                "reward_stats": self.reward_stats,
                 "training": {k: v for k, v in m.get("training", {}).items() if k != "history"}}
 
 
@@ -175,6 +204,15 @@ def load_head(folder: Path, fingerprint: str | None = None, dim: int | None = No
     for p in module.parameters():
         p.requires_grad_(False)
     return Head(manifest["name"], manifest["kind"], module, manifest, folder)
+
+
+def default_heads_dir() -> Path:
+    """The heads shipped inside the package for the default model (``alignserve train all``
+    rebuilds them); ``alignserve serve`` loads them unless ``--no-default-heads``."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("alignserve.value_models").joinpath(
+        "default_heads")))
 
 
 def load_heads(root: Path, fingerprint: str | None = None, dim: int | None = None) -> list[Head]:

@@ -25,12 +25,30 @@ class Registry:
             raise ValueError(f"head names clash with built-in rewards: {sorted(clash)}")
 
     @classmethod
-    def build(cls, heads_dir: Path | None = None, fingerprint: str | None = None,
-              dim: int | None = None, judge_scorer: Any = None) -> Registry:
+    def build(cls, heads_dir: Path | list[Path] | None = None, fingerprint: str | None = None,
+              dim: int | None = None, judge_scorer: Any = None,
+              default_heads: bool = False) -> Registry:
+        """Built-in rewards plus the heads of every folder in ``heads_dir`` (in order; a later
+        folder's head replaces an earlier one of the same name), after the package's default
+        heads when ``default_heads`` (so ``--heads DIR`` can override a shipped head).
+
+        Raises:
+            HeadError: a folder is missing, a head is unreadable, built for another tokenizer
+                or hidden size, or two heads in one folder share a name.
+        """
+        from .heads import default_heads_dir
         from .rewards import default_rewards
 
-        heads = load_heads(heads_dir, fingerprint, dim) if heads_dir else []
-        return cls(default_rewards(judge_scorer), heads)
+        dirs: list[Path] = [default_heads_dir()] if default_heads and default_heads_dir().is_dir() \
+            else []
+        if isinstance(heads_dir, (str, Path)):
+            dirs.append(Path(heads_dir))
+        elif heads_dir:
+            dirs.extend(Path(d) for d in heads_dir)
+        by_name: dict[str, Head] = {}
+        for d in dirs:
+            by_name.update({h.name: h for h in load_heads(d, fingerprint, dim)})
+        return cls(default_rewards(judge_scorer), list(by_name.values()))
 
     def infos(self) -> dict[str, RewardInfo]:
         out = {n: r.info for n, r in self.rewards.items()}

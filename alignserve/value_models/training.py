@@ -5,27 +5,41 @@ Pipeline (``alignserve train value|arm``):
 1. **Samples.** K continuations per train prompt are drawn from the frozen base through the
    :class:`~alignserve.engine.scheduler.Engine` (chat template, temperature 1.0, top-p 0.95, one
    fixed seed per prompt derived from ``--seed`` and the prompt id), so the heads learn about
-   exactly the distribution the server samples from. Sampling is by far the slow part, so the
-   samples are cached under ``<run-dir>/samples/<key>/`` and written in chunks: an interrupted
-   run resumes where it stopped, and heads for different rewards over the same prompts share one
-   cache (only the cheap reward scoring is redone per reward).
-2. **Features.** One more forward of the base over prompt + response stores the final hidden
-   state at the last prompt token (the empty-prefix state s_0) and after every response token
-   (s_1..s_T). A response that ended with EOS keeps the EOS token, because whether to stop is
-   part of what a length or tone objective has to learn. Heads read exactly these states at
-   decode time (placement ``base``), so training never runs the transformer again.
+   exactly the distribution the server samples from. Every request is submitted at once, so the
+   engine decodes ``--slots`` rows (128 for ``train all``) in every step. Sampling is by far the
+   slow part, so the samples are cached under ``<run-dir>/samples/<key>/`` and written in
+   chunks: an interrupted run resumes where it stopped, a run on N prompts reuses a cache of
+   more (prompts come in a fixed hash order), and heads for different rewards share one cache
+   (only the cheap reward scoring is redone per reward).
+2. **Features.** The sampling forwards themselves keep the final hidden state at the last
+   prompt token (the empty-prefix state s_0) and after every response token (s_1..s_T), plus
+   the base's top-64 log-probs at s_0..s_{T-1} (ARM training's candidate set). A response that
+   ended with EOS keeps the EOS token, because whether to stop is part of what a length or tone
+   objective has to learn. Heads read exactly these states at decode time (placement ``base``),
+   so training never runs the transformer again. (Backbone heads run one more forward of the
+   base's first L layers over prompt + response.)
 3. **Training** on the cached states only (seconds to minutes on a CPU):
 
+   * Rewards are standardised by their mean and standard deviation over the train samples
+     (stored as the head's ``reward_stats``): value heads predict the reward in reward standard
+     deviations, so a VAS / CD beta means "logits per reward std" for every reward, and the ARM
+     pair margin is in stds.
    * value heads: ``fudge`` regresses V(s_t) on the final reward r at every prefix;
      ``td-lambda`` regresses on lambda-returns (gamma = 1, reward only at the end) bootstrapped
      from the head's own values; ``cd-q`` regresses on V(s_{t+1}) along the sampled path (the
      one-sample Monte-Carlo estimate of sum_a pi_base(a) V([x, y<t, a])), with V(s_T) -> r.
-     Bootstrapped targets are recomputed from the current head every ``--refresh-every``
-     optimizer steps (0 = once per epoch), always with stop-gradient.
+     The empty-prefix state s_0, shared by the K samples of a prompt, regresses on their mean
+     reward (the K-sample Monte-Carlo value). Bootstrapped targets are recomputed from the
+     current head every ``--refresh-every`` optimizer steps (0 = once per epoch), always with
+     stop-gradient.
    * ARMs: preference pairs from the K samples of each prompt ranked by reward (near-ties below
-     ``--margin`` x reward std skipped), GenARM loss
+     ``--margin`` reward stds skipped), GenARM loss
      ``-log sigmoid(beta_r (sum_t log pi_r(y_w,t) - sum_t log pi_r(y_l,t)))`` with
-     ``log pi_r = ARMHead.logprobs(h, h @ E.T, E)``, E the tied embedding matrix.
+     ``log pi_r = ARMHead.logprobs(h, h @ E.T, E)``, E the tied embedding matrix. With the
+     recorded candidates the softmax is normalised over the base's top-64 tokens, y_t and the
+     remaining tail at its base mass (a sampled softmax, about 700x cheaper than the vocabulary
+     matmul; the prior scale s stays 1 so the tail term is exact for the base); held-out
+     accuracy is always measured with the full vocabulary.
 
 4. **Report** on validation prompts (never ``test``): Spearman rho between V(prefix) at 25/50/75%
    of the response and the final reward, plus MSE, for value heads; held-out pairwise accuracy
@@ -60,9 +74,10 @@ from tqdm.auto import tqdm
 
 from .heads import ARMHead, Head, ValueHead, save_head, tokenizer_fingerprint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
 FRACTIONS = (0.25, 0.5, 0.75)
+TOPK = 64  # base log-probs kept per state while sampling (ARM training's candidate set)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,16 +288,117 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
-                     folder: Path, chunk: int = 16) -> dict[str, Any]:
-    """K base samples per prompt, cached in ``folder/samples.pt`` (saved after every chunk).
+def nucleus_sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator,
+                   k: int = 1024) -> tuple[Tensor, Tensor]:
+    """Temperature + top-p sampling of one token per row of ``logits`` [R, V].
 
-    Requests of a chunk are submitted together so the engine decodes all their rows in one
-    batch; every request has its own seed, and the engine's per-row random streams make the
-    tokens independent of which requests share a batch.
+    Returns (tokens [R] long, base log-probabilities of those tokens [R] at temperature 1).
+    The nucleus is found within the top ``k`` tokens (a partial sort, several times cheaper than
+    sorting the vocabulary on a CPU); rows whose top ``k`` hold less than ``top_p`` of the mass
+    fall back to the full sort, so the distribution is exactly the nucleus one. One uniform
+    draw per row from ``gen`` (the request's generator) makes the result independent of which
+    other requests share the batch.
+    """
+    lf = logits.float()
+    probs = torch.softmax(lf / max(temperature, 1e-5), dim=-1)
+    vals, idx = torch.topk(probs, min(k, probs.shape[-1]), dim=-1)
+    short = vals.sum(-1) < top_p
+    if bool(short.any()):
+        full_v, full_i = torch.sort(probs[short], dim=-1, descending=True)
+        pad = probs.shape[-1] - vals.shape[-1]
+        vals = F.pad(vals, (0, pad))
+        idx = F.pad(idx, (0, pad))
+        vals[short], idx[short] = full_v, full_i
+    keep = (vals.cumsum(-1) - vals) < top_p  # the smallest prefix whose mass reaches top_p
+    w = vals * keep
+    cum = w.cumsum(-1)
+    u = torch.rand(len(w), generator=gen) * cum[:, -1]
+    pos = torch.searchsorted(cum, u[:, None]).clamp_max(w.shape[-1] - 1)
+    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)
+    tokens = idx.gather(1, pos)[:, 0]
+    base_lp = torch.log_softmax(lf, dim=-1).gather(1, tokens[:, None])[:, 0]
+    return tokens, base_lp
+
+
+class _RecordingSample:
+    """Plain sampling from the base (temperature + top-p with :func:`nucleus_sample`, one
+    generator per request) that also keeps the final hidden state after every sampled token, so
+    the features come out of the sampling forwards themselves instead of a second pass over
+    every response.
+
+    ``hidden[c]`` is [T_c + 1, D] float32 for choice c: s_0 (last prompt token), then the state
+    after each emitted token, the stopping EOS included (one extra one-token forward per row).
+    """
+
+    def __new__(cls, *a: Any, **kw: Any) -> Any:  # built lazily: keeps engine imports local
+        from alignserve.decoders.base import Decoder, emit_rows, prefill
+        from alignserve.engine.primitives import Extend
+
+        class Recording(Decoder):
+            name = "sample"
+
+            def __init__(self) -> None:
+                super().__init__({})
+                self.hidden: list[list[Tensor]] = []
+                self.top: list[list[tuple[Tensor, Tensor]]] = []
+                self.sampled: list[list[int]] = []
+
+            @staticmethod
+            def topk(logits: Tensor) -> list[tuple[Tensor, Tensor]]:
+                lp = torch.log_softmax(logits.float(), dim=-1)
+                v, i = torch.topk(lp, TOPK, dim=-1)
+                return [(a.half(), b.int()) for a, b in zip(v.cpu(), i.cpu())]
+
+            def run(self, ctx: Any) -> Any:
+                seq, last = yield from prefill(ctx, False)
+                n = ctx.n
+                h0 = ctx.prompt_hidden.detach().float().cpu()
+                self.hidden = [[h0] for _ in range(n)]
+                top0 = self.topk(last[None])[0]
+                self.top = [[top0] for _ in range(n)]
+                self.sampled = [[] for _ in range(n)]
+                seqs = [seq] + ctx.fork(seq, n - 1)
+                gen = ctx.generator(0)
+                logits = last[None].expand(n, -1)
+                live = list(range(n))
+                p = ctx.params
+                while live:
+                    tokens, base_lp = nucleus_sample(logits, p.temperature, p.top_p, gen)
+                    ctx.stats.tokens_generated += len(live)
+                    done = emit_rows(ctx, live, tokens, base_lp, None)
+                    toks = tokens.tolist()
+                    for i, t in zip(live, toks):
+                        self.sampled[i].append(int(t))
+                    # every row extends by its token (finished ones too, for the state after
+                    # their last token); only the unfinished rows' logits are used next
+                    outs = yield [Extend(seqs[i], [t], hidden=True) for i, t in zip(live, toks)]
+                    for i, o in zip(live, outs):
+                        self.hidden[i].append(o.hidden[-1].detach().float().cpu())
+                        self.top[i].append(self.topk(o.logits[-1:])[0])
+                    keep = [j for j, d in enumerate(done) if not d]
+                    if not keep:
+                        return
+                    logits = torch.cat([outs[j].logits for j in keep])
+                    live = [live[j] for j in keep]
+
+        return Recording()
+
+
+def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
+                     folder: Path, chunk: int = 32) -> dict[str, Any]:
+    """K base samples per prompt, with their hidden states, cached in ``folder``.
+
+    ``samples.pt`` holds the texts and tokens (rewritten after every ``chunk`` prompts);
+    ``hidden-<start>.pt`` holds the states of the chunk starting at prompt ``start`` (a list of
+    [T+1, D] float32 tensors, one per sample). All requests are submitted at once, so the engine
+    keeps ``--slots`` rows (``slots / K`` prompts) decoding in one batch the whole time;
+    every request has its own seed, and the engine's per-row random streams make the tokens
+    independent of which requests share a batch. A killed run resumes after the last saved
+    chunk.
     """
     path = folder / "samples.pt"
-    data: dict[str, Any] = {"version": CACHE_VERSION, "prompts": [], "done": 0}
+    data: dict[str, Any] = {"version": CACHE_VERSION, "prompts": [], "done": 0,
+                            "hidden_chunks": []}
     if path.is_file():
         data = torch.load(path, weights_only=False)
         if data.get("version") != CACHE_VERSION:
@@ -295,7 +411,6 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
                          "changed?); delete the folder")
     if data["done"] >= len(todo):
         return {**data, "prompts": data["prompts"][:len(todo)], "done": len(todo)}
-    from alignserve.decoders.sample import Sample
     from alignserve.engine.sampling import SamplingParams
     from alignserve.engine.scheduler import EngineRequest
 
@@ -304,43 +419,89 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
     base.ensure_len(max(len(prompt_ids(tok, p.text)) for p in todo) + cfg.max_new_tokens + 2)
     engine = base.engine
     eos = base.eos_id()
-    bar = tqdm(total=len(todo), initial=data["done"], desc=f"sampling {folder.name}",
-               unit="prompt", disable=not cfg.progress)
-    for start in range(data["done"], len(todo), chunk):
-        batch = todo[start:start + chunk]
-        events: queue.Queue = queue.Queue()
-        reqs = []
-        for i, p in enumerate(batch):
-            ids = prompt_ids(tok, p.text)
-            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_tokens=cfg.max_new_tokens,
-                                    seed=_stable_int(cfg.seed, p.id))
+    first = data["done"]
+    bar = tqdm(total=len(todo), initial=first, desc=f"sampling {folder.name}",
+               unit="prompt", disable=not cfg.progress, mininterval=10.0, smoothing=0.05)
+    events: queue.Queue = queue.Queue()
+    reqs: dict[int, Any] = {}
+    decs: dict[int, Any] = {}
+    for i in range(first, len(todo)):
+        p = todo[i]
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_tokens=cfg.max_new_tokens, seed=_stable_int(cfg.seed, p.id))
 
-            def cb(ev: tuple, i: int = i, events: queue.Queue = events) -> None:
-                if ev[0] in ("done", "error"):
-                    events.put((i, ev))
+        def cb(ev: tuple, i: int = i) -> None:
+            if ev[0] in ("done", "error"):
+                events.put((i, ev))
 
-            reqs.append(engine.submit(EngineRequest(ids, params, decoder=Sample(), n=cfg.samples,
-                                                    prompt_text=p.text, callback=cb)))
-        results: list[Any] = [None] * len(batch)
-        for _ in batch:
-            i, ev = events.get()
-            if ev[0] == "error":
-                raise RuntimeError(f"sampling failed for prompt {batch[i].id}: {ev[1]}")
-            results[i] = ev[1]
-            bar.update(1)
-        for p, req, res in zip(batch, reqs, results):
-            data["prompts"].append({
-                "id": p.id, "text": p.text, "prompt_ids": list(req.prompt_ids),
-                "responses": [c["text"] for c in res["choices"]],
-                # EOS is kept as the last token when the model chose to stop
-                "tokens": [list(c["tokens"]) + ([eos] if c["finish_reason"] == "stop" else [])
-                           for c in res["choices"]],
-            })
-        data["done"] = start + len(batch)
-        _atomic_save(data, path)
+        decs[i] = _RecordingSample()
+        reqs[i] = engine.submit(EngineRequest(prompt_ids(tok, p.text), params, decoder=decs[i],
+                                              n=cfg.samples, prompt_text=p.text, callback=cb))
+    results: dict[int, Any] = {}
+    pending_hidden: list[Tensor] = []
+    pending_top: list[tuple[Tensor, Tensor]] = []
+    while data["done"] < len(todo):
+        i, ev = events.get()
+        if ev[0] == "error":
+            raise RuntimeError(f"sampling failed for prompt {todo[i].id}: {ev[1]}")
+        results[i] = ev[1]
+        bar.update(1)
+        while data["done"] in results:
+            j = data["done"]
+            res, dec, p = results.pop(j), decs.pop(j), todo[j]
+            toks = []
+            for c, choice in enumerate(res["choices"]):
+                t = list(choice["tokens"]) + ([eos] if choice["finish_reason"] == "stop" else [])
+                if len(t) + 1 != len(dec.hidden[c]):
+                    raise RuntimeError(f"prompt {p.id}: {len(t)} tokens but "
+                                       f"{len(dec.hidden[c]) - 1} recorded states")
+                toks.append(t)
+                pending_hidden.append(torch.stack(dec.hidden[c]))
+                # the base's top-TOPK log-probs at s_0..s_{T-1} (the states that predict a token)
+                pending_top.append((torch.stack([v for v, _ in dec.top[c][:-1]]),
+                                    torch.stack([i for _, i in dec.top[c][:-1]])))
+            data["prompts"].append({"id": p.id, "text": p.text,
+                                    "prompt_ids": list(reqs.pop(j).prompt_ids),
+                                    "responses": [c["text"] for c in res["choices"]],
+                                    "tokens": toks})
+            data["done"] = j + 1
+            chunk_start = data["hidden_chunks"][-1][1] if data["hidden_chunks"] else 0
+            if data["done"] - chunk_start >= chunk or data["done"] == len(todo):
+                name = f"hidden-{chunk_start:05d}.pt"
+                _atomic_save(pending_hidden, folder / name)
+                _atomic_save(pending_top, folder / name.replace("hidden-", "topk-"))
+                pending_hidden, pending_top = [], []
+                data["hidden_chunks"].append((chunk_start, data["done"], name))
+                _atomic_save(data, path)
     bar.close()
     return data
+
+
+def _recorded_features(data: dict[str, Any], folder: Path) -> dict[str, Tensor]:
+    """Features assembled from the states recorded while sampling (see sample_responses)."""
+    n = len(data["prompts"])
+    rows: list[Tensor] = []
+    tops: list[tuple[Tensor, Tensor]] = []
+    for a, b, name in data["hidden_chunks"]:
+        if a >= n:
+            break
+        part = torch.load(folder / name, weights_only=True)
+        k = sum(len(p["tokens"]) for p in data["prompts"][a:min(b, n)])
+        rows.extend(part[:k])
+        tops.extend(torch.load(folder / name.replace("hidden-", "topk-"), weights_only=True)[:k])
+    lengths = [len(t) + 1 for p in data["prompts"] for t in p["tokens"]]
+    if len(rows) != len(lengths) or any(len(r) != m for r, m in zip(rows, lengths)):
+        raise ValueError(f"{folder}: recorded states do not match the samples; delete it")
+    return {
+        "cand_lp": torch.cat([v for v, _ in tops]),
+        "cand_ids": torch.cat([i for _, i in tops]),
+        "hidden": torch.cat(rows),
+        "offsets": torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.long),
+        "group": torch.tensor([g for g, p in enumerate(data["prompts"]) for _ in p["tokens"]],
+                              dtype=torch.long),
+        "tokens": torch.tensor([x for p in data["prompts"] for t in p["tokens"] for x in t],
+                               dtype=torch.long),
+    }
 
 
 def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
@@ -352,6 +513,8 @@ def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
     first being the state at the last prompt token. ``tokens`` holds the response tokens (flat,
     [sum_s T_s]) and ``group`` the prompt index of every sample.
     """
+    if not backbone_layers and data.get("hidden_chunks"):
+        return _recorded_features(data, folder)
     suffix = f"-L{backbone_layers}" if backbone_layers else ""
     path = folder / f"features-n{len(data['prompts'])}{suffix}.pt"
     if path.is_file():
@@ -441,6 +604,8 @@ class Split:
     tokens: Tensor
     rewards: Tensor
     folder: Path
+    cand_ids: Tensor | None = None  # [sum_s T_s, TOPK] the base's top token ids at s_0..s_{T-1}
+    cand_lp: Tensor | None = None  # [sum_s T_s, TOPK] their base log-probs (fp16)
 
     @property
     def num_samples(self) -> int:
@@ -464,7 +629,7 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
                              backbone_layers=cfg.backbone_layers)
     rewards = score_samples(data, weights, folder, base)
     return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
-                 folder)
+                 folder, feats.get("cand_ids"), feats.get("cand_lp"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,10 +656,21 @@ def value_targets(method: str, values: Tensor, split: Split, lam: float) -> Tens
 
     ``values`` are the current head's V(s) for every row (unused by ``fudge``).
     """
-    sample, _, last = _position_index(split)
+    sample, step, last = _position_index(split)
     r = split.rewards[sample]
+    # s_0 is the same state for the K samples of a prompt: its Monte-Carlo value is their mean
+    groups = int(split.group.max()) + 1
+    mc0 = torch.zeros(groups).index_add(0, split.group, split.rewards) \
+        / torch.bincount(split.group, minlength=groups).clamp_min(1)
+    first = step == 0
     if method == "fudge":
-        return r.clone()
+        return torch.where(first, mc0[split.group][sample], r)
+    out = _bootstrapped_targets(method, values, split, lam, r, last)
+    return torch.where(first, mc0[split.group][sample], out)
+
+
+def _bootstrapped_targets(method: str, values: Tensor, split: Split, lam: float, r: Tensor,
+                          last: Tensor) -> Tensor:
     nxt = torch.empty_like(values)
     nxt[:-1] = values[1:]
     if method == "cd-q":
@@ -582,17 +758,86 @@ def arm_sequence_logprobs(head: ARMHead | None, split: Split, samples: Sequence[
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
 
 
+def arm_sequence_logprobs_topk(head: ARMHead | None, split: Split, samples: Sequence[int],
+                               embed: Tensor) -> Tensor:
+    """sum_t log pi_r(y_t | s_{t-1}) per sample, normalised over the base's top-TOPK tokens
+    plus y_t instead of the whole vocabulary (head None = the base itself, exact: its
+    normaliser comes from the recorded top-1 log-prob).
+
+    For a base-placed ARM, s * l + E u(h) = (s h + u(h)) E^T, so the TOPK + 1 candidate logits
+    are one small batched product; this is a sampled-softmax approximation that is exact when
+    the candidates carry the ARM's mass (the top 64 hold almost all of the base's).
+    """
+    assert split.cand_ids is not None and split.cand_lp is not None
+    rows, tgt, own = _arm_rows(split, samples)
+    dev = embed.device
+    tok_rows = _token_rows(split, samples)
+    h = split.hidden[rows].to(dev).float()
+    ids = split.cand_ids[tok_rows].to(dev).long()  # [N, K]
+    y = tgt.to(dev)
+    e_y = embed[y]  # [N, D]
+    if head is None:  # log p(y) = l_y - lse, lse = l_top1 - lp_top1
+        lse = (h * embed[ids[:, 0]]).sum(-1) - split.cand_lp[tok_rows, 0].to(dev).float()
+        picked = (h * e_y).sum(-1) - lse
+    else:
+        # the base's own normaliser and tail mass outside the top K (exact, from the recorded
+        # top-K log-probs); the tail enters the ARM's normaliser with its base mass (delta ~ 0
+        # there), so only the prior scale s = 1 is consistent: train_arm freezes it
+        top_lp = split.cand_lp[tok_rows].to(dev).float()
+        lse_base = (h * embed[ids[:, 0]]).sum(-1) - top_lp[:, 0]
+        tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6)) + lse_base
+        g = head.base_scale * h + head.up(head.down(h))  # [N, D]
+        cand = torch.einsum("nd,nkd->nk", g, embed[ids])  # [N, K]
+        inside = (ids == y[:, None]).any(-1)
+        ly = (g * e_y).sum(-1)
+        # a y outside the top K is part of the tail: take it out of the tail at its base logit
+        # and put it back with the ARM's logit
+        base_y = (h * e_y).sum(-1)
+        rest = tail + torch.log1p(-torch.exp((base_y - tail).clamp(max=-1e-6)))
+        tail = torch.where(inside, tail, rest)
+        extra = torch.where(inside, torch.full_like(ly, float("-inf")), ly)
+        lse = torch.logsumexp(torch.cat([cand, tail[:, None], extra[:, None]], 1), dim=1)
+        picked = ly - lse
+    return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
+
+
+def _token_rows(split: Split, samples: Sequence[int]) -> Tensor:
+    """Indices into the per-token arrays (tokens, cand_ids) of the given samples' tokens."""
+    tok_off = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), split.lengths - 1]), 0)
+    return torch.cat([torch.arange(int(tok_off[s]), int(tok_off[s + 1])) for s in samples])
+
+
+def arm_sequence_logprobs_exact(head: ARMHead, split: Split, samples: Sequence[int],
+                                embed: Tensor) -> Tensor:
+    """Like :func:`arm_sequence_logprobs` for a base-placed ARM, with one vocabulary matmul
+    instead of two: log_softmax(s l + E u(h)) = log_softmax((s h + u(h)) E^T)."""
+    rows, tgt, own = _arm_rows(split, samples)
+    dev = embed.device
+    h = split.hidden[rows].to(dev).float()
+    g = head.base_scale * h + head.up(head.down(h))
+    lp = torch.log_softmax(g @ embed.T, dim=-1)
+    picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
+    return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
+
+
 @torch.no_grad()
 def arm_metrics(head: ARMHead, split: Split, pairs: list[tuple[int, int]], embed: Tensor,
-                base_sums: Tensor | None = None, chunk: int = 32) -> dict[str, float]:
+                base_sums: Tensor | None = None, chunk: int = 32,
+                approx: bool = False) -> dict[str, float]:
     """Pairwise accuracy of the ARM's reward sum log pi_r, of the base alone, and of the
-    head's increment over the base (sum log pi_r - sum log pi_base)."""
+    head's increment over the base (sum log pi_r - sum log pi_base).
+
+    Exact (full-vocabulary normalisation) unless ``approx``, which normalises over the recorded
+    top-TOPK candidates (cheap; used for the per-epoch validation line)."""
     n = split.num_samples
-    sums = torch.cat([arm_sequence_logprobs(head, split, range(i, min(i + chunk, n)), embed)
+    topk = split.cand_ids is not None
+    head_fn = arm_sequence_logprobs_topk if approx and topk else arm_sequence_logprobs_exact
+    sums = torch.cat([head_fn(head, split, range(i, min(i + chunk, n)), embed)
                       for i in range(0, n, chunk)]).cpu()
     if base_sums is None:
-        base_sums = torch.cat([arm_sequence_logprobs(None, split, range(i, min(i + chunk, n)),
-                                                     embed) for i in range(0, n, chunk)]).cpu()
+        base_fn = arm_sequence_logprobs_topk if topk else arm_sequence_logprobs
+        base_sums = torch.cat([base_fn(None, split, range(i, min(i + chunk, n)), embed)
+                               for i in range(0, n, chunk)]).cpu()
     if not pairs:
         return {"pairs": 0}
     w = torch.tensor([p[0] for p in pairs])
@@ -728,7 +973,10 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
     head = ARMHead(train.hidden.shape[1], cfg.rank).to(dev)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if train.cand_ids is not None:  # top-K training normalises the tail at the base's scale
+        head.base_scale.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
+                           weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
     pairs = preference_pairs(train, margin)
     if not pairs:
@@ -736,6 +984,10 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
                          "(lower --margin or raise --samples)")
     val_pairs = preference_pairs(val, margin) if val is not None else []
     val_base = None
+    # the recorded top-TOPK candidates make each step a few small products instead of two
+    # [tokens, vocabulary] matmuls (see arm_sequence_logprobs_topk)
+    seq_logprobs = arm_sequence_logprobs_topk if train.cand_ids is not None \
+        else arm_sequence_logprobs
     assert cfg.epochs is not None and cfg.batch_size is not None
     for epoch in range(start, cfg.epochs):
         head.train()
@@ -747,7 +999,7 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         for batch in bar:
             samples = sorted({s for p in batch for s in p})
             pos = {s: i for i, s in enumerate(samples)}
-            sums = arm_sequence_logprobs(head, train, samples, embed)
+            sums = seq_logprobs(head, train, samples, embed)
             w = torch.tensor([pos[p[0]] for p in batch], device=dev)
             ll = torch.tensor([pos[p[1]] for p in batch], device=dev)
             loss = -F.logsigmoid(cfg.beta_r * (sums[w] - sums[ll])).mean()
@@ -761,13 +1013,14 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         head.eval()
         rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
         if val is not None and val_pairs:
+            base_fn = arm_sequence_logprobs_topk if val.cand_ids is not None \
+                else arm_sequence_logprobs
             if val_base is None:
                 val_base = torch.cat([
-                    arm_sequence_logprobs(None, val, range(i, min(i + 32, val.num_samples)),
-                                          embed)
+                    base_fn(None, val, range(i, min(i + 32, val.num_samples)), embed)
                     for i in range(0, val.num_samples, 32)]).cpu()
-            rec["val_pairwise_accuracy"] = arm_metrics(head, val, val_pairs, embed,
-                                                       val_base)["pairwise_accuracy"]
+            rec["val_pairwise_accuracy"] = arm_metrics(head, val, val_pairs, embed, val_base,
+                                                       approx=True)["pairwise_accuracy"]
         history.append(rec)
         print(f"[{cfg.name}] epoch {epoch + 1}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)), file=sys.stderr)
@@ -810,28 +1063,36 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         rrange = _reward_range(weights, base)
     finally:
         base.close()
+    r_mean, r_std = float(train.rewards.mean()), float(train.rewards.std())
     log(f"[{cfg.name}] {train.num_samples} train samples ({len(train.hidden)} states), "
         f"{val.num_samples if val else 0} validation samples; reward mean "
-        f"{float(train.rewards.mean()):.3f} std {float(train.rewards.std()):.3f}")
+        f"{r_mean:.3f} std {r_std:.3f}")
+    if not r_std > 0:
+        raise ValueError(f"reward {cfg.reward!r} is constant over the samples; nothing to learn")
+    # every target, metric and preference margin below is in reward standard deviations
+    train.rewards = (train.rewards - r_mean) / r_std
+    if val is not None:
+        val.rewards = (val.rewards - r_mean) / r_std
     dim = int(train.hidden.shape[1])
     data_info = {"train_samples": train.num_samples, "train_states": len(train.hidden),
                  "val_samples": val.num_samples if val else 0,
-                 "train_reward_mean": float(train.rewards.mean()),
-                 "train_reward_std": float(train.rewards.std()),
+                 "train_reward_mean": r_mean, "train_reward_std": r_std,
                  "sample_cache": str(train.folder)}
     metrics: dict[str, Any]
     if cfg.kind == "value":
         module, history = train_value_head(cfg, train, val)
+        module.r_mean.fill_(r_mean)
+        module.r_std.fill_(r_std)
         metrics = value_metrics(module, val) if val else {}
         arch = {"dim": dim, "hidden": cfg.hidden}
         if cfg.backbone_layers:
             arch["layers"] = cfg.backbone_layers
-        desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation "
-                f"({cfg.method}); for VAS / controlled decoding")
+        desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation, in "
+                f"reward standard deviations ({cfg.method}); for VAS / controlled decoding")
         wrange = [-20.0, 20.0]
     else:
         assert embed is not None
-        margin = cfg.margin * float(train.rewards.std())
+        margin = cfg.margin  # rewards are standardised: margin in reward stds
         module, history = train_arm(cfg, train, embed, val, margin)
         metrics = arm_metrics(module, val, preference_pairs(val, margin), embed) if val else {}
         metrics["margin"] = margin
@@ -845,7 +1106,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     training = {**asdict(cfg), **data_info, "history": history,
                 "seconds": round(time.perf_counter() - t0, 1)}
     manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,
-                "range": rrange if cfg.kind == "value" else [-1e9, 0.0],
+                "range": [(rrange[0] - r_mean) / r_std, (rrange[1] - r_mean) / r_std]
+                if cfg.kind == "value" else [-1e9, 0.0],
+                "reward_stats": {"mean": r_mean, "std": r_std, "reward_range": rrange},
                 "tokenizer": fingerprint, "arch": arch,
                 "placement": "backbone" if arch.get("layers") else "base",
                 "weight_range": wrange, "training": training, "metrics": metrics}
@@ -857,3 +1120,68 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     if not math.isfinite(history[-1]["train_loss"] if history else 0.0):
         raise RuntimeError("training diverged (non-finite loss)")
     return head
+
+
+# --------------------------------------------------------------------------------------------
+# the shipped heads
+# --------------------------------------------------------------------------------------------
+
+# One sample cache (suite, prompts, K, tokens, temperature, seed) serves every shipped head; the
+# settings per head are the ones that gave the best validation metrics (see README, Training).
+SHIPPED_DATA: dict[str, Any] = {"suite": "all", "prompts": 544, "val_prompts": 80,
+                                "samples": 8, "max_new_tokens": 48, "seed": 0}
+SHIPPED_HEADS: dict[str, dict[str, Any]] = {
+    "sentiment_value": {"kind": "value", "reward": "sentiment", "method": "td-lambda",
+                        "hidden": 64, "weight_decay": 0.01},
+    "non_toxic_value": {"kind": "value", "reward": "non_toxic", "method": "td-lambda",
+                        "hidden": 64, "weight_decay": 0.01},
+    "concise_value": {"kind": "value", "reward": "concise", "method": "td-lambda",
+                      "hidden": 64, "weight_decay": 0.01},
+    "sentiment_arm": {"kind": "arm", "reward": "sentiment", "epochs": 3, "lr": 1e-3},
+    "non_toxic_arm": {"kind": "arm", "reward": "non_toxic", "epochs": 3, "lr": 1e-3},
+    "concise_arm": {"kind": "arm", "reward": "concise", "epochs": 3, "lr": 1e-3},
+}
+
+
+def shipped_configs(out_dir: str | Path, **overrides: Any) -> list[TrainConfig]:
+    """TrainConfigs that rebuild every shipped head into ``out_dir/<name>``; ``overrides``
+    (e.g. run_dir, threads, prompts) apply to all of them."""
+    cfgs = []
+    for name, spec in SHIPPED_HEADS.items():
+        kw = {**SHIPPED_DATA, **spec, **{k: v for k, v in overrides.items() if v is not None}}
+        cfgs.append(TrainConfig(out=str(Path(out_dir) / name), name=name, **kw))
+    return cfgs
+
+
+def sample_only(cfg: TrainConfig) -> None:
+    """Fill the sample cache (validation, then train) without training anything."""
+    cfg = cfg.resolved()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
+    try:
+        for split, n in (("validation", cfg.val_prompts), ("train", cfg.prompts)):
+            if n == 0:
+                continue
+            prompts = select_prompts(split, cfg.suite, n)
+            sample_responses(base, cfg, prompts, cache_dir(cfg, split))
+    finally:
+        base.close()
+
+
+def train_all(out_dir: str | Path, only: Sequence[str] | None = None, sample: bool = True,
+              log: Callable[[str], None] | None = None, **overrides: Any) -> list[Head]:
+    """``alignserve train all``: sample once (cached, resumable), then train every shipped head
+    (or the ones in ``only``) into ``out_dir``. Returns the heads; logs the wall time."""
+    log = log or (lambda s: print(s, file=sys.stderr))
+    t0 = time.perf_counter()
+    cfgs = [c for c in shipped_configs(out_dir, **overrides) if not only or c.name in only]
+    unknown = set(only or ()) - set(SHIPPED_HEADS)
+    if unknown:
+        raise ValueError(f"unknown head(s) {sorted(unknown)}; shipped: {sorted(SHIPPED_HEADS)}")
+    if sample and cfgs:
+        sample_only(cfgs[0])  # every shipped head reads the same cache
+        log(f"[train all] samples ready after {time.perf_counter() - t0:.0f}s")
+    heads = [run_training(c, log) for c in cfgs]
+    log(f"[train all] {len(heads)} heads in {time.perf_counter() - t0:.0f}s -> {out_dir}")
+    return heads
