@@ -188,6 +188,9 @@ def test_zero_weights_reproduce_plain_sampling(engine, registry, prompts, plain,
       "reward_options": {"concise": {"target_words": 0}}},
      "alignment.reward_options.concise.target_words"),
     ({"strategy": "teleport"}, "alignment.strategy"),
+    # a required option missing for a weighted reward: refused before the engine scores
+    ({"strategy": "args", "weights": {"keywords": 1}},
+     "alignment.reward_options.keywords.keywords"),
 ])
 def test_invalid_alignment_is_400_naming_field(server, alignment, field):
     r = httpx.post(server.url + "/v1/chat/completions", json={

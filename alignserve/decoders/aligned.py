@@ -103,7 +103,12 @@ class AlignedDecoder(Decoder):
             self.weights = validate_weights(self.weights, infos)
         except ValueError as exc:
             raise AlignmentError(getattr(exc, "field", "alignment.weights"), str(exc)) from None
-        for name, ro in self.opt.reward_options.items():
+        # every weighted reward source's options (required ones included) are checked here,
+        # before admission, not when the engine first scores
+        scored = [] if self.head_kind is not None else \
+            [n for n, w in self.weights.items() if w and n in registry.rewards]
+        for name in dict.fromkeys([*self.opt.reward_options, *scored]):
+            ro = self.opt.reward_options.get(name, {})
             if name not in registry.rewards:
                 raise AlignmentError(f"alignment.reward_options.{name}",
                                      f"unknown reward {name!r}")
