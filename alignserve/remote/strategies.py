@@ -104,26 +104,10 @@ class RemoteCtx:
         k = min(k, int(torch.isfinite(lg).sum(-1).min()))
         return torch.topk(lg, max(k, 1), dim=-1).indices
 
-    # ---- output (as DecodeContext) -----------------------------------------------------------
-    def emit(self, choice: int, token: int, logprob: float | None = None,
-             top: list[tuple[int, float]] | None = None,
-             policy_logprob: float | None = None) -> bool:
-        st = self.choices[choice]
-        if st.finished:
-            return True
-        info = TokenInfo(token, logprob, top, policy_logprob)
-        delta = self.detok.push(st, info)
-        if delta or st.finished:
-            self._on_delta(choice, delta, info)
-        return st.finished
-
-    def finish(self, choice: int, reason: str = "stop") -> None:
-        st = self.choices[choice]
-        if not st.finished:
-            self._on_delta(choice, self.detok.finish(st, reason), None)
-
-    def finished(self, choice: int) -> bool:
-        return self.choices[choice].finished
+    # ---- output: the same stop / EOS / max_tokens rules as in-process ------------------------
+    emit = DecodeContext.emit
+    finish = DecodeContext.finish
+    finished = DecodeContext.finished
 
     def emit_text(self, choice: int, text: str, infos: list[TokenInfo], ids: list[int],
                   finish_reason: str | None) -> None:
