@@ -77,8 +77,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
-    """Flags of ``train value`` / ``train arm`` (see ``alignserve.value_models.training``)."""
-    value = kind == "value"
+    """Flags of ``train value|q|arm`` (see ``alignserve.value_models.training``)."""
+    value = kind in ("value", "q")
     p.add_argument("--reward", required=True,
                    help="reward source(s) the head approximates: a built-in name (sentiment, "
                         "vader, non_toxic, concise, length, keywords, regex, json, judge), "
@@ -89,7 +89,7 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                         f"(e.g. heads/sentiment_{kind})")
     p.add_argument("--name", default=None,
                    help="head name clients use (default: the --out folder name)")
-    if value:
+    if kind == "value":
         p.add_argument("--method", default="td-lambda", choices=["td-lambda", "fudge", "cd-q"],
                        help="value target: td-lambda = lambda-returns bootstrapped from the "
                             "head (VAS; gamma 1, --lam); fudge = final reward at every prefix "
@@ -127,12 +127,19 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                         "preference pairs per step, whole prompts at a time (default 32)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="Adam weight decay (default 0)")
-    p.add_argument("--backbone-layers", type=int, default=0,
-                   help="0 (default): the head reads the base model's final hidden state (no "
-                        "extra forward). L > 0: it reads a separate small causal LM made of the "
-                        "base's first L layers with its own KV cache (placement 'backbone'; an "
-                        "ARM then builds on that LM's own early-exit logits)")
-    if value:
+    if kind != "q":
+        p.add_argument("--backbone-layers", type=int, default=0,
+                       help="0 (default): the head reads the base model's final hidden state (no "
+                            "extra forward). L > 0: it reads a separate small causal LM made of "
+                            "the base's first L layers with its own KV cache (placement "
+                            "'backbone'; an ARM then builds on that LM's own early-exit logits)")
+    if kind == "q":
+        p.add_argument("--rank", type=int, default=64,
+                       help="rank of the query map E_a . (B (A h) + u) (default 64)")
+        p.add_argument("--value-head", default=None, metavar="DIR",
+                       help="the value head whose V([s, a]) - V(s) the Q-head learns (default: "
+                            "<reward>_value beside --out, else the shipped one)")
+    elif value:
         p.add_argument("--hidden", type=int, default=128,
                        help="hidden units of the value MLP (default 128)")
         p.add_argument("--lam", type=float, default=0.95,
@@ -181,11 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample continuations from the frozen base, score them with the reward, "
                     "cache the base's hidden states and fit a value head on them."), "value")
     _train_args(tsub.add_parser(
+        "q", help="Q-head: values of every next token from one state, for VAS / CD without "
+                  "a tree forward",
+        description="Distil a value head into a Q-head over the vocabulary on the cached base "
+                    "samples: E_a . q(h_t) learns V([s, a]) - V(s) along the sampled path."),
+        "q")
+    _train_args(tsub.add_parser(
         "arm", help="autoregressive reward model (GenARM) head",
         description="Rank K base samples per prompt by the reward, build preference pairs and "
                     "fit a low-rank ARM head with GenARM's pairwise loss."), "arm")
     a = tsub.add_parser(
-        "all", help="rebuild every shipped head (sentiment, non_toxic, concise x value, ARM)",
+        "all", help="rebuild every shipped head (sentiment, non_toxic, concise x value, Q, ARM)",
         description="Sample the base once (cached under --run-dir, resumable) and train every "
                     "head shipped in alignserve/value_models/default_heads with its recorded "
                     "settings.")
@@ -266,7 +279,8 @@ def train(args: argparse.Namespace) -> int:
         backbone_layers=getattr(args, "backbone_layers", 0),
         rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
         refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),
-        margin=getattr(args, "margin", 0.1), run_dir=args.run_dir, resume=args.resume,
+        margin=getattr(args, "margin", 0.1), value_head=getattr(args, "value_head", None),
+        run_dir=args.run_dir, resume=args.resume,
         device=args.device, threads=args.threads, slots=args.slots,
         progress=not args.no_progress)
     try:

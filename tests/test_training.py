@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignserve.value_models.heads import ARMHead, ValueHead, load_head
+from alignserve.value_models.heads import ARMHead, QHead, ValueHead, load_head
 from alignserve.value_models.training import TrainConfig, run_training
 
 
@@ -110,6 +110,31 @@ def test_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) ->
     assert isinstance(loaded.module, ARMHead) and loaded.manifest["arch"]["rank"] == 32
     b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
     assert _same(a.module, b.module)
+
+
+def test_q_head_distils_the_value_head_and_is_deterministic(run_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """A Q-head learns V([s, a]) - V(s) of the value head trained beside it (train all's
+    layout: <reward>_value next to the Q-head's folder), bit-identically for one seed."""
+    v = run_training(_cfg(run_dir, tmp_path / "concise=1_value", "value", method="fudge",
+                          epochs=20, lr=3e-3))
+    kw = dict(epochs=30, lr=3e-3, batch_size=64, rank=8)
+    a = run_training(_cfg(run_dir, tmp_path / "concise_q", "q", **kw))
+    hist = a.manifest["training"]["history"]
+    assert hist[-1]["train_loss"] < 0.5 * hist[0]["train_loss"], hist
+    assert a.manifest["training"]["value_head"] == str(v.path)
+    assert a.manifest["training"]["method"] == "distill-v"
+    assert {"spearman", "first_token_pairwise_accuracy"} <= set(a.manifest["metrics"])
+    loaded = load_head(tmp_path / "concise_q")
+    assert loaded.kind == "q" and loaded.info.kind == "q_head"
+    assert isinstance(loaded.module, QHead) and _same(loaded.module, a.module)
+    # [N, D] states x [N, k, D] candidate embeddings -> [N, k] advantages
+    out = loaded.module(torch.randn(2, 576), torch.randn(2, 5, 576))
+    assert out.shape == (2, 5) and out.dtype == torch.float32
+    b = run_training(_cfg(run_dir, tmp_path / "again_q", "q", value_head=str(v.path), **kw))
+    assert _same(a.module, b.module)
+    with pytest.raises(ValueError, match="not a value head"):
+        run_training(_cfg(run_dir, tmp_path / "bad_q", "q", value_head=str(a.path), **kw))
 
 
 def test_backbone_value_head_trains_and_steers_vas(run_dir: Path, tmp_path: Path,

@@ -10,9 +10,18 @@ forwards. Only if the sampled token lies outside the top-k is one ordinary forwa
 
 CD (token-wise): pi(a) proportional to pi_base(a) exp(lambda V) over the top-k only, i.e. the same
 scores with sampling restricted to the candidates.
+
+Values (``values``): ``"tree"`` is the exact V([x, y<t, a]) of each candidate from the tree
+forward above; ``"q"`` reads them from a Q-head (``value_models.heads.QHead``), which predicts
+V([x, y<t, a]) - V([x, y<t]) for every token from the current state alone, so a guided token
+costs one ordinary one-token forward plus a [k, D] product, like plain decoding. ``"auto"``
+(default) uses Q-heads when every weighted reward has one on the base and ``batched`` is true,
+else the tree. Both are in reward standard deviations, so beta means the same either way.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -34,6 +43,10 @@ class VasOptions(CommonOptions):
     top_k: int = Field(20, ge=1, le=64, description="candidates valued per token (published 20)")
     batched: bool = Field(True, description="false = the reference code's way, one forward per "
                           "candidate on a copied cache (for benchmarks only)")
+    values: Literal["auto", "tree", "q"] = Field(
+        "auto", description="candidate values: 'tree' = exact V of each candidate from a "
+        "k-token tree forward; 'q' = a Q-head's values from the current state (no extra "
+        "forward); 'auto' = 'q' when every weighted reward has a Q-head, else 'tree'")
 
 
 class Vas(AlignedDecoder):
@@ -42,18 +55,48 @@ class Vas(AlignedDecoder):
     head_kind = "value"
     restrict = False  # VAS leaves non-candidates as they are; CD samples among candidates only
 
+    q_heads: dict = {}
+
     def bind(self, registry) -> None:  # type: ignore[no-untyped-def]
         super().bind(registry)
         if self.backbones and not self.opt.batched:
             raise AlignmentError("alignment.batched", "batched=false (the benchmark baseline) "
                                  "supports heads on the base model's states only")
+        self.q_heads = {}
+        if self.opt.values == "tree" or registry is None or self.plain:
+            return
+        if self.opt.values == "q" and not self.opt.batched:
+            raise AlignmentError("alignment.values", "values='q' needs no candidate forwards; "
+                                 "batched=false applies to values='tree' only")
+        found, missing = {}, []
+        for name, w in self.weights.items():
+            if not w:
+                continue
+            value = registry.heads_for(name, "value")
+            q = registry.heads_for(name, "q") or registry.heads_for(
+                value.manifest.get("reward", name), "q")
+            if q is None or value.runner != "base":
+                missing.append(name)
+            else:
+                found[name] = q
+        if missing and self.opt.values == "q":
+            have = sorted(h.name for h in registry.heads.values() if h.kind == "q")
+            raise AlignmentError("alignment.values", f"values='q' needs a Q-head on the base "
+                                 f"model for {missing}; loaded Q-heads: {have}")
+        if not missing and self.opt.batched:
+            self.q_heads = found
 
     def slots_needed(self, n: int) -> dict[str, int]:
+        if self.q_heads:
+            return {"base": n}
         need = {"base": n if self.opt.batched else 2 * n}
         need.update({r: n for r in self.backbones})
         return need
 
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
+        if self.q_heads:
+            return (yield from self.run_choice_q(ctx, c, seq, logits))
+        ctx.info["values"] = "tree"
         reg = ctx.resources
         heads = [(reg.heads_for(n, "value"), w) for n, w in self.weights.items() if w]
         betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
@@ -92,6 +135,29 @@ class Vas(AlignedDecoder):
                 outs = yield [Extend(seq, [tok])] + [Extend(v, [tok], logits="none")
                                                      for v in vseqs.values()]
                 logits = outs[0].logits[0]
+
+    def run_choice_q(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
+        """Values from Q-heads on the current state: one one-token forward per token."""
+        ctx.info["values"] = "q"
+        heads = [(self.q_heads[n], w) for n, w in self.weights.items() if w]
+        betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
+        embed = ctx.runners["base"].model.head_weight
+        gen = ctx.generator(c)
+        hidden = ctx.prompt_hidden[None]  # [1, D] state of the prefix
+        while True:
+            cands = topk_ids(ctx, logits, self.opt.top_k, ctx.choices[c].tokens)
+            rows = embed[torch.tensor(cands, device=embed.device)][None]  # [1, k, D]
+            vals = torch.stack([h.module(hidden, rows)[0] for h, _ in heads]).cpu()  # [H, k]
+            ctx.stats.candidates_scored += len(cands)
+            vals = vals - vals.mean(dim=1, keepdim=True)
+            out = yield from sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
+                                           weights=betas, restrict=self.restrict)
+            tok = int(out.tokens[0])
+            ctx.stats.tokens_generated += 1
+            if emit_one(ctx, c, tok, logits, out.logprobs[0]):
+                return
+            [o] = yield [Extend(seq, [tok], hidden=True)]
+            logits, hidden = o.logits[0], o.hidden
 
     def one_by_one(self, ctx: DecodeContext, seq: Seq, cands: list[int]) -> Run:
         """Reference-style scoring: copy the prefix cache and run one forward per candidate."""

@@ -8,6 +8,10 @@ parameters), train in minutes on cached hidden states, and are stored as safeten
 
 - ``ValueHead``: V(prefix) = MLP(h_t) -> scalar, trained to predict the final reward of a base
   continuation (FUDGE / TD(lambda) / CD-Q targets, see ``training``).
+- ``QHead``: Q(prefix, a) - V(prefix) for every next token a from ONE state,
+  ``E_a . (B (A h_t) + u)`` through the tied embedding matrix E, trained to match a value
+  head's V on the extended prefixes [prefix, a]. VAS / CD read the k candidates' values from it
+  with no k-token tree forward (``values: "q"``), at the cost of a [k, D] product per token.
 - ``ARMHead``: log pi_r(a | prefix) = log_softmax(l_base + E (B (A h_t)))_a, a low-rank adapter
   through the tied embedding matrix E on top of the frozen base logits. Trained with GenARM's
   pairwise loss; at decode time GenARM adds alpha * log pi_r to the base log-probabilities.
@@ -84,6 +88,45 @@ class ValueHead(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class QHead(nn.Module):
+    """Advantage over the vocabulary from one state: Q(s, a) - V(s) = E_a . (B (A x) + u).
+
+    ``x`` is the standardised final hidden state h_t of the prefix s, E [V, D] the base's tied
+    embedding matrix, A [r, D] and B [D, r] a rank-r map and u [D] a state-free term (a token's
+    own effect on the reward). Output in reward standard deviations, like ``ValueHead`` (it is
+    distilled from one: the target is V([s, a]) - V(s) along the base's own samples), so the same
+    VAS / CD beta means the same with tree-forward values and Q-head values. The state value
+    V(s) is not modelled: VAS and CD centre the values over the candidates, where it cancels.
+    """
+
+    def __init__(self, dim: int, rank: int = 64) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sigma", torch.ones(dim))
+        self.register_buffer("r_mean", torch.zeros(()))
+        self.register_buffer("r_std", torch.ones(()))
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        self.token = nn.Parameter(torch.zeros(dim))
+        nn.init.zeros_(self.up.weight)  # starts at zero advantage everywhere
+
+    def query(self, h: Tensor) -> Tensor:
+        """[..., D] hidden states -> [..., D] query vectors (dot them with token embeddings)."""
+        x = (h.float() - self.mu) / self.sigma
+        return self.up(self.down(x)) + self.token
+
+    def forward(self, h: Tensor, embed_rows: Tensor) -> Tensor:
+        """Advantages in reward stds (fp32).
+
+        Args:
+            h: [N, D] hidden states of N prefixes.
+            embed_rows: [N, k, D] embeddings of each prefix's k candidate tokens (E[ids]).
+        Returns:
+            [N, k] Q(s, a) - V(s).
+        """
+        return (embed_rows.float() @ self.query(h)[..., None]).squeeze(-1)
+
+
 class ARMHead(nn.Module):
     """Low-rank logit adapter on the base: log pi_r = log_softmax(s * l_base + E (B (A h))).
 
@@ -118,7 +161,7 @@ class Head:
     """A loaded head: its manifest and module."""
 
     name: str
-    kind: str  # "value" or "arm"
+    kind: str  # "value", "q" or "arm"
     module: nn.Module
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -133,8 +176,9 @@ class Head:
     def info(self) -> RewardInfo:
         m = self.manifest
         desc = m.get("description") or f"{self.kind} head approximating {m.get('reward', '?')}"
-        wr = tuple(m.get("weight_range", (-20.0, 20.0) if self.kind == "value" else (-5.0, 5.0)))
-        return RewardInfo(name=self.name, kind="value_head" if self.kind == "value" else "arm",
+        wr = tuple(m.get("weight_range", (-5.0, 5.0) if self.kind == "arm" else (-20.0, 20.0)))
+        kind = {"value": "value_head", "q": "q_head"}.get(self.kind, "arm")
+        return RewardInfo(name=self.name, kind=kind,
                           description=desc, range=tuple(m.get("range", (-1e9, 1e9))),
                           weight_range=wr)  # type: ignore[arg-type]
 
@@ -159,7 +203,9 @@ def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
         return ValueHead(arch["dim"], arch.get("hidden", 128))
     if kind == "arm":
         return ARMHead(arch["dim"], arch.get("rank", 32))
-    raise HeadError(f"unknown head kind {kind!r} (expected 'value' or 'arm')")
+    if kind == "q":
+        return QHead(arch["dim"], arch.get("rank", 64))
+    raise HeadError(f"unknown head kind {kind!r} (expected 'value', 'q' or 'arm')")
 
 
 def save_head(folder: Path, head: Head) -> Path:

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .heads import ARMHead, Head, ValueHead, save_head, tokenizer_fingerprint
+from .heads import ARMHead, Head, QHead, ValueHead, save_head, tokenizer_fingerprint
 
 CACHE_VERSION = 2
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
@@ -88,7 +88,7 @@ TOPK = 64  # base log-probs kept per state while sampling (ARM training's candid
 class TrainConfig:
     """Every setting of a training run; the whole object is stored in the head manifest."""
 
-    kind: str  # "value" or "arm"
+    kind: str  # "value", "q" or "arm"
     reward: str  # "name", "a,b" or "a=1,b=0.5"
     out: str
     name: str | None = None
@@ -113,6 +113,7 @@ class TrainConfig:
     refresh_every: int | None = None  # None: 0 (per epoch) for td-lambda, 4 steps for cd-q
     beta_r: float = 0.05
     margin: float = 0.1
+    value_head: str | None = None  # q heads: the value head distilled (None: <reward>_value)
     run_dir: str = "runs/train"
     resume: bool = False
     device: str = "cpu"
@@ -123,9 +124,9 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill method-dependent defaults so the manifest records the values actually used."""
-        value = self.kind == "value"
-        if self.kind not in ("value", "arm"):
-            raise ValueError(f"kind must be 'value' or 'arm', got {self.kind!r}")
+        value = self.kind in ("value", "q")
+        if self.kind not in ("value", "q", "arm"):
+            raise ValueError(f"kind must be 'value', 'q' or 'arm', got {self.kind!r}")
         if value and self.method not in VALUE_METHODS:
             raise ValueError(f"--method must be one of {VALUE_METHODS}, got {self.method!r}")
         out = TrainConfig(**asdict(self))
@@ -137,6 +138,8 @@ class TrainConfig:
             out.refresh_every = 4 if self.method == "cd-q" else 0
         if not value:
             out.method = "genarm"
+        if self.kind == "q":
+            out.method = "distill-v"
         return out
 
 
@@ -944,6 +947,106 @@ def train_value_head(cfg: TrainConfig, train: Split,
     return head, history
 
 
+# --------------------------------------------------------------------------------------------
+# Q-heads (values of every next token from one state)
+# --------------------------------------------------------------------------------------------
+
+def _transition_index(split: Split) -> tuple[Tensor, Tensor]:
+    """Rows of s_t (t < T) and the matching index into the flat response ``tokens``."""
+    sample, step, last = _position_index(split)
+    rows = torch.nonzero(~last).squeeze(1)
+    tok = split.offsets[:-1][sample[rows]] - sample[rows] + step[rows]
+    return rows, tok
+
+
+@torch.no_grad()
+def q_targets(value: torch.nn.Module, split: Split) -> tuple[Tensor, Tensor, Tensor]:
+    """(state rows, token ids, target advantages V(s_{t+1}) - V(s_t)) along the samples."""
+    v = _predict(value, split.hidden)
+    rows, tok = _transition_index(split)
+    return rows, split.tokens[tok], v[rows + 1] - v[rows]
+
+
+@torch.no_grad()
+def q_metrics(head: QHead, value: torch.nn.Module, split: Split, embed: Tensor,
+              min_gap: float = 0.05) -> dict[str, float]:
+    """How well the Q-head ranks next tokens against the value head's V([s, a]).
+
+    ``spearman``: rho between predicted and target advantages over every sampled transition.
+    ``first_token_pairwise_accuracy``: at the prompt's last state s_0, shared by the K samples
+    of a prompt, the pairs of different first tokens whose V(s_1) differ by more than
+    ``min_gap`` stds, ordered as the value head orders them (what VAS / CD need: a ranking of
+    candidates at one state).
+    """
+    from scipy.stats import spearmanr
+
+    rows, ids, target = q_targets(value, split)
+    pred = torch.cat([head(split.hidden[rows[i:i + 8192]], embed[ids[i:i + 8192]][:, None])[:, 0]
+                      for i in range(0, len(rows), 8192)])
+    rho = spearmanr(pred.numpy(), target.numpy()).statistic
+    first = split.offsets[:-1]
+    has_tok = split.lengths > 1
+    v1 = _predict(value, split.hidden[first + 1])
+    first_tok = split.tokens[(first - torch.arange(len(first))).clamp_max(len(split.tokens) - 1)]
+    q0 = head(split.hidden[first], embed[first_tok][:, None])[:, 0]
+    right = total = 0
+    for g in split.group.unique().tolist():
+        members = [i for i in torch.nonzero(split.group == g).squeeze(1).tolist() if has_tok[i]]
+        for a_i, a in enumerate(members):
+            for b in members[a_i + 1:]:
+                if first_tok[a] == first_tok[b] or abs(float(v1[a] - v1[b])) <= min_gap:
+                    continue
+                total += 1
+                right += int((float(q0[a] - q0[b]) > 0) == (float(v1[a] - v1[b]) > 0))
+    return {"spearman": float(rho) if np.isfinite(rho) else 0.0,
+            "first_token_pairwise_accuracy": right / total if total else float("nan"),
+            "first_token_pairs": total, "transitions": len(rows)}
+
+
+def train_q_head(cfg: TrainConfig, train: Split, value: torch.nn.Module, embed: Tensor,
+                 val: Split | None = None) -> tuple[QHead, list[dict[str, Any]]]:
+    """Fit a QHead: E[a_t] . q(h_t) regresses V(s_{t+1}) - V(s_t) of ``value`` (a trained
+    ValueHead in reward stds) on every transition of the base's own samples."""
+    dev = torch.device(cfg.device)
+    torch.manual_seed(_stable_int("init", cfg.seed))
+    head = QHead(train.hidden.shape[1], cfg.rank).to(dev)
+    head.mu.copy_(train.hidden.mean(0))
+    head.sigma.copy_(train.hidden.std(0).clamp_min(1e-4))
+    rows, ids, target = q_targets(value, train)
+    x, e, target = train.hidden[rows].to(dev), embed.float().to(dev), target.to(dev)
+    ids = ids.to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, history = _load_ckpt(cfg, head, opt)
+    assert cfg.epochs is not None and cfg.batch_size is not None
+    bar = tqdm(range(start, cfg.epochs), desc=f"train {cfg.name} (distill V)", unit="epoch",
+               disable=not cfg.progress, initial=start, total=cfg.epochs)
+    for epoch in bar:
+        head.train()
+        perm = torch.randperm(len(x), generator=_epoch_generator(cfg.seed, epoch)).to(dev)
+        total, count = 0.0, 0
+        for b in range(0, len(perm), cfg.batch_size):
+            idx = perm[b:b + cfg.batch_size]
+            loss = F.mse_loss(head(x[idx], e[ids[idx]][:, None])[:, 0], target[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        head.eval()
+        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
+        if val is not None:
+            m = q_metrics(head, value, val, embed)
+            rec.update({"val_spearman": m["spearman"],
+                        "val_first_token_accuracy": m["first_token_pairwise_accuracy"]})
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
+                        rho=f"{rec.get('val_spearman', float('nan')):.3f}")
+        _save_ckpt(cfg, head, opt, epoch + 1, history)
+    bar.close()
+    head.eval()
+    return head, history
+
+
 def _pair_batches(pairs: list[tuple[int, int]], group: Tensor, batch_pairs: int,
                   gen: torch.Generator) -> list[list[tuple[int, int]]]:
     """Shuffled batches of whole prompts holding about ``batch_pairs`` pairs each.
@@ -1045,6 +1148,23 @@ def _reward_range(weights: dict[str, float], base: BaseModel) -> list[float]:
     return [lo, hi]
 
 
+def _value_head_for(cfg: TrainConfig, fingerprint: str, dim: int) -> Head:
+    """The value head a Q-head distils: ``cfg.value_head``, else ``<reward>_value`` beside
+    ``cfg.out`` (what ``train all`` has just written), else the shipped one."""
+    from .heads import default_heads_dir, load_head
+
+    name = f"{cfg.reward}_value"
+    for folder in ([Path(cfg.value_head)] if cfg.value_head else
+                   [Path(cfg.out).parent / name, default_heads_dir() / name]):
+        if (folder / "manifest.json").is_file():
+            head = load_head(folder, fingerprint, dim)
+            if head.kind != "value":
+                raise ValueError(f"--value-head {folder} is a {head.kind} head, not a value head")
+            return head
+    raise ValueError(f"no value head to distil for {cfg.reward!r}: train {name} first or pass "
+                     "--value-head DIR")
+
+
 def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> Head:
     """Sample (cached), featurise (cached), train, evaluate and save one head to ``cfg.out``."""
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -1058,7 +1178,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         train = load_split(base, cfg, "train", cfg.prompts, weights)
         val = load_split(base, cfg, "validation", cfg.val_prompts, weights) \
             if cfg.val_prompts != 0 else None
-        embed = base.embed if cfg.kind == "arm" else None
+        embed = base.embed if cfg.kind in ("arm", "q") else None
         fingerprint = tokenizer_fingerprint(base.tokenizer)
         rrange = _reward_range(weights, base)
     finally:
@@ -1079,7 +1199,20 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                  "train_reward_mean": r_mean, "train_reward_std": r_std,
                  "sample_cache": str(train.folder)}
     metrics: dict[str, Any]
-    if cfg.kind == "value":
+    if cfg.kind == "q":
+        assert embed is not None
+        vhead = _value_head_for(cfg, fingerprint, dim)
+        data_info["value_head"] = str(vhead.path)
+        module, history = train_q_head(cfg, train, vhead.module, embed, val)
+        module.r_mean.fill_(r_mean)
+        module.r_std.fill_(r_std)
+        metrics = q_metrics(module, vhead.module, val, embed) if val else {}
+        arch = {"dim": dim, "rank": cfg.rank}
+        desc = (f"Q-head: advantage Q(prefix, a) - V(prefix) of every next token for "
+                f"{cfg.reward}, in reward standard deviations, distilled from "
+                f"{vhead.name}; for VAS / controlled decoding without a tree forward")
+        wrange = [-20.0, 20.0]
+    elif cfg.kind == "value":
         module, history = train_value_head(cfg, train, val)
         module.r_mean.fill_(r_mean)
         module.r_std.fill_(r_std)
@@ -1107,7 +1240,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                 "seconds": round(time.perf_counter() - t0, 1)}
     manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,
                 "range": [(rrange[0] - r_mean) / r_std, (rrange[1] - r_mean) / r_std]
-                if cfg.kind == "value" else [-1e9, 0.0],
+                if cfg.kind != "arm" else [-1e9, 0.0],
                 "reward_stats": {"mean": r_mean, "std": r_std, "reward_range": rrange},
                 "tokenizer": fingerprint, "arch": arch,
                 "placement": "backbone" if arch.get("layers") else "base",
@@ -1137,6 +1270,12 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
                         "hidden": 64, "weight_decay": 0.01},
     "concise_value": {"kind": "value", "reward": "concise", "method": "td-lambda",
                       "hidden": 64, "weight_decay": 0.01},
+    "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 8,
+                    "batch_size": 1024, "lr": 1e-3},
+    "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 8,
+                    "batch_size": 1024, "lr": 1e-3},
+    "concise_q": {"kind": "q", "reward": "concise", "rank": 64, "epochs": 8,
+                  "batch_size": 1024, "lr": 1e-3},
     "sentiment_arm": {"kind": "arm", "reward": "sentiment", "epochs": 3, "lr": 1e-3},
     "non_toxic_arm": {"kind": "arm", "reward": "non_toxic", "epochs": 3, "lr": 1e-3},
     "concise_arm": {"kind": "arm", "reward": "concise", "epochs": 3, "lr": 1e-3},
