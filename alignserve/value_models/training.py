@@ -960,11 +960,30 @@ def _transition_index(split: Split) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def q_targets(value: torch.nn.Module, split: Split) -> tuple[Tensor, Tensor, Tensor]:
-    """(state rows, token ids, target advantages V(s_{t+1}) - V(s_t)) along the samples."""
+def q_targets(value: torch.nn.Module, split: Split) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(state rows, token ids, target advantages V(s_{t+1}) - V(s_t), index of each
+    transition's recorded top-64 candidates) along the samples."""
     v = _predict(value, split.hidden)
     rows, tok = _transition_index(split)
-    return rows, split.tokens[tok], v[rows + 1] - v[rows]
+    return rows, split.tokens[tok], v[rows + 1] - v[rows], tok
+
+
+def q_advantage(head: QHead, h: Tensor, ids: Tensor, embed: Tensor,
+                cand_ids: Tensor | None = None, cand_lp: Tensor | None = None) -> Tensor:
+    """[N] Q(s, a) - E_{a' ~ pi_base} Q(s, a') for N (state, token) pairs.
+
+    Centring under the base policy (over the state's recorded top-64 tokens) removes whatever
+    depends on the state alone, so the head must explain the target V([s, a]) - V(s) (zero mean
+    under pi_base, since V(s) ~ E_a V([s, a])) by how tokens differ, which is all VAS / CD use.
+    Without recorded candidates the raw Q(s, a) is returned.
+    """
+    q = head.query(h)  # [N, D]
+    out = (embed[ids].float() * q).sum(-1)
+    if cand_ids is None or cand_lp is None:
+        return out
+    p = torch.softmax(cand_lp.float(), -1)  # [N, 64]
+    qc = (embed[cand_ids].float() @ q[:, :, None]).squeeze(-1)  # [N, 64]
+    return out - (p * qc).sum(-1)
 
 
 @torch.no_grad()
@@ -980,9 +999,12 @@ def q_metrics(head: QHead, value: torch.nn.Module, split: Split, embed: Tensor,
     """
     from scipy.stats import spearmanr
 
-    rows, ids, target = q_targets(value, split)
-    pred = torch.cat([head(split.hidden[rows[i:i + 8192]], embed[ids[i:i + 8192]][:, None])[:, 0]
-                      for i in range(0, len(rows), 8192)])
+    rows, ids, target, tok = q_targets(value, split)
+    cid, clp = split.cand_ids, split.cand_lp
+    pred = torch.cat([q_advantage(head, split.hidden[rows[i:i + 4096]], ids[i:i + 4096], embed,
+                                  None if cid is None else cid[tok[i:i + 4096]],
+                                  None if clp is None else clp[tok[i:i + 4096]])
+                      for i in range(0, len(rows), 4096)])
     rho = spearmanr(pred.numpy(), target.numpy()).statistic
     first = split.offsets[:-1]
     has_tok = split.lengths > 1
@@ -1005,16 +1027,19 @@ def q_metrics(head: QHead, value: torch.nn.Module, split: Split, embed: Tensor,
 
 def train_q_head(cfg: TrainConfig, train: Split, value: torch.nn.Module, embed: Tensor,
                  val: Split | None = None) -> tuple[QHead, list[dict[str, Any]]]:
-    """Fit a QHead: E[a_t] . q(h_t) regresses V(s_{t+1}) - V(s_t) of ``value`` (a trained
-    ValueHead in reward stds) on every transition of the base's own samples."""
+    """Fit a QHead: E[a_t] . q(h_t), centred under the base policy (``q_advantage``),
+    regresses V(s_{t+1}) - V(s_t) of ``value`` (a trained ValueHead in reward stds) on every
+    transition of the base's own samples."""
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
     head = QHead(train.hidden.shape[1], cfg.rank).to(dev)
     head.mu.copy_(train.hidden.mean(0))
     head.sigma.copy_(train.hidden.std(0).clamp_min(1e-4))
-    rows, ids, target = q_targets(value, train)
+    rows, ids, target, tok = q_targets(value, train)
     x, e, target = train.hidden[rows].to(dev), embed.float().to(dev), target.to(dev)
     ids = ids.to(dev)
+    cid = train.cand_ids[tok].to(dev) if train.cand_ids is not None else None
+    clp = train.cand_lp[tok].to(dev) if train.cand_lp is not None else None
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
     assert cfg.epochs is not None and cfg.batch_size is not None
@@ -1026,7 +1051,9 @@ def train_q_head(cfg: TrainConfig, train: Split, value: torch.nn.Module, embed: 
         total, count = 0.0, 0
         for b in range(0, len(perm), cfg.batch_size):
             idx = perm[b:b + cfg.batch_size]
-            loss = F.mse_loss(head(x[idx], e[ids[idx]][:, None])[:, 0], target[idx])
+            pred = q_advantage(head, x[idx], ids[idx], e, None if cid is None else cid[idx],
+                               None if clp is None else clp[idx])
+            loss = F.mse_loss(pred, target[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
