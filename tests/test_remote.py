@@ -86,14 +86,66 @@ def test_strategies_through_proxy(proxy, alignment):
         assert cands["scores"][cands["chosen"]] == max(cands["scores"])
 
 
-@pytest.mark.parametrize("strategy", ["vas", "cd", "genarm", "deal"])
-def test_unavailable_strategies_are_400(proxy, strategy):
-    with pytest.raises(APIStatusError) as ei:
-        chat(proxy, {"strategy": strategy, "weights": {"sentiment": 1}})
-    assert ei.value.status_code == 400
-    err = ei.value.body
-    assert err["param"] == "alignment.strategy"
-    assert "not available" in err["message"]
+@pytest.mark.parametrize("alignment", [
+    {"strategy": "vas", "top_k": 8, "weights": {"sentiment": 3}},
+    {"strategy": "cd", "top_k": 8, "weights": {"sentiment": 3}},
+    {"strategy": "genarm", "weights": {"sentiment": 1}},
+    {"strategy": "deal", "beams": 2, "top_k": 2, "lookahead": 3, "weights": {"vader": 1}},
+], ids=lambda a: a["strategy"])
+def test_guided_strategies_through_proxy(proxy, alignment):
+    """vas / cd / genarm read the shipped heads on the proxy's local backbone; deal searches
+    with remote top-k and rollouts, rewards local."""
+    r = chat(proxy, alignment, max_tokens=8)
+    al = r.model_extra["alignment"]
+    assert al["strategy"] == alignment["strategy"]
+    assert r.choices[0].message.content
+    assert 0 < r.usage.completion_tokens <= 8
+    name = next(iter(alignment["weights"]))
+    assert len(al["rewards"][name]) == 1
+    calls = al["remote_calls"]
+    if alignment["strategy"] == "deal":
+        assert calls >= 2 and al["candidates"][0]["complete"] >= 1
+    else:  # one top-k call per returned token
+        assert calls == r.usage.completion_tokens
+    if alignment["strategy"] == "genarm":
+        assert al["kl_per_token"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["vas", "cd", "genarm"])
+def test_weight_zero_is_plain_through_proxy(proxy, strategy):
+    plain = chat(proxy, seed=11, max_tokens=8).choices[0].message.content
+    r = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 0}}, seed=11, max_tokens=8)
+    assert r.choices[0].message.content == plain
+
+
+def test_remote_cd_restricts_to_candidates(proxy):
+    """CD with one candidate is the remote's greedy answer, whatever the weight."""
+    greedy = chat(proxy, seed=1, max_tokens=8, temperature=0).choices[0].message.content
+    r = chat(proxy, {"strategy": "cd", "top_k": 1, "weights": {"sentiment": 10}}, seed=4,
+             max_tokens=8)
+    assert r.choices[0].message.content == greedy
+
+
+def test_without_backbone_head_strategies_are_400(remote, model_dir):
+    """``--local-backbone none``: vas / cd / genarm are listed unavailable with the reason and
+    refused with a 400 that says why; deal (rewards only) still runs."""
+    srv = ServerProc(["--base-url", remote.url, "--tokenizer", str(model_dir),
+                      "--local-backbone", "none", "--base-retries", "1"])
+    try:
+        info = httpx.get(srv.url + "/v1/heads").json()
+        off = {s["name"]: s.get("unavailable") for s in info["strategies"]}
+        for name in ("vas", "cd", "genarm"):
+            assert "local backbone" in off[name]
+            with pytest.raises(APIStatusError) as ei:
+                chat(srv, {"strategy": name, "weights": {"sentiment": 1}})
+            assert ei.value.status_code == 400
+            assert ei.value.body["param"] == "alignment.strategy"
+            assert "not available" in ei.value.body["message"]
+            assert "--local-backbone" in ei.value.body["message"]
+        assert off["deal"] is None and off["args"] is None
+        assert not [h for h in info["data"] if h["kind"] in ("value_head", "arm")]
+    finally:
+        srv.stop()
 
 
 def test_remote_limits_are_400(proxy):
@@ -109,12 +161,16 @@ def test_remote_limits_are_400(proxy):
 @pytest.mark.parametrize("alignment", [
     {"strategy": "best_of_n", "n": 4, "weights": {"sentiment": 1}},
     {"strategy": "cd_block", "k": 4, "block": 8, "weights": {"sentiment": 1}},
+    {"strategy": "vas", "top_k": 8, "weights": {"sentiment": 5}},
 ], ids=lambda a: a["strategy"])
 def test_rewards_agree_with_in_process(remote, proxy, alignment):
     """Same seeds, same objective: the proxy's rewards match the in-process server's within the
-    spread over seeds (the samples differ: the remote draws them with its own row streams)."""
+    spread over seeds (the samples differ: the remote draws them with its own row streams;
+    VAS through the proxy samples among the remote's top-20)."""
+    mt = 10 if alignment["strategy"] == "vas" else 16  # one round trip per token: keep it short
+
     def rewards(srv: ServerProc) -> list[float]:
-        return [chat(srv, alignment, seed=s, max_tokens=16).model_extra["alignment"]["rewards"]
+        return [chat(srv, alignment, seed=s, max_tokens=mt).model_extra["alignment"]["rewards"]
                 ["sentiment"][0] for s in range(4)]
 
     via, direct = rewards(proxy), rewards(remote)
