@@ -398,4 +398,8 @@ async def run_token_level(ctx: RemoteCtx, dec: Any, vocab: int) -> None:
 
 
 def _stops(ctx: RemoteCtx) -> dict[str, Any]:
-    return {"stop": list(ctx.params.stop)} if ctx.params.stop else {}
+    """The request's stop rules for a remote rollout (stop strings, ``ignore_eos``)."""
+    out: dict[str, Any] = {"stop": list(ctx.params.stop)} if ctx.params.stop else {}
+    if ctx.params.ignore_eos:
+        out["ignore_eos"] = True
+    return out
