@@ -119,6 +119,23 @@ def test_weight_zero_is_plain_through_proxy(proxy, strategy):
     assert r.choices[0].message.content == plain
 
 
+@pytest.mark.parametrize("alignment", [
+    {"strategy": "vas", "top_k": 20, "weights": {"sentiment": 5}},
+    {"strategy": "cd", "top_k": 20, "weights": {"sentiment": 5}},
+    {"strategy": "genarm", "weights": {"sentiment": 2}},
+], ids=lambda a: a["strategy"])
+def test_greedy_guided_matches_in_process(remote, proxy, alignment):
+    """Greedy, the proxy's guided choice is the in-process one token for token: the remote's
+    top-20 logprobs differ from the logits by a constant, the local backbone's hidden states are
+    the in-process model's, and the guidance formulas are the same. The weight changes the
+    answer, so the agreement is not plain decoding's."""
+    via = chat(proxy, alignment, seed=2, max_tokens=8, temperature=0)
+    direct = chat(remote, alignment, seed=2, max_tokens=8, temperature=0)
+    plain = chat(remote, seed=2, max_tokens=8, temperature=0)
+    assert via.choices[0].message.content == direct.choices[0].message.content
+    assert direct.choices[0].message.content != plain.choices[0].message.content
+
+
 def test_remote_cd_restricts_to_candidates(proxy):
     """CD with one candidate is the remote's greedy answer, whatever the weight."""
     greedy = chat(proxy, seed=1, max_tokens=8, temperature=0).choices[0].message.content
