@@ -44,7 +44,7 @@ class LocalBackbone:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignserve-backbone")
         self._pending: list[tuple[list[Op], asyncio.Future]] = []
         self._busy = False
-        self._freed: asyncio.Event | None = None
+        self._waiters: list[asyncio.Future] = []  # acquire calls waiting for free slots
         self.batches = 0  # runner.run calls (each one or a few padded forwards)
 
     @property
@@ -65,17 +65,23 @@ class LocalBackbone:
             raise EngineError(f"this request needs {n} local backbone slots; the server has "
                               f"{self.runner.cache.slots} (lower n)")
         while self.runner.num_free < n:
-            if self._freed is None:
-                self._freed = asyncio.Event()
-            self._freed.clear()
-            await self._freed.wait()
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
         return [self.runner.new_seq() for _ in range(n)]
 
     def release(self, seqs: list[Seq]) -> None:
+        """Give the sequences' slots back and wake every ``acquire`` that waits."""
         for s in seqs:
             self.runner.free(s)
-        if self._freed is not None:
-            self._freed.set()
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     async def commit(self, seq: Seq, index: int, token: int) -> None:
         """Make tree candidate ``index`` the sequence's next token (``ModelRunner.commit``)."""
