@@ -30,6 +30,8 @@ from ..decoders.aligned import AlignmentError
 from ..engine.api import GenerationInput, TextClient
 from ..engine.primitives import EngineError
 from ..engine.scheduler import eos_ids_from_config
+from .backbone import LocalBackbone
+from .guided import run_deal, run_genarm, run_value_guided
 from .http import RemoteCaps, RemoteError, RemoteHTTP, RemoteQueueFull, TokenMap
 from .strategies import (
     RemoteCtx,
@@ -42,8 +44,13 @@ from .strategies import (
 
 __all__ = ["RemoteEngineClient", "RemoteError", "RemoteQueueFull"]
 
-BACKBONE_REASON = "needs a backbone-placed head; not implemented in remote mode yet"
+NO_BACKBONE = ("its value heads / ARMs read hidden states, and this server has no local "
+               "backbone model (start it with --local-backbone DIR, a model folder with the "
+               "base's tokenizer that the heads were trained on, or with a --tokenizer folder "
+               "that holds the model's weights)")
 TOKEN_LEVEL = ("args", "transfer_qstar")
+HEAD_GUIDED = ("vas", "cd", "genarm")
+TOP_K_CAPPED = ("args", "transfer_qstar", "vas", "cd")  # alignment.top_k <= the remote's top-n
 
 
 @dataclass(eq=False)
@@ -87,13 +94,16 @@ class RemoteEngineClient(TextClient):
     ``tokenizer`` is a loaded Hugging Face tokenizer equal to the remote's (``probe`` checks it);
     ``caps`` are the remote's capabilities from that probe; ``resources`` the local reward
     registry. ``slots`` bounds the concurrent samples one request may ask for (as the KV-cache
-    slots do in-process).
+    slots do in-process). ``backbone`` is the local model the value heads and ARMs read
+    (``vas``, ``cd``, ``genarm``), or None (those strategies are then unavailable).
     """
 
     def __init__(self, http: RemoteHTTP, tokenizer: Any, caps: RemoteCaps, resources: Any,
                  max_len: int, eos_ids: set[int], slots: int = 32,
-                 request_timeout_s: float = 600.0, vocab_size: int | None = None) -> None:
+                 request_timeout_s: float = 600.0, vocab_size: int | None = None,
+                 backbone: LocalBackbone | None = None) -> None:
         self.http = http
+        self.backbone = backbone
         self.tok = tokenizer
         self.caps = caps
         self.resources = resources
@@ -106,12 +116,10 @@ class RemoteEngineClient(TextClient):
     def unavailable_strategies(self) -> dict[str, str]:
         """Strategies this deployment cannot run, each with the reason (for ``/v1/heads`` and
         the 400 at request time)."""
-        out = {s: BACKBONE_REASON for s in ("vas", "cd", "genarm")}
+        out = {} if self.backbone is not None else {s: NO_BACKBONE for s in HEAD_GUIDED}
         if not self.caps.logprobs or self.caps.max_logprobs < 1:
             why = f"the base model server at {self.http.base_url} returns no top logprobs"
-            out.update({s: why for s in (*TOKEN_LEVEL, "deal")})
-        else:
-            out["deal"] = "not implemented in remote mode yet"
+            out.update({s: why for s in (*TOKEN_LEVEL, *HEAD_GUIDED, "deal")})
         return out
 
     def check_request(self, dec: Any, inp: GenerationInput) -> None:
@@ -126,7 +134,13 @@ class RemoteEngineClient(TextClient):
             raise AlignmentError("alignment.keep", "early rejection (keep < 1) is not "
                                  "available in remote mode: the base server returns whole "
                                  "samples; set keep to 1 or leave it unset")
-        if name in TOKEN_LEVEL and opt is not None and opt.top_k > self.caps.max_logprobs:
+        placed = getattr(dec, "backbones", [])
+        if name in HEAD_GUIDED and placed:
+            raise AlignmentError("alignment.weights", f"heads placed on a partial backbone "
+                                 f"({', '.join(placed)}) are not available in remote mode: the "
+                                 "local backbone gives final hidden states only; use "
+                                 "base-placed heads")
+        if name in TOP_K_CAPPED and opt is not None and opt.top_k > self.caps.max_logprobs:
             raise AlignmentError("alignment.top_k", f"alignment.top_k must be at most "
                                  f"{self.caps.max_logprobs} here: the base model server "
                                  f"returns at most {self.caps.max_logprobs} top logprobs")
@@ -205,6 +219,12 @@ class RemoteEngineClient(TextClient):
             await run_cd_block(ctx, dec)
         elif dec.name in TOKEN_LEVEL:
             await run_token_level(ctx, dec, self.engine.base.config.vocab_size)
+        elif dec.name in ("vas", "cd") and self.backbone is not None:
+            await run_value_guided(ctx, dec, self.backbone, self.engine.base.config.vocab_size)
+        elif dec.name == "genarm" and self.backbone is not None:
+            await run_genarm(ctx, dec, self.backbone, self.engine.base.config.vocab_size)
+        elif dec.name == "deal":
+            await run_deal(ctx, dec, self.engine.base.config.vocab_size)
         else:  # check_request refused it already
             raise AlignmentError("alignment.strategy", f"{dec.name} is not available here")
         ctx.info["remote_calls"] = ctx.remote_calls

@@ -14,6 +14,8 @@ Remote round trips (one "call" may carry several prompts and ``n`` samples):
 * ``args``: 1 call per token (``max_tokens = 1``, ``logprobs = top_k``).
 * ``transfer_qstar``: 2 calls per token (the top-k, then the k greedy rollouts as one
   multi-prompt call).
+* ``vas``, ``cd``, ``genarm``, ``deal``: in ``alignserve.remote.guided`` (1, 1, 1 call per token
+  and 2 calls per search step).
 
 Candidates come from the remote's top logprobs, so ``top_k`` is capped by what the remote returns
 (alignserve and vLLM: 20). Candidate selection then applies the request's penalties and logit
@@ -396,4 +398,8 @@ async def run_token_level(ctx: RemoteCtx, dec: Any, vocab: int) -> None:
 
 
 def _stops(ctx: RemoteCtx) -> dict[str, Any]:
-    return {"stop": list(ctx.params.stop)} if ctx.params.stop else {}
+    """The request's stop rules for a remote rollout (stop strings, ``ignore_eos``)."""
+    out: dict[str, Any] = {"stop": list(ctx.params.stop)} if ctx.params.stop else {}
+    if ctx.params.ignore_eos:
+        out["ignore_eos"] = True
+    return out

@@ -46,12 +46,17 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
 
     Loads the local tokenizer (``--tokenizer``), probes the remote (tokenizer equality,
     capabilities; ``ValueError`` when unusable) and serves ``RemoteEngineClient``. Rewards are
-    local; heads (which read the base's hidden states) are not loaded.
+    local. The local backbone (``--local-backbone DIR``; by default the ``--tokenizer`` folder
+    when it holds model weights; ``none`` = off) is loaded with the heads that read it: the
+    shipped default heads when they fit its tokenizer and hidden size, and every ``--heads``
+    folder (which must fit).
     """
     from transformers import AutoTokenizer
 
+    from ..remote.backbone import LocalBackbone, has_weights
     from ..remote.client import RemoteEngineClient, eos_ids_of, vocab_size_of
     from ..remote.http import RemoteHTTP, probe
+    from ..value_models.heads import HeadError, tokenizer_fingerprint
 
     keys = api_keys(args)
     if not args.tokenizer:
@@ -63,10 +68,48 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
                       timeout_s=args.request_timeout, retries=args.base_retries)
     caps = probe(http, tok)
     max_len = min(args.max_len, caps.max_model_len or args.max_len)
-    registry = Registry.build(None, None, None, judge_scorer=None)
+    bb_arg = getattr(args, "local_backbone", None)
+    bb_dir: Path | None = None
+    if bb_arg is None:
+        bb_dir = tok_dir if has_weights(tok_dir) else None
+    elif bb_arg != "none":
+        bb_dir = Path(bb_arg)
+        if not has_weights(bb_dir):
+            raise ValueError(f"--local-backbone {bb_dir}: not a model folder (config.json and "
+                             "*.safetensors weights)")
+        check = AutoTokenizer.from_pretrained(bb_dir)
+        if tokenizer_fingerprint(check) != tokenizer_fingerprint(tok):
+            raise ValueError(f"--local-backbone {bb_dir} has another tokenizer than "
+                             f"--tokenizer {tok_dir}: it must read the base's tokens")
+    heads = args.heads if isinstance(args.heads, list) else [args.heads] if args.heads else []
+    backbone = None
+    if bb_dir is None:
+        if heads:
+            raise ValueError("--heads needs a local backbone in remote mode (--local-backbone "
+                             "DIR): heads read its hidden states")
+        registry = Registry.build(None, None, None, judge_scorer=None)
+    else:
+        from ..value_models.rewards import HFNextTokenScorer
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        backbone = LocalBackbone(bb_dir, args.slots, max_len, getattr(torch, args.dtype),
+                                 args.device)
+        fp, dim = tokenizer_fingerprint(tok), backbone.hidden_size
+        judge = HFNextTokenScorer(bb_dir)
+        use_default = not getattr(args, "no_default_heads", False)
+        try:
+            registry = Registry.build([Path(h) for h in heads], fp, dim, judge_scorer=judge,
+                                      default_heads=use_default)
+        except HeadError:
+            if not use_default:
+                raise
+            # the shipped heads were trained on SmolLM2-135M-Instruct: skip them for another
+            # backbone, but a --heads folder that does not fit is still an error
+            registry = Registry.build([Path(h) for h in heads], fp, dim, judge_scorer=judge)
     client = RemoteEngineClient(http, tok, caps, registry, max_len, eos_ids_of(tok_dir, tok),
                                 slots=args.slots, request_timeout_s=args.request_timeout,
-                                vocab_size=vocab_size_of(tok_dir, tok))
+                                vocab_size=vocab_size_of(tok_dir, tok), backbone=backbone)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes,
                           max_candidates=getattr(args, "max_candidates", None))

@@ -1,0 +1,215 @@
+"""Head-guided and search strategies over a remote base: ``vas``, ``cd``, ``genarm``, ``deal``.
+
+The remote gives each step's top candidates and their log-probabilities (``max_tokens=1``,
+``logprobs=k``, the prompt as token ids); guidance is computed here with the same formulas as
+in-process (``alignserve.decoders.vas`` / ``genarm`` / ``deal``) and the same shared helpers
+(``topk_ids``, ``sample_scored``, ``score_texts``, the sampler). Value heads and ARMs read a
+local backbone (``alignserve.remote.backbone.LocalBackbone``) that is fed the same tokens.
+
+Round trips per returned token (each "call" is one HTTP request to the remote, possibly with
+several prompts):
+
+* ``vas``, ``cd``: 1 call (the top-k) + 1 local tree forward over the k candidates (in
+  sequence: the tree needs the candidates). A VAS token outside the candidates adds one local
+  ``Extend``, overlapped with the next call.
+* ``genarm``: 1 call, overlapped with the local ``Extend`` of the previous token (both read the
+  same prefix; the ARM needs the hidden state at its last token).
+* ``deal``: per search step (one token on every beam) 2 calls: the top-k of all beams as one
+  multi-prompt call, then all expansions' greedy lookaheads as one multi-prompt call; rewards
+  local. The answer is only returned once the search ends.
+
+Differences from in-process, all caused by the remote returning only its top log-probabilities
+(alignserve and vLLM: 20): VAS samples among the remote's top-20 (tokens beyond it have no
+logits here, as with top-k sampling at 20; in-process they keep their logits); GenARM's guided
+distribution is the in-process one restricted to and renormalised over the remote's top-20,
+with the ARM's base prior read from those log-probabilities; ``alignment.kl_per_token`` is
+measured over the same top-20.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+
+from ..decoders.aligned import emit_tokens, finish_state, sample_scored, topk_ids
+from ..engine.output import Detokenizer, TokenInfo
+from .backbone import LocalBackbone
+from .strategies import RemoteCtx, _stops, drive, next_top, sparse_logits
+
+
+def _tops(ctx: RemoteCtx, top: dict[int, float]) -> list[tuple[int, float]] | None:
+    n_top = ctx.params.top_logprobs
+    return sorted(top.items(), key=lambda x: -x[1])[:n_top] if n_top else None
+
+
+async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
+                           vocab: int) -> None:
+    """VAS / token-wise CD: per token the remote's top-k, their values from the value heads on
+    the local backbone's tree forward over the k candidates, vals centred over the top-k,
+    logits'(a) = logprob(a) + sum_i beta_i vals_i(a) (CD: sampled among the k only)."""
+    reg = ctx.resources
+    heads = [(reg.heads_for(n, "value"), w) for n, w in dec.weights.items() if w]
+    betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
+    k = dec.opt.top_k
+    # VAS leaves the other tokens as they are: ask for every top logprob the remote returns
+    want = max(k if dec.restrict else ctx.caps.max_logprobs, ctx.params.top_logprobs)
+    seqs = await backbone.acquire(ctx.n)
+    try:
+        await backbone.prefill(seqs, ctx.prompt_ids)
+
+        async def one(c: int) -> None:
+            seq, gen, done = seqs[c], ctx.generator(c), []
+            behind: int | None = None  # a sampled token the backbone has not read yet
+            while True:
+                if behind is None:
+                    top = await next_top(ctx, done, want)
+                else:
+                    top, _ = await asyncio.gather(next_top(ctx, done, want),
+                                                  backbone.extend(seq, behind))
+                    behind = None
+                if not top:
+                    ctx.finish(c, "stop")
+                    return
+                logits = sparse_logits(top, vocab)
+                cands = topk_ids(ctx, logits, k, done)
+                hidden = (await backbone.tree_hidden(seq, cands)).float().cpu()
+                ctx.stats.guidance_forwards += 1
+                ctx.stats.candidates_scored += len(cands)
+                vals = torch.stack([h.module(hidden) for h, _ in heads])  # [H, k]
+                vals = vals - vals.mean(dim=1, keepdim=True)
+                out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
+                                          restrict=dec.restrict))
+                tok = int(out.tokens[0])
+                ctx.stats.tokens_generated += 1
+                if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
+                    return
+                done.append(tok)
+                if tok in cands:
+                    await backbone.commit(seq, cands.index(tok), tok)
+                else:
+                    behind = tok
+
+        await asyncio.gather(*(one(c) for c in range(ctx.n)))
+    finally:
+        backbone.release(seqs)
+
+
+async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: int) -> None:
+    """GenARM over the remote's top-k (k = the most top logprobs it returns): with base
+    log-probs b(a) renormalised over the k and each ARM's log pi_r(a) = log_softmax over the k
+    of (s * b(a) + E_a (B (A h))) (h: the local backbone's hidden state at the prefix's last
+    token), sample (b + sum_i alpha_i log pi_r_i) / (1 + sum_i alpha_i) (``normalize``; else
+    not divided)."""
+    reg = ctx.resources
+    arms = [(reg.heads_for(n, "arm"), w) for n, w in dec.weights.items() if w]
+    alphas = torch.tensor([w for _, w in arms], dtype=torch.float32)
+    scale = 1.0 + float(alphas.sum()) if dec.opt.normalize else 1.0
+    embed = backbone.embed.detach().float().cpu()
+    k = max(ctx.caps.max_logprobs, ctx.params.top_logprobs)
+    seqs = await backbone.acquire(ctx.n)
+    try:
+        hidden0 = (await backbone.prefill(seqs, ctx.prompt_ids)).float().cpu()
+
+        async def one(c: int) -> None:
+            seq, gen, done = seqs[c], ctx.generator(c), []
+            h = hidden0[c:c + 1]
+            top = await next_top(ctx, done, k)
+            while True:
+                if not top:
+                    ctx.finish(c, "stop")
+                    return
+                ids = list(top)
+                lp = torch.tensor([top[i] for i in ids], dtype=torch.float32)
+                emb = embed[torch.tensor(ids)]  # [k, D]
+                base = torch.log_softmax(lp, -1)
+                arm = torch.stack([torch.log_softmax(
+                    head.module.base_scale * lp + head.module.delta(h, emb)[0], -1)
+                    for head, _ in arms])  # [H, k]
+                ctx.stats.guidance_forwards += 1
+                guided = (base + (alphas[:, None] * arm).sum(0)) / scale
+                dec.track_kl(ctx, guided, base)
+                full = torch.full((vocab,), float("-inf"))
+                full[torch.tensor(ids)] = guided
+                out = drive(ctx.sample(full[None], [gen], [done]))
+                tok = int(out.tokens[0])
+                ctx.stats.tokens_generated += 1
+                if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
+                    return
+                done.append(tok)
+                top, hn = await asyncio.gather(next_top(ctx, done, k), backbone.extend(seq, tok))
+                h = hn.float().cpu()
+
+        await asyncio.gather(*(one(c) for c in range(ctx.n)))
+    finally:
+        backbone.release(seqs)
+
+
+async def run_deal(ctx: RemoteCtx, dec: Any, vocab: int) -> None:
+    """DeAL: a frontier of ``beams`` answers; each step expands every beam with its ``top_k``
+    next tokens (the remote's top logprobs), rolls every expansion out greedily for
+    ``lookahead`` tokens on the remote, scores prefix + lookahead locally, keeps the best
+    ``beams``; finished expansions join the complete set; the best complete answer is returned.
+    """
+    o = dec.opt
+    det = Detokenizer(ctx.tokenizer)
+
+    async def one(c: int) -> None:
+        beams = [finish_state(ctx)]
+        complete: list[tuple[float, Any]] = []
+        while beams:
+            groups = await ctx.complete([ctx.prompt_ids + b.tokens for b in beams], top=o.top_k,
+                                        max_tokens=1, temperature=0.0)
+            states = []
+            for parent, [ch] in zip(beams, groups):
+                top = ch.tops[0] if ch.tops else {}
+                if not top:  # the remote offers nothing after this beam: it ends here
+                    st = finish_state(ctx)
+                    st.tokens, st.infos = list(parent.tokens), list(parent.infos)
+                    det.finish(st, "stop")
+                    states.append(st)
+                    continue
+                for a in topk_ids(ctx, sparse_logits(top, vocab), o.top_k, parent.tokens):
+                    st = finish_state(ctx)  # the expansion token goes through the stop rules
+                    st.tokens, st.infos = list(parent.tokens), list(parent.infos)
+                    det.push(st, TokenInfo(a, top.get(a)))
+                    states.append(st)
+            ends = [st.finished for st in states]
+            room = {j: min(o.lookahead, ctx.params.max_tokens - len(st.tokens))
+                    for j, st in enumerate(states) if not st.finished}
+            todo = [j for j, r in room.items() if r > 0]
+            rolls: dict[int, Any] = {}
+            if todo:
+                outs = await ctx.complete([ctx.prompt_ids + states[j].tokens for j in todo],
+                                          top=0, max_tokens=max(room[j] for j in todo),
+                                          temperature=0.0, **_stops(ctx))
+                rolls = {j: g[0] for j, g in zip(todo, outs)}
+            texts = []
+            for j, st in enumerate(states):
+                if st.finished:
+                    texts.append(st.text)
+                    continue
+                r = rolls.get(j)
+                look = ctx.replay(st.tokens, r.ids if r else [], r.finish_reason if r else None,
+                                  max_tokens=len(st.tokens) + room[j])
+                ctx.stats.tokens_generated += len(look.tokens) - len(st.tokens)
+                texts.append(look.text)
+            scores, _ = await ctx.score(dec, texts)
+            ctx.stats.candidates_scored += len(states)
+            ctx.stats.tokens_generated += len(states)
+            nxt = []
+            for j in sorted(range(len(states)), key=lambda j: -scores[j]):
+                if ends[j]:
+                    if len(complete) < o.beams:
+                        complete.append((float(scores[j]), states[j]))
+                elif len(nxt) < o.beams - len(complete):
+                    nxt.append(states[j])
+            beams = nxt
+        best = max(complete, key=lambda x: x[0])[1] if complete else finish_state(ctx)
+        ctx.info.setdefault("candidates", []).append({"complete": len(complete)})
+        emit_tokens(ctx, c, best.tokens, best.infos)
+        if best.finish_reason and not ctx.finished(c):
+            ctx.finish(c, best.finish_reason)
+
+    await asyncio.gather(*(one(c) for c in range(ctx.n)))
