@@ -185,6 +185,34 @@ def test_seeded_request_same_tokens_on_either_replica(cluster, client) -> None:
     assert set(seen) == {"0", "1"}
 
 
+def _disconnects(url: str) -> float:
+    page = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+               if line.startswith("alignserve_client_disconnects_total{"))
+
+
+def test_abandoned_stream_frees_its_replica(cluster) -> None:
+    before = _disconnects(cluster.url)
+    with httpx.Client(timeout=120) as c, c.stream(
+            "POST", cluster.url + "/v1/completions",
+            json={"model": MODEL, "prompt": "Tell me", "max_tokens": 96, "ignore_eos": True,
+                  "stream": True}) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: {")
+            if got >= 2:
+                break  # hang up mid-stream
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        reps = httpx.get(cluster.url + "/health", timeout=10).json()["replicas"]
+        if _disconnects(cluster.url) > before and all(x["in_flight"] == 0 for x in reps):
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the abandoned stream was not cancelled on its replica")
+
+
 def test_killed_replica_fails_only_its_in_flight_requests(cluster) -> None:
     url = cluster.url
     health = httpx.get(url + "/health", timeout=10).json()

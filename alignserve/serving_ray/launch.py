@@ -41,6 +41,23 @@ def replica_args(args: argparse.Namespace, keys: list[str]) -> argparse.Namespac
     return out
 
 
+def deploy_error(names: list[str]) -> str | None:
+    """The last line of the first failed replica's error (the exception its server raised)."""
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception:  # noqa: BLE001
+        return None
+    for name in names:
+        app = apps.get(name)
+        for dep in (app.deployments.values() if app else []):
+            lines = [ln.strip() for ln in (dep.message or "").splitlines() if ln.strip()]
+            if lines:
+                return lines[-1]
+    return None
+
+
 def serve_replicas(args: argparse.Namespace) -> int:
     """Run the replicated server; returns the process exit code."""
     from ..server.main import api_keys
@@ -57,6 +74,13 @@ def serve_replicas(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..engine.model_store import ModelError, resolve_model
+
+    try:  # fail fast on a bad --model, and convert the default model once, not per replica
+        resolve_model(args.model)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import ray
     from ray import serve
 
@@ -75,10 +99,16 @@ def serve_replicas(args: argparse.Namespace) -> int:
     targets = [serve.RunTarget(
         dep.options(name="engine", num_replicas=1, ray_actor_options=replica_options(args),
                     max_ongoing_requests=100_000, health_check_period_s=2.0,
-                    graceful_shutdown_timeout_s=5.0).bind(rargs, i),
+                    graceful_shutdown_timeout_s=5.0, max_constructor_retry_count=3,
+                    ).bind(rargs, i),
         name=name, route_prefix=None) for i, name in enumerate(names)]
     try:
-        handles = serve.run_many(targets)
+        try:
+            handles = serve.run_many(targets)
+        except Exception as exc:  # noqa: BLE001 - a replica failed to build its server
+            print(f"error: the engine replicas did not start: {deploy_error(names) or exc}",
+                  file=sys.stderr)
+            return 2
         limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                               max_body_bytes=args.max_body_bytes)
         app = Ingress(handles, limits, keys)
