@@ -80,6 +80,30 @@ def test_router_sessions_and_dead_replicas() -> None:
     assert {r.choose(Work(1, 1, 1.0)).replica for _ in range(3)} == {moved}
 
 
+def test_metrics_pages_merge_with_replica_label() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from alignserve.server.metrics import Metrics
+    from alignserve.serving_ray.ingress import _Collected, merge_pages
+
+    pages = {}
+    for i, count in ((0, 2), (1, 5)):
+        m = Metrics()
+        for _ in range(count):
+            m.observe_request("/v1/completions", "sample", 200)
+        m.e2e.labels("/v1/completions", "sample").observe(0.3)
+        pages[i] = generate_latest(m.registry).decode()
+    reg = CollectorRegistry()
+    reg.register(_Collected(merge_pages(pages)))
+    text = generate_latest(reg).decode()
+    assert text.count("# TYPE alignserve_requests_total counter") == 1
+    for i, count in ((0, 2), (1, 5)):
+        assert (f'alignserve_requests_total{{code="200",endpoint="/v1/completions",'
+                f'replica="{i}",strategy="sample"}} {count}.0') in text
+        assert (f'alignserve_request_latency_seconds_bucket{{endpoint="/v1/completions",'
+                f'le="0.5",replica="{i}",strategy="sample"}} 1.0') in text
+
+
 def test_plain_serve_does_not_import_ray() -> None:
     code = ("import sys, alignserve.cli as c, alignserve.server.main, alignserve.server.app\n"
             "a = c.build_parser().parse_args(['serve'])\n"

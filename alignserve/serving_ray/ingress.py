@@ -42,14 +42,17 @@ SESSION_HEADER = b"x-session-id"
 def _replica_died_types() -> tuple[type[BaseException], ...]:
     """Ray's exceptions for a replica whose actor died or cannot be reached."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
 
-    return (ActorDiedError, ActorUnavailableError, RayActorError)
+    return (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
 
 
-def _ray_error() -> type[BaseException]:
+def _ray_error() -> tuple[type[BaseException], ...]:
+    """Any other failure of Ray or Ray Serve (unavailable deployment, back-pressure, ...)."""
     from ray.exceptions import RayError
+    from ray.serve.exceptions import RayServeException
 
-    return RayError
+    return (RayError, RayServeException)
 
 
 def unavailable_body(replica: int | None, why: str) -> dict:
@@ -305,20 +308,24 @@ class Ingress:
                     buffered.append(msg["body"])
         except asyncio.CancelledError:
             raise
-        except _ray_error() as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure ends in OpenAI's error shape
+            status = 503
             if isinstance(exc, _replica_died_types()):
                 self.replica_died(ticket.replica, exc)
-                why = "it stopped while serving this request"
-            else:
-                why = f"{type(exc).__name__}"
-            log.warning("request on replica %d failed: %s", ticket.replica, exc)
-            err = unavailable_body(ticket.replica, why)
+                err = unavailable_body(ticket.replica, "it stopped while serving this request")
+            elif isinstance(exc, _ray_error()):
+                err = unavailable_body(ticket.replica, type(exc).__name__)
+            else:  # ours: a bug in the relay, never the client's input
+                status = 500
+                err = error_body(f"internal error: {type(exc).__name__}", "server_error", None,
+                                 None)
+            log.warning("request on replica %d failed: %r", ticket.replica, exc)
             if start is not None and sse:
                 await send({"type": "http.response.body", "more_body": True,
                             "body": f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             else:
-                await _send_json(send, 503, err, [tag, (b"retry-after", b"1")])
+                await _send_json(send, status, err, [tag, (b"retry-after", b"1")])
             return
         if start is None:
             await _send_json(send, 503, unavailable_body(ticket.replica, "no answer"), [tag])
