@@ -89,6 +89,8 @@ def serve_replicas(args: argparse.Namespace) -> int:
     from .replica import EngineReplica
 
     local = not args.ray_address
+    if local:  # Ray starts workers at niceness 15; the replicas are this server's main work
+        os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address=args.ray_address or None, namespace="alignserve",
              include_dashboard=False, log_to_driver=args.log_level == "debug",
              logging_level=logging.WARNING, ignore_reinit_error=True)
