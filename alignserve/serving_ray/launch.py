@@ -14,6 +14,7 @@ import copy
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger("alignserve.ray")
 
@@ -81,6 +82,15 @@ def serve_replicas(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    local = not args.ray_address  # the settings below must precede the import of ray
+    if local:  # Ray starts workers at niceness 15; the replicas are this server's main work
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    elif "RAY_AUTH_MODE" not in os.environ and (
+            "RAY_AUTH_TOKEN" in os.environ or "RAY_AUTH_TOKEN_PATH" in os.environ
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        # joining by address, Ray 2.60 does not switch token auth on from a token it has (as
+        # `ray start` does); clusters started with a token refuse the connection otherwise
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
     from ray import serve
 
@@ -88,9 +98,6 @@ def serve_replicas(args: argparse.Namespace) -> int:
     from .ingress import Ingress
     from .replica import EngineReplica
 
-    local = not args.ray_address
-    if local:  # Ray starts workers at niceness 15; the replicas are this server's main work
-        os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address=args.ray_address or None, namespace="alignserve",
              include_dashboard=False, log_to_driver=args.log_level == "debug",
              logging_level=logging.WARNING, ignore_reinit_error=True)
