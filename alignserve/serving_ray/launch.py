@@ -98,7 +98,8 @@ def serve_replicas(args: argparse.Namespace) -> int:
     from .ingress import Ingress
     from .replica import EngineReplica
 
-    ray.init(address=args.ray_address or None, namespace="alignserve",
+    # "local": always a new Ray of our own, even where `ray start` left one running here
+    ray.init(address=args.ray_address or "local", namespace="alignserve",
              include_dashboard=False, log_to_driver=args.log_level == "debug",
              logging_level=logging.WARNING, ignore_reinit_error=True)
     serve.start(proxy_location="Disabled")
