@@ -25,7 +25,8 @@ def replica_options(args: argparse.Namespace) -> dict:
     if gpus is None:
         gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
     opts: dict = {"num_cpus": args.replica_cpus, "num_gpus": gpus}
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "ALIGNSERVE_CACHE")
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_HOME", "ALIGNSERVE_CACHE",
+                                      "XDG_CACHE_HOME")
            if k in os.environ}
     if env:
         opts["runtime_env"] = {"env_vars": env}
