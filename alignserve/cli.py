@@ -59,6 +59,18 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and KV-cache dtype (default float32)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    d = p.add_argument_group("scale-out on Ray Serve (needs ray[serve])")
+    d.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="serve N engine replicas with Ray Serve behind this one endpoint, "
+                        "routed by outstanding work (default: one in-process engine, no Ray)")
+    d.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join ('auto', HOST:6379 or ray://HOST:10001); default: "
+                        "start a local Ray on this machine")
+    d.add_argument("--replica-cpus", type=float, default=1.0, metavar="CPUS",
+                   help="CPUs Ray reserves per replica; fractions allowed (default 1); also "
+                        "the replica's torch threads unless --threads is given")
+    d.add_argument("--replica-gpus", type=float, default=None, metavar="GPUS",
+                   help="GPUs Ray reserves per replica (default 1 with --device cuda, else 0)")
     r = p.add_argument_group("remote mode (steer a base model served elsewhere)")
     r.add_argument("--base-url", default=None, metavar="URL",
                    help="an OpenAI-compatible server (vLLM, llama.cpp, alignserve) serving the "
@@ -297,6 +309,10 @@ def train(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        from .serving_ray.launch import serve_replicas  # the only path that imports Ray
+
+        return serve_replicas(args)
     from .server.main import build_remote_server, build_server
 
     if args.base_url:
