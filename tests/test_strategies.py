@@ -94,15 +94,18 @@ CASES = [
     ("cd_block", {"k": 4, "block": 4}, "sentiment", None),
     ("transfer_qstar", {"top_k": 3, "rollout": 3}, "vader", None),
     ("deal", {"beams": 2, "top_k": 2, "lookahead": 3}, "vader", None),
-    ("vas", {"top_k": 10}, "sentiment", "value"),
-    ("cd", {"top_k": 10}, "sentiment", "value"),
+    ("vas", {"top_k": 10, "values": "tree"}, "sentiment", "value"),
+    ("cd", {"top_k": 10, "values": "tree"}, "sentiment", "value"),
+    ("vas", {"top_k": 10, "values": "q"}, "sentiment", "q"),
+    ("cd", {"top_k": 10, "values": "q"}, "sentiment", "q"),
     ("genarm", {}, "sentiment", "arm"),
 ]
+CASE_IDS = [c[0] + ("_q" if c[1].get("values") == "q" else "") for c in CASES]
 WEIGHT = {"best_of_n": 1.0, "args": 3.0, "cd_block": 1.0, "transfer_qstar": 3.0, "deal": 1.0,
           "vas": 5.0, "cd": 5.0, "genarm": 2.0}
 
 
-@pytest.mark.parametrize("strategy,params,reward,head", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("strategy,params,reward,head", CASES, ids=CASE_IDS)
 def test_strategy_raises_its_reward(engine, registry, prompts, plain, strategy, params, reward,
                                     head):
     if head:
@@ -131,14 +134,17 @@ def test_weight_is_monotone_args(engine, registry, prompts, plain):
 # the shipped heads' sliders: the reward rises with the weight (value heads are in reward
 # standard deviations, so the same betas serve every reward; GenARM is normalised by 1 + alpha,
 # so its effect saturates towards the ARM's own distribution as alpha grows past ~1)
-SLIDERS = {"vas": ({"top_k": 10}, "value", (0.0, 3.0, 8.0)),
-           "cd": ({"top_k": 10}, "value", (0.0, 3.0, 8.0)),
-           "genarm": ({}, "arm", (0.0, 0.3, 1.0))}
+SLIDERS = {"vas": ("vas", {"top_k": 10, "values": "tree"}, "value", (0.0, 3.0, 8.0)),
+           "cd": ("cd", {"top_k": 10, "values": "tree"}, "value", (0.0, 3.0, 8.0)),
+           # Q-head values: the reward rises up to beta ~8 and saturates past it (tested 0 / 4 / 8)
+           "vas_q": ("vas", {"top_k": 10, "values": "q"}, "q", (0.0, 4.0, 8.0)),
+           "cd_q": ("cd", {"top_k": 10, "values": "q"}, "q", (0.0, 4.0, 8.0)),
+           "genarm": ("genarm", {}, "arm", (0.0, 0.3, 1.0))}
 
 
-@pytest.mark.parametrize("strategy", list(SLIDERS))
-def test_weight_is_monotone_with_shipped_heads(engine, registry, prompts, strategy):
-    params, kind, weights = SLIDERS[strategy]
+@pytest.mark.parametrize("case", list(SLIDERS))
+def test_weight_is_monotone_with_shipped_heads(engine, registry, prompts, case):
+    strategy, params, kind, weights = SLIDERS[case]
     needs_head(registry, "sentiment", kind)
     means = []
     for w in weights:
@@ -146,6 +152,51 @@ def test_weight_is_monotone_with_shipped_heads(engine, registry, prompts, strate
                       {"strategy": strategy, "weights": {"sentiment": w}, **params}, seed=1)
         means.append(mean_reward(registry, prompts, res, "sentiment"))
     assert means[0] < means[1] < means[2], means
+
+
+@pytest.mark.parametrize("values", ["q", "tree"])
+def test_vas_values_modes_report_their_cost(engine, registry, prompts, values):
+    """values='q' reads the Q-head from the current state: no candidate forwards at all;
+    values='tree' runs one k-token tree forward per token. The default ('auto') is 'q' when
+    every weighted reward has a Q-head."""
+    needs_head(registry, "sentiment", "q")
+    res = run_all(engine, registry, prompts[:2], {"strategy": "vas", "top_k": 8,
+                                                   "weights": {"sentiment": 3.0},
+                                                   "values": values}, seed=1)
+    auto = run_all(engine, registry, prompts[:2], {"strategy": "vas", "top_k": 8,
+                                                    "weights": {"sentiment": 3.0},
+                                                    "values": "auto"}, seed=1)
+    default = run_all(engine, registry, prompts[:1], {"strategy": "vas", "top_k": 8,
+                                                       "weights": {"sentiment": 3.0}}, seed=1)
+    assert default[0]["info"]["values"] == "tree"
+    for r in res:
+        assert r["info"]["values"] == values
+        st = r["stats"]
+        assert st.candidates_scored == 8 * st.tokens_generated
+        assert (st.guidance_forwards == 0) == (values == "q"), st
+    for r in auto:
+        assert r["info"]["values"] == "q"
+    if values == "q":  # same seed, same mode: the same tokens
+        assert [r["choices"][0]["tokens"] for r in res] == \
+            [r["choices"][0]["tokens"] for r in auto]
+
+
+def test_values_q_without_a_q_head_is_refused(registry):
+    from alignserve.decoders.aligned import AlignmentError
+
+    no_q = Registry(registry.rewards, [h for h in registry.heads.values() if h.kind != "q"])
+    with pytest.raises(AlignmentError) as err:
+        build_decoder({"strategy": "vas", "weights": {"sentiment": 2.0}, "values": "q"},
+                      registry=no_q)
+    assert err.value.field == "alignment.values" and "Q-head" in str(err.value)
+    # 'auto' falls back to the exact tree values
+    dec = build_decoder({"strategy": "vas", "weights": {"sentiment": 2.0}, "values": "auto"},
+                        registry=no_q)
+    assert dec.q_heads == {}
+    with pytest.raises(AlignmentError) as err:
+        build_decoder({"strategy": "vas", "weights": {"sentiment": 2.0}, "values": "q",
+                       "batched": False}, registry=registry)
+    assert err.value.field == "alignment.values"
 
 
 def test_genarm_reports_kl_and_stays_near_base_when_normalised(engine, registry, prompts):
@@ -178,6 +229,7 @@ def test_zero_weights_reproduce_plain_sampling(engine, registry, prompts, plain,
 
 @pytest.mark.parametrize("alignment,field", [
     ({"strategy": "vas", "top_k": 0, "weights": {"sentiment": 1}}, "alignment.top_k"),
+    ({"strategy": "cd", "values": "exact", "weights": {"sentiment": 1}}, "alignment.values"),
     ({"strategy": "best_of_n", "n": 1000, "weights": {"sentiment": 1}}, "alignment.n"),
     ({"strategy": "cd_block", "block": -1, "weights": {"sentiment": 1}}, "alignment.block"),
     ({"strategy": "args", "weights": {"no_such_reward": 1}}, "alignment.weights.no_such_reward"),
@@ -225,6 +277,7 @@ def test_heads_endpoint_lists_rewards_and_strategies(server):
     for reward in ("sentiment", "non_toxic", "concise"):
         assert kinds.get(f"{reward}_value") == "value_head", kinds
         assert kinds.get(f"{reward}_arm") == "arm", kinds
+        assert kinds.get(f"{reward}_q") == "q_head", kinds
     stats = next(r for r in body["data"] if r["name"] == "sentiment_value")["reward_stats"]
     assert stats["std"] > 0
     for row in body["data"]:

@@ -124,6 +124,9 @@ def test_q_head_distils_the_value_head_and_is_deterministic(run_dir: Path,
     assert hist[-1]["train_loss"] < 0.5 * hist[0]["train_loss"], hist
     assert a.manifest["training"]["value_head"] == str(v.path)
     assert a.manifest["training"]["method"] == "distill-v"
+    # the regression's shrinkage is undone: predictions spread like the targets
+    assert float(a.module.scale) == pytest.approx(a.manifest["training"]["calibration_scale"])
+    assert float(a.module.scale) > 0.9
     assert {"spearman", "first_token_pairwise_accuracy"} <= set(a.manifest["metrics"])
     loaded = load_head(tmp_path / "concise_q")
     assert loaded.kind == "q" and loaded.info.kind == "q_head"

@@ -94,8 +94,11 @@ class QHead(nn.Module):
     ``x`` is the standardised final hidden state h_t of the prefix s, E [V, D] the base's tied
     embedding matrix, A [r, D] and B [D, r] a rank-r map and u [D] a state-free term (a token's
     own effect on the reward). Output in reward standard deviations, like ``ValueHead`` (it is
-    distilled from one: the target is V([s, a]) - V(s) along the base's own samples), so the same
-    VAS / CD beta means the same with tree-forward values and Q-head values. The state value
+    distilled from one: the target is V([s, a]) - V(s) along the base's own samples). A
+    regression on a weak feature shrinks its outputs towards 0, so after training ``scale``
+    (a buffer) is set to std(target) / std(prediction) over the training transitions: the
+    Q-head's values then spread as much as the value head's, and the same VAS / CD beta means
+    about the same with tree-forward values and Q-head values. The state value
     V(s) is not modelled: VAS and CD centre the values over the candidates, where it cancels.
     """
 
@@ -105,6 +108,7 @@ class QHead(nn.Module):
         self.register_buffer("sigma", torch.ones(dim))
         self.register_buffer("r_mean", torch.zeros(()))
         self.register_buffer("r_std", torch.ones(()))
+        self.register_buffer("scale", torch.ones(()))
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
         self.token = nn.Parameter(torch.zeros(dim))
@@ -122,9 +126,13 @@ class QHead(nn.Module):
             h: [N, D] hidden states of N prefixes.
             embed_rows: [N, k, D] embeddings of each prefix's k candidate tokens (E[ids]).
         Returns:
-            [N, k] Q(s, a) - V(s).
+            [N, k] Q(s, a) - V(s), times ``scale``.
         """
-        return (embed_rows.float() @ self.query(h)[..., None]).squeeze(-1)
+        return self.scale * (embed_rows.float() @ self.query(h)[..., None]).squeeze(-1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        state_dict.setdefault(prefix + "scale", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ARMHead(nn.Module):

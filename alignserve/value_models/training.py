@@ -1025,6 +1025,22 @@ def q_metrics(head: QHead, value: torch.nn.Module, split: Split, embed: Tensor,
             "first_token_pairs": total, "transitions": len(rows)}
 
 
+@torch.no_grad()
+def q_calibration(head: QHead, value: torch.nn.Module, split: Split, embed: Tensor,
+                  rows_max: int = 65536) -> float:
+    """std(target) / std(prediction) of the policy-centred advantages on (a deterministic
+    subsample of) ``split``'s transitions: the factor that undoes the regression's shrinkage."""
+    rows, ids, target, tok = q_targets(value, split)
+    step = max(1, len(rows) // rows_max)
+    rows, ids, target, tok = rows[::step], ids[::step], target[::step], tok[::step]
+    cid, clp = split.cand_ids, split.cand_lp
+    pred = torch.cat([q_advantage(head, split.hidden[rows[i:i + 4096]], ids[i:i + 4096], embed,
+                                  None if cid is None else cid[tok[i:i + 4096]],
+                                  None if clp is None else clp[tok[i:i + 4096]])
+                      for i in range(0, len(rows), 4096)])
+    return float(target.std() / pred.std().clamp_min(1e-6))
+
+
 def train_q_head(cfg: TrainConfig, train: Split, value: torch.nn.Module, embed: Tensor,
                  val: Split | None = None) -> tuple[QHead, list[dict[str, Any]]]:
     """Fit a QHead: E[a_t] . q(h_t), centred under the base policy (``q_advantage``),
@@ -1231,6 +1247,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         vhead = _value_head_for(cfg, fingerprint, dim)
         data_info["value_head"] = str(vhead.path)
         module, history = train_q_head(cfg, train, vhead.module, embed, val)
+        module.scale.fill_(q_calibration(module, vhead.module, train, embed))
+        data_info["calibration_scale"] = float(module.scale)
         module.r_mean.fill_(r_mean)
         module.r_std.fill_(r_std)
         metrics = q_metrics(module, vhead.module, val, embed) if val else {}
@@ -1297,12 +1315,12 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
                         "hidden": 64, "weight_decay": 0.01},
     "concise_value": {"kind": "value", "reward": "concise", "method": "td-lambda",
                       "hidden": 64, "weight_decay": 0.01},
-    "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 8,
-                    "batch_size": 1024, "lr": 1e-3},
-    "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 8,
-                    "batch_size": 1024, "lr": 1e-3},
-    "concise_q": {"kind": "q", "reward": "concise", "rank": 64, "epochs": 8,
-                  "batch_size": 1024, "lr": 1e-3},
+    "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 4,
+                    "batch_size": 1024, "lr": 1e-3, "prompts": 416},
+    "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 4,
+                    "batch_size": 1024, "lr": 1e-3, "prompts": 416},
+    "concise_q": {"kind": "q", "reward": "concise", "rank": 64, "epochs": 4,
+                  "batch_size": 1024, "lr": 1e-3, "prompts": 416},
     "sentiment_arm": {"kind": "arm", "reward": "sentiment", "epochs": 3, "lr": 1e-3},
     "non_toxic_arm": {"kind": "arm", "reward": "non_toxic", "epochs": 3, "lr": 1e-3},
     "concise_arm": {"kind": "arm", "reward": "concise", "epochs": 3, "lr": 1e-3},
