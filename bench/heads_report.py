@@ -27,6 +27,13 @@ def main(root: str | None = None) -> int:
                        f"{met.get('spearman_75', float('nan')):.2f}")
             target = "Spearman@50% >= 0.6"
             ok = met.get("spearman_50", 0) >= 0.6
+        elif m["kind"] == "q":
+            quality = (f"first-token pairwise acc vs the value head "
+                       f"**{met.get('first_token_pairwise_accuracy', float('nan')):.2f}** "
+                       f"({met.get('first_token_pairs', 0)} pairs), advantage Spearman "
+                       f"{met.get('spearman', float('nan')):.2f}; scale "
+                       f"{tr.get('calibration_scale', 1.0):.2f}")
+            target, ok = "", None  # no quality target: a cost lever (VAS / CD values "q")
         else:
             quality = (f"pairwise acc **{met.get('pairwise_accuracy', float('nan')):.2f}** "
                        f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
@@ -36,8 +43,9 @@ def main(root: str | None = None) -> int:
         size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "
-                    f"{tr.get('method', 'genarm')} | {quality} | {target}: "
-                    f"{'met' if ok else 'not met'} | {size:.0f} KB |")
+                    f"{tr.get('method', 'genarm')} | {quality} | "
+                    f"{'—' if ok is None else f'{target}: ' + ('met' if ok else 'not met')} | "
+                    f"{size:.0f} KB |")
     print("| head | kind | reward | data (suite prompts x samples x tokens) | method | "
           "held-out quality | target | size |")
     print("|---|---|---|---|---|---|---|---|")
