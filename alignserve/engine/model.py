@@ -73,6 +73,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:  # one fused kernel (same formula)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
 
@@ -143,19 +145,55 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        # set by ``fuse``: q|k|v and gate|up concatenated (3 + 2 matmuls become 2 per layer)
+        self.qkv_proj: nn.Linear | None = None
+        self.gate_up_proj: nn.Linear | None = None
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Concatenate the q/k/v and gate/up projections into two matmuls (idempotent). The
+        separate modules are dropped; the state dict no longer loads after this."""
+        if self.qkv_proj is not None:
+            return
+        qkv = [self.q_proj, self.k_proj, self.v_proj]
+        w = torch.cat([m.weight for m in qkv])
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=self.cfg.qkv_bias,
+                                  device=w.device, dtype=w.dtype)
+        self.qkv_proj.weight.copy_(w)
+        if self.cfg.qkv_bias:
+            self.qkv_proj.bias.copy_(torch.cat([m.bias for m in qkv]))
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device,
+                                      dtype=w.dtype)
+        self.gate_up_proj.weight.copy_(w)
+        for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            delattr(self, name)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def _qkv(self, hx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(hx), self.k_proj(hx), self.v_proj(hx)
+        d = self.cfg.head_dim
+        return self.qkv_proj(hx).split([self.cfg.num_heads * d, self.cfg.num_kv_heads * d,
+                                        self.cfg.num_kv_heads * d], dim=-1)
+
+    def _mlp(self, hx: Tensor) -> Tensor:
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(hx)) * self.up_proj(hx))
+        gate, up = self.gate_up_proj(hx).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
-                rows: Tensor | slice, write_idx: Tensor, mask: Tensor, lk: int) -> Tensor:
+                rows: Tensor | slice, slot_idx: Tensor, write_idx: Tensor, mask: Tensor | None,
+                lk: int) -> Tensor:
         b, q, _ = x.shape
         cfg = self.cfg
         hx = self.input_layernorm(x)
-        qh = apply_rope(self.q_proj(hx).view(b, q, cfg.num_heads, cfg.head_dim), cos, sin)
-        kh = apply_rope(self.k_proj(hx).view(b, q, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        vh = self.v_proj(hx).view(b, q, cfg.num_kv_heads, cfg.head_dim)
-        if isinstance(rows, slice):
-            slot_idx = torch.arange(rows.start, rows.stop, device=x.device)[:, None]
-        else:
-            slot_idx = rows[:, None]
+        qp, kp, vp = self._qkv(hx)
+        qh = apply_rope(qp.view(b, q, cfg.num_heads, cfg.head_dim), cos, sin)
+        kh = apply_rope(kp.view(b, q, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        vh = vp.view(b, q, cfg.num_kv_heads, cfg.head_dim)
         kc[slot_idx, write_idx] = kh
         vc[slot_idx, write_idx] = vh
         keys = kc[rows, :lk].transpose(1, 2)
@@ -164,7 +202,7 @@ class Block(nn.Module):
                                              enable_gqa=cfg.num_heads != cfg.num_kv_heads)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, q, -1))
         hx = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(hx)) * self.up_proj(hx))
+        return x + self._mlp(hx)
 
 
 class CausalLM(nn.Module):
@@ -182,6 +220,12 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def fuse(self) -> CausalLM:
+        """Fuse every layer's projections (``Block.fuse``); call after the weights are loaded."""
+        for layer in self.layers:
+            layer.fuse()  # type: ignore[operator]
+        return self
+
     @property
     def head_weight(self) -> Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -191,18 +235,26 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | slice,
-                write_idx: Tensor, mask: Tensor) -> Tensor:
+                write_idx: Tensor, mask: Tensor | None, lk: int | None = None) -> Tensor:
         """Run the body; returns final-normed hidden states [B, Q, D].
 
         tokens/positions/write_idx: [B, Q]; rows: the cache slot of each batch row (a slice when
-        contiguous, which avoids gathering the cache); mask: [B, 1, Q, Lk] bool, True = attend.
+        contiguous, which avoids gathering the cache); mask: [B, 1, Q, Lk] bool, True = attend,
+        or None when every query attends to all of the first ``lk`` cache entries of its row
+        (decode rows of equal length: no mask to build or apply).
         """
+        if mask is not None:
+            lk = mask.shape[-1]
+        assert lk is not None, "lk is required without a mask"
         x = self.embed_tokens(tokens)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = self.rope_sin[positions].to(x.dtype)
-        lk = mask.shape[-1]
+        if isinstance(rows, slice):
+            slot_idx = torch.arange(rows.start, rows.stop, device=x.device)[:, None]
+        else:
+            slot_idx = rows[:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], rows, write_idx, mask, lk)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], rows, slot_idx, write_idx, mask, lk)
         return self.norm(x)
 
 
@@ -242,4 +294,4 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype = torch.float32,
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, cfg
+    return model.fuse(), cfg
