@@ -131,6 +131,22 @@ class KVCache:
             v[slot, dst_pos] = v[slot, src_pos]
 
 
+class TLinear(nn.Module):
+    """``x @ W^T + b`` with W stored transposed ([in, out], contiguous): on CPU the BLAS kernel
+    for this layout is faster at the small row counts of decoding (measured 1.1-1.7x on the
+    SmolLM2 shapes at 4-16 rows, equal at 1 row)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.wt = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.wt
+        return y if self.bias is None else y + self.bias
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -146,30 +162,25 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         # set by ``fuse``: q|k|v and gate|up concatenated (3 + 2 matmuls become 2 per layer)
-        self.qkv_proj: nn.Linear | None = None
-        self.gate_up_proj: nn.Linear | None = None
+        self.qkv_proj: TLinear | None = None
+        self.gate_up_proj: TLinear | None = None
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Concatenate the q/k/v and gate/up projections into two matmuls (idempotent). The
-        separate modules are dropped; the state dict no longer loads after this."""
+        """Concatenate the q/k/v and gate/up projections into two matmuls and store every
+        projection transposed (``TLinear``); idempotent. The separate modules are dropped, so
+        the HF-named state dict no longer loads after this."""
         if self.qkv_proj is not None:
             return
         qkv = [self.q_proj, self.k_proj, self.v_proj]
-        w = torch.cat([m.weight for m in qkv])
-        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=self.cfg.qkv_bias,
-                                  device=w.device, dtype=w.dtype)
-        self.qkv_proj.weight.copy_(w)
-        if self.cfg.qkv_bias:
-            self.qkv_proj.bias.copy_(torch.cat([m.bias for m in qkv]))
-        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device,
-                                      dtype=w.dtype)
-        self.gate_up_proj.weight.copy_(w)
+        self.qkv_proj = TLinear(torch.cat([m.weight for m in qkv]),  # type: ignore[assignment]
+                                torch.cat([m.bias for m in qkv]) if self.cfg.qkv_bias else None)
+        self.gate_up_proj = TLinear(  # type: ignore[assignment]
+            torch.cat([self.gate_proj.weight, self.up_proj.weight]), None)
+        self.o_proj = TLinear(self.o_proj.weight, None)  # type: ignore[assignment]
+        self.down_proj = TLinear(self.down_proj.weight, None)  # type: ignore[assignment]
         for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
             delattr(self, name)
-        for p in self.parameters():
-            p.requires_grad_(False)
 
     def _qkv(self, hx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.qkv_proj is None:
@@ -216,6 +227,9 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._head_t: Tensor | None = None  # CPU copies of the LM head made by ``logits``
+        self._head_packed: Tensor | None = None
+        self._packed_ok = torch.backends.mkldnn.is_available()
         cos, sin = rope_tables(cfg, rope_len, torch.device("cpu"))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -231,7 +245,32 @@ class CausalLM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return (hidden @ self.head_weight.T).float()
+        """[M, D] final hidden states -> [M, V] float32 logits.
+
+        On CPU (fp32) the vocabulary matmul is the largest one of a decode step. From 4 rows on
+        it runs on a oneDNN-prepacked copy of the head (measured about 2x faster than the plain
+        matmul at 8 rows on SmolLM2's 49152 x 576 head), below that on a transposed copy;
+        both are made on first use. Elsewhere, or if oneDNN is unavailable, a plain matmul.
+        """
+        w = self.head_weight
+        if hidden.device.type != "cpu" or w.dtype != torch.float32 or hidden.dim() != 2:
+            return (hidden @ w.T).float()
+        if hidden.shape[0] >= 4 and self._packed_ok:
+            if self._head_packed is None:
+                try:
+                    self._head_packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+                except Exception:  # noqa: BLE001 - no oneDNN in this build: plain matmul
+                    self._packed_ok = False
+            if self._head_packed is not None:
+                try:
+                    return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(),
+                                                              self._head_packed, None,
+                                                              "none", [], "")
+                except Exception:  # noqa: BLE001
+                    self._packed_ok = False
+        if self._head_t is None:
+            self._head_t = w.detach().t().contiguous()
+        return hidden @ self._head_t
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | slice,
