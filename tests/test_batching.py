@@ -1,6 +1,7 @@
-"""One scheduler step batches everything across requests: sampling (one fused sampler call)
-and reward scoring (one call per reward source). Batching must change no output, and a
-failing reward source or a cancelled request must fail alone while the step goes on."""
+"""One scheduler step batches everything across requests: sampling (one fused sampler call),
+reward scoring (one call per reward source) and head evaluation (one call per head module).
+Batching must change no output, and a failing reward source or a cancelled request must fail
+alone while the step goes on."""
 
 from __future__ import annotations
 
@@ -152,3 +153,35 @@ def test_cancelled_request_fails_alone(engine, registry):
     assert all(r["choices"][0]["finish_reason"] in ("stop", "length") for r in done)
     assert len(ended) == 1 and ended[0][0] == "error" and "cancelled" in str(ended[0][1])
     assert victim.done
+
+
+def test_heads_are_batched_across_requests_and_change_no_output(engine, registry, monkeypatch):
+    """VAS value heads and GenARM ARMs of concurrent requests run as one call per head module
+    per step, and a seeded request gives the same tokens alone and in company."""
+    vas = [({"strategy": "vas", "top_k": 5, "weights": {"sentiment": 2}},
+            dict(temperature=0.7, max_tokens=8, seed=s, top_p=0.9)) for s in (21, 22, 23)]
+    arm = [({"strategy": "genarm", "weights": {"sentiment": 1}},
+            dict(temperature=1.0, max_tokens=8, seed=s, top_k=20)) for s in (31, 32, 33)]
+    value_mod = registry.heads_for("sentiment", "value").module
+    arm_mod = registry.heads_for("sentiment", "arm").module
+    calls: dict[str, list[tuple[int, int]]] = {"value": [], "arm": []}
+
+    def counting(kind, fn):
+        def wrapper(h, *rest):
+            calls[kind].append((engine.step_count, int(h.shape[0])))
+            return fn(h, *rest)
+        return wrapper
+
+    monkeypatch.setattr(value_mod, "forward", counting("value", value_mod.forward))
+    monkeypatch.setattr(arm_mod, "logprobs", counting("arm", arm_mod.logprobs))
+    together = run_together(engine, registry, vas + arm + [NEIGHBOURS[0], PROBE])
+    assert all(isinstance(r, dict) for r in together), together
+    for kind, rows_per_request in (("value", 5), ("arm", 1)):
+        steps = [s for s, _ in calls[kind]]
+        assert len(steps) == len(set(steps)), (kind, calls[kind])  # one call per step
+        # several requests' rows went through one call
+        assert max(r for _, r in calls[kind]) >= 2 * rows_per_request, (kind, calls[kind])
+    monkeypatch.undo()
+    for spec, res in ((vas[1], together[1]), (arm[2], together[5])):
+        alone = engine.generate(request(engine, registry, *spec), timeout=600)
+        assert res["choices"][0]["tokens"] == alone["choices"][0]["tokens"], spec

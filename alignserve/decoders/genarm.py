@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from ..engine.context import DecodeContext
-from ..engine.primitives import Extend, Seq
+from ..engine.primitives import Extend, HeadEval, Seq
 from .aligned import AlignedDecoder, CommonOptions, emit_one
 from .base import Run
 
@@ -47,8 +47,9 @@ class GenArm(AlignedDecoder):
         scale = 1.0 + float(alphas.sum()) if self.opt.normalize else 1.0
         vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
         while True:
-            dense = torch.stack([self.arm_logprobs(h, hidden, logits, embed)
-                                 for h, _ in arms])[None]  # [1, H, V]
+            # every request's ARMs of this step run as one call per head (HeadEval)
+            dense = torch.stack([o[0] for o in (yield [self.arm_op(h, hidden, logits, embed)
+                                                       for h, _ in arms])])[None]  # [1, H, V]
             ctx.stats.guidance_forwards += 1
             base = torch.log_softmax(logits.float(), -1)[None]
             guided = (base + (alphas[:, :, None] * dense).sum(1)) / scale
@@ -78,9 +79,10 @@ class GenArm(AlignedDecoder):
         ctx.info["kl_per_token"] = round(total / n, 5)
 
     @staticmethod
-    def arm_logprobs(head, hidden: dict, base_logits, embed):  # type: ignore[no-untyped-def]
-        """log pi_r over the vocabulary. A base-placed ARM adapts the base logits; a backbone
-        ARM is its own small LM: the backbone's early-exit logits h_L E^T plus its adapter."""
+    def arm_op(head, hidden: dict, base_logits, embed) -> HeadEval:  # type: ignore[no-untyped-def]
+        """The op whose result is log pi_r over the vocabulary, [1, V]. A base-placed ARM
+        adapts the base logits; a backbone ARM is its own small LM: the backbone's early-exit
+        logits h_L E^T plus its adapter."""
         h = hidden[head.runner]
         prior = base_logits[None] if head.runner == "base" else h.float() @ embed.float().T
-        return head.module.logprobs(h, prior, embed)[0]
+        return HeadEval(head.module, (h, prior), "logprobs", (embed,))

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 
 from ..engine.context import DecodeContext
-from ..engine.primitives import Extend, Seq, Tree
+from ..engine.primitives import Extend, HeadEval, Seq, Tree
 from .aligned import (
     AlignedDecoder,
     AlignmentError,
@@ -121,7 +121,9 @@ class Vas(AlignedDecoder):
                 h_base, cand_logits = yield from self.one_by_one(ctx, seq, cands)
                 hidden = {"base": h_base}
             ctx.stats.candidates_scored += len(cands)
-            vals = torch.stack([h.module(hidden[h.runner]) for h, _ in heads])  # [H, k]
+            # the heads of every request in this step run as one call per head (HeadEval)
+            vals = torch.stack((yield [HeadEval(h.module, (hidden[h.runner],))
+                                       for h, _ in heads]))  # [H, k]
             vals = vals - vals.mean(dim=1, keepdim=True)
             out = yield from sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
                                 weights=betas, restrict=self.restrict)

@@ -23,7 +23,11 @@ Host operations, batched by the scheduler across every running request in one st
   ``Sample`` ops of a step run as ONE fused sampler call, with one device-to-host transfer.
 - ``Score``: a reward source on texts. All ``Score`` ops of a step that name the same source run
   as one batched call of that source.
-A strategy receives a ``SampleOut`` (CPU tensors, its rows only) or a float64 ``np.ndarray``.
+- ``HeadEval``: a guidance head (value head, ARM) on hidden states. All ``HeadEval`` ops of a
+  step that name the same module, method and shared arguments run as ONE call of that module
+  on their rows concatenated.
+A strategy receives a ``SampleOut`` (CPU tensors, its rows only), a float64 ``np.ndarray``
+(``Score``) or the head's output rows (``HeadEval``).
 """
 
 from __future__ import annotations
@@ -105,8 +109,32 @@ class Score:
     registry: Any = None
 
 
+@dataclass(eq=False)
+class HeadEval:
+    """``getattr(module, method)(*inputs, *shared)`` for R rows: each tensor of ``inputs`` is
+    [R, ...] (rows of different requests are concatenated along dim 0, so the module must
+    treat rows independently), ``shared`` are the same objects for every row (e.g. the
+    embedding matrix). Result: the call's output rows for this op, [R, ...]."""
+
+    module: Any
+    inputs: tuple[Tensor, ...]
+    method: str = "forward"
+    shared: tuple[Any, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    @property
+    def group(self) -> tuple:
+        """Ops with the same key run as one call: same module, method, shared objects, and
+        inputs that concatenate (trailing shapes, dtypes, devices)."""
+        return (id(self.module), self.method, tuple(id(x) for x in self.shared),
+                tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in self.inputs))
+
+
 Op = Extend | Tree
-HostOp = Sample | Score
+HostOp = Sample | Score | HeadEval
 
 
 @dataclass

@@ -31,6 +31,7 @@ class ModelRunner:
         self.config: ModelConfig
         if module is not None:
             self.model, self.config = module
+            self.model.fuse()
         else:
             assert model_dir is not None
             self.model, self.config = load_causal_lm(model_dir, dtype=dtype, max_len=max_len,
@@ -113,22 +114,26 @@ class ModelRunner:
         q = max(len(op.tokens) for op in ops)
         lk = max(op.seq.length + len(op.tokens) for op in ops)
         dev = self.device
-        tokens = torch.zeros(b, q, dtype=torch.long)
-        positions = torch.zeros(b, q, dtype=torch.long)
-        write = torch.full((b, q), self.cache.scratch, dtype=torch.long)
-        mask = torch.zeros(b, 1, q, lk, dtype=torch.bool)
-        mask[:, 0, :, 0] = True  # padded queries attend to one real entry, never produce NaN
-        for r, op in enumerate(ops):
-            p0, n = op.seq.length, len(op.tokens)
-            tokens[r, :n] = torch.tensor(op.tokens)
-            write[r, :n] = torch.arange(p0, p0 + n)
-            if isinstance(op, Tree):
-                positions[r, :n] = p0
-                mask[r, 0, :n, :p0] = True
-                mask[r, 0, torch.arange(n), torch.arange(p0, p0 + n)] = True
-            else:
-                positions[r, :n] = torch.arange(p0, p0 + n)
-                mask[r, 0, :n, : p0 + n] = torch.ones(n, p0 + n, dtype=torch.bool).tril(p0)
+        p0 = torch.tensor([op.seq.length for op in ops])
+        n = torch.tensor([len(op.tokens) for op in ops])
+        tokens = torch.tensor([op.tokens + [0] * (q - len(op.tokens)) for op in ops])
+        qi = torch.arange(q)
+        valid = qi[None] < n[:, None]  # [B, Q]: real (unpadded) queries
+        tree = torch.tensor([isinstance(op, Tree) for op in ops])
+        # a Tree's candidates all sit at position p0; an Extend's tokens at p0, p0 + 1, ...
+        positions = torch.where(valid, p0[:, None] + qi[None] * (~tree[:, None]), 0)
+        write = torch.where(valid, p0[:, None] + qi[None], self.cache.scratch)
+        mask: Tensor | None = None
+        if q == 1 and not bool(tree.any()) and bool((p0 == p0[0]).all()):
+            # decode rows of one length: each query attends to every cached entry up to itself
+            pass
+        else:
+            kj = torch.arange(lk)[None, None]  # [1, 1, Lk]
+            causal = kj <= positions[:, :, None]  # Extend: keys up to the query's own position
+            own = (kj < p0[:, None, None]) | (kj == (p0[:, None] + qi[None])[:, :, None])
+            m = torch.where(tree[:, None, None], own, causal) & valid[:, :, None]
+            m[:, :, 0] |= ~valid  # padded queries attend to one real entry, never produce NaN
+            mask = m[:, None].to(dev)
         slots = [op.seq.slot for op in ops]
         rows: Tensor | slice
         if slots == list(range(slots[0], slots[0] + b)):
@@ -136,23 +141,26 @@ class ModelRunner:
         else:
             rows = torch.tensor(slots, device=dev)
         hidden = self.model(tokens.to(dev), positions.to(dev), self.cache, rows, write.to(dev),
-                            mask.to(dev))
+                            mask, lk)
         self.forwards += 1
         self.tokens_processed += sum(len(op.tokens) for op in ops)
         # gather the positions each op wants, then one LM-head matmul for the whole group
-        picks: list[tuple[int, Tensor]] = []
-        for r, op in enumerate(ops):
-            n = len(op.tokens)
+        picks: list[list[int]] = []
+        for op in ops:
+            k = len(op.tokens)
             every = isinstance(op, Tree) or op.logits == "all"
-            picks.append((r, torch.arange(n) if every else torch.tensor([n - 1])))
-        flat_rows = torch.cat([torch.full((len(p),), r) for r, p in picks])
-        flat_pos = torch.cat([p for _, p in picks])
-        hsel = hidden[flat_rows.to(dev), flat_pos.to(dev)]
+            picks.append(list(range(k)) if every else [k - 1])
+        if all(len(p) == 1 and p[0] == q - 1 for p in picks):
+            hsel = hidden[:, q - 1]  # decode: every row's last position (no gather to build)
+        else:
+            flat_rows = torch.tensor([r for r, p in enumerate(picks) for _ in p], device=dev)
+            flat_pos = torch.tensor([i for p in picks for i in p], device=dev)
+            hsel = hidden[flat_rows, flat_pos]
         want_logits = [not (isinstance(op, Extend) and op.logits == "none")
                        and not (isinstance(op, Tree) and not op.logits) for op in ops]
         logits = self.model.logits(hsel) if any(want_logits) else None
         start = 0
-        for (_, p), op, gi, wl in zip(picks, ops, idx, want_logits):
+        for p, op, gi, wl in zip(picks, ops, idx, want_logits):
             sl = slice(start, start + len(p))
             start += len(p)
             results[gi] = ForwardOut(

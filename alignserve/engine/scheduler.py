@@ -5,8 +5,8 @@ their strategy needs are free) and leave as soon as they finish or are cancelled
 
 1. host rounds: every ``Sample`` operation of every running request runs as ONE fused sampler
    call (``sampling.sample_batch``), every ``Score`` operation as one batched call per reward
-   source; strategies whose operations are all answered resume, and may ask again (a few
-   rounds at most);
+   source, every ``HeadEval`` as one call per head module (``run_heads``); strategies whose
+   operations are all answered resume, and may ask again (a few rounds at most);
 2. one forward round: every ``Extend``/``Tree`` operation runs as batched forwards per model
    (``ModelRunner.run``), and each strategy is resumed with its outputs.
 
@@ -37,7 +37,7 @@ import torch
 
 from .context import DecodeContext
 from .output import TokenInfo
-from .primitives import EngineError, Extend, Sample, Score, Tree
+from .primitives import EngineError, Extend, HeadEval, Sample, Score, Tree
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample_batch
 from .strategy import Strategy
@@ -311,10 +311,12 @@ class Engine:
                 for i, op in enumerate(r.pending) if isinstance(op, kinds) and r.outs[i] is _UNSET]
 
     def _host_round(self) -> bool:
-        """Run every open ``Sample`` as one fused call and every open ``Score`` as one call per
-        reward source; resume the requests they complete. False when there was nothing."""
+        """Run every open ``Sample`` as one fused call, every open ``Score`` as one call per
+        reward source and every open ``HeadEval`` as one call per head module; resume the
+        requests they complete. False when there was nothing."""
         samples, scores = self._open((Sample,)), self._open((Score,))
-        if not samples and not scores:
+        heads = self._open((HeadEval,))
+        if not samples and not scores and not heads:
             return False
         if samples:
             self._batched(samples, sample_batch)
@@ -324,7 +326,12 @@ class Engine:
             by_source.setdefault((id(op.registry), op.source), []).append((req, i))
         for refs in by_source.values():
             self._batched(refs, run_scores)
-        touched = {id(r): r for r, _ in samples + scores}
+        by_head: dict[tuple, list[tuple[EngineRequest, int]]] = {}
+        for req, i in heads:
+            by_head.setdefault(req.pending[i].group, []).append((req, i))
+        for refs in by_head.values():
+            self._batched(refs, run_heads)
+        touched = {id(r): r for r, _ in samples + scores + heads}
         self._resume_ready(list(touched.values()))
         return True
 
@@ -456,6 +463,20 @@ def eos_ids_from_config(model_dir: Path) -> set[int]:
             elif isinstance(v, list):
                 ids.update(int(x) for x in v)
     return ids
+
+
+def run_heads(ops: list[HeadEval]) -> list[torch.Tensor]:
+    """All ``HeadEval`` ops of one step with the same ``group`` (module, method, shared
+    arguments) as one call on their rows concatenated; split back per op."""
+    first = ops[0]
+    inputs = [torch.cat([op.inputs[j] for op in ops]) if len(ops) > 1 else first.inputs[j]
+              for j in range(len(first.inputs))]
+    out = getattr(first.module, first.method)(*inputs, *first.shared)
+    total = sum(op.rows for op in ops)
+    if out.shape[0] != total:
+        raise EngineError(f"head {type(first.module).__name__}.{first.method} returned "
+                          f"{out.shape[0]} rows for {total}")
+    return list(out.split([op.rows for op in ops]))
 
 
 def run_scores(ops: list[Score]) -> list[np.ndarray]:
