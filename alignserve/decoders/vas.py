@@ -120,16 +120,11 @@ class Vas(AlignedDecoder):
             else:
                 h_base, cand_logits = yield from self.one_by_one(ctx, seq, cands)
                 hidden = {"base": h_base}
-            ctx.stats.candidates_scored += len(cands)
             # the heads of every request in this step run as one call per head (HeadEval)
             vals = torch.stack((yield [HeadEval(h.module, (hidden[h.runner],))
                                        for h, _ in heads]))  # [H, k]
-            vals = vals - vals.mean(dim=1, keepdim=True)
-            out = yield from sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
-                                weights=betas, restrict=self.restrict)
-            tok = int(out.tokens[0])
-            ctx.stats.tokens_generated += 1
-            if emit_one(ctx, c, tok, logits, out.logprobs[0]):
+            tok, done = yield from self.pick(ctx, c, logits, gen, cands, vals, betas)
+            if done:
                 return
             if tok in cands and self.opt.batched:
                 i = cands.index(tok)
@@ -152,17 +147,25 @@ class Vas(AlignedDecoder):
         while True:
             cands = topk_ids(ctx, logits, self.opt.top_k, ctx.choices[c].tokens)
             rows = embed[torch.tensor(cands, device=embed.device)][None]  # [1, k, D]
-            vals = torch.stack([h.module(hidden, rows)[0] for h, _ in heads]).cpu()  # [H, k]
-            ctx.stats.candidates_scored += len(cands)
-            vals = vals - vals.mean(dim=1, keepdim=True)
-            out = yield from sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
-                                           weights=betas, restrict=self.restrict)
-            tok = int(out.tokens[0])
-            ctx.stats.tokens_generated += 1
-            if emit_one(ctx, c, tok, logits, out.logprobs[0]):
+            outs = yield [HeadEval(h.module, (hidden, rows)) for h, _ in heads]  # [1, k] each
+            vals = torch.stack([o[0] for o in outs]).float().cpu()  # [H, k]
+            tok, done = yield from self.pick(ctx, c, logits, gen, cands, vals, betas)
+            if done:
                 return
             [o] = yield [Extend(seq, [tok], hidden=True)]
             logits, hidden = o.logits[0], o.hidden
+
+    def pick(self, ctx: DecodeContext, c: int, logits, gen, cands: list[int], vals,
+             betas) -> Run:
+        """Centre the [H, k] values over the candidates, sample with beta-weighted shifts and
+        emit; returns (token, whether choice ``c`` is finished)."""
+        ctx.stats.candidates_scored += len(cands)
+        vals = vals - vals.mean(dim=1, keepdim=True)
+        out = yield from sample_scored(ctx, logits, gen, cands, vals, ctx.choices[c].tokens,
+                                       weights=betas, restrict=self.restrict)
+        tok = int(out.tokens[0])
+        ctx.stats.tokens_generated += 1
+        return tok, emit_one(ctx, c, tok, logits, out.logprobs[0])  # type: ignore[return-value]
 
     def one_by_one(self, ctx: DecodeContext, seq: Seq, cands: list[int]) -> Run:
         """Reference-style scoring: copy the prefix cache and run one forward per candidate."""
