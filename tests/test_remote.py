@@ -123,7 +123,8 @@ def test_weight_zero_is_plain_through_proxy(proxy, strategy):
     {"strategy": "vas", "top_k": 20, "weights": {"sentiment": 5}},
     {"strategy": "cd", "top_k": 20, "weights": {"sentiment": 5}},
     {"strategy": "genarm", "weights": {"sentiment": 2}},
-], ids=lambda a: a["strategy"])
+    {"strategy": "vas", "top_k": 20, "values": "q", "weights": {"sentiment": 8}},
+], ids=lambda a: a["strategy"] + ("_q" if a.get("values") == "q" else ""))
 def test_greedy_guided_matches_in_process(remote, proxy, alignment):
     """Greedy, the proxy's guided choice is the in-process one token for token: the remote's
     top-20 logprobs differ from the logits by a constant, the local backbone's hidden states are
@@ -134,6 +135,9 @@ def test_greedy_guided_matches_in_process(remote, proxy, alignment):
     plain = chat(remote, seed=2, max_tokens=8, temperature=0)
     assert via.choices[0].message.content == direct.choices[0].message.content
     assert direct.choices[0].message.content != plain.choices[0].message.content
+    values = via.model_extra["alignment"].get("values")
+    assert values == direct.model_extra["alignment"].get("values") == (
+        alignment.get("values", "tree") if alignment["strategy"] != "genarm" else None)
 
 
 def test_remote_cd_restricts_to_candidates(proxy):

@@ -47,37 +47,48 @@ def _tops(ctx: RemoteCtx, top: dict[int, float]) -> list[tuple[int, float]] | No
 async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                            vocab: int) -> None:
     """VAS / token-wise CD: per token the remote's top-k, their values from the value heads on
-    the local backbone's tree forward over the k candidates, vals centred over the top-k,
+    the local backbone's tree forward over the k candidates (``values: "q"``: from the Q-heads
+    on the backbone's current state, no tree), vals centred over the top-k,
     logits'(a) = logprob(a) + sum_i beta_i vals_i(a) (CD: sampled among the k only)."""
     reg = ctx.resources
-    heads = [(reg.heads_for(n, "value"), w) for n, w in dec.weights.items() if w]
+    use_q = bool(getattr(dec, "q_heads", None))  # values "q": Q-heads on the current state
+    heads = [(dec.q_heads[n] if use_q else reg.heads_for(n, "value"), w)
+             for n, w in dec.weights.items() if w]
     betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
+    ctx.info["values"] = "q" if use_q else "tree"
+    embed = backbone.embed.float().cpu() if use_q else None
     k = dec.opt.top_k
     # VAS leaves the other tokens as they are: ask for every top logprob the remote returns
     want = max(k if dec.restrict else ctx.caps.max_logprobs, ctx.params.top_logprobs)
     seqs = await backbone.acquire(ctx.n)
     try:
-        await backbone.prefill(seqs, ctx.prompt_ids)
+        states = await backbone.prefill(seqs, ctx.prompt_ids)
 
         async def one(c: int) -> None:
             seq, gen, done = seqs[c], ctx.generator(c), []
+            state = states[c:c + 1].float().cpu()  # [1, D] the backbone's current state
             behind: int | None = None  # a sampled token the backbone has not read yet
             while True:
                 if behind is None:
                     top = await next_top(ctx, done, want)
                 else:
-                    top, _ = await asyncio.gather(next_top(ctx, done, want),
-                                                  backbone.extend(seq, behind))
+                    top, state = await asyncio.gather(next_top(ctx, done, want),
+                                                      backbone.extend(seq, behind))
+                    state = state.float().cpu()
                     behind = None
                 if not top:
                     ctx.finish(c, "stop")
                     return
                 logits = sparse_logits(top, vocab)
                 cands = topk_ids(ctx, logits, k, done)
-                hidden = (await backbone.tree_hidden(seq, cands)).float().cpu()
-                ctx.stats.guidance_forwards += 1
                 ctx.stats.candidates_scored += len(cands)
-                vals = torch.stack([h.module(hidden) for h, _ in heads])  # [H, k]
+                if use_q:
+                    rows = embed[torch.tensor(cands)][None]  # type: ignore[index]
+                    vals = torch.stack([h.module(state, rows)[0] for h, _ in heads])  # [H, k]
+                else:
+                    hidden = (await backbone.tree_hidden(seq, cands)).float().cpu()
+                    ctx.stats.guidance_forwards += 1
+                    vals = torch.stack([h.module(hidden) for h, _ in heads])  # [H, k]
                 vals = vals - vals.mean(dim=1, keepdim=True)
                 out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
                                           restrict=dec.restrict))
@@ -86,7 +97,7 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                 if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
                     return
                 done.append(tok)
-                if tok in cands:
+                if tok in cands and not use_q:
                     await backbone.commit(seq, cands.index(tok), tok)
                 else:
                     behind = tok
