@@ -19,8 +19,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--heads", action="append", default=[], metavar="DIR",
-                   help="folder of guidance heads (value heads, ARMs) to load at start-up, in "
-                        "addition to the shipped default heads (repeatable; a head here "
+                   help="folder of guidance heads (value heads, Q-heads, ARMs) to load at "
+                        "start-up, in addition to the shipped default heads (repeatable; a head "
+                        "here "
                         "replaces a default head of the same name)")
     p.add_argument("--no-default-heads", action="store_true",
                    help="do not load the heads shipped with the package (they are loaded only "
@@ -140,7 +141,8 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help=f"Adam learning rate (default {1e-3 if value else 5e-4:g})")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="positions per step (value, default 256)" if value else
+                   help="transitions per step (default 256)" if kind == "q" else
+                        "positions per step (value, default 256)" if value else
                         "preference pairs per step, whole prompts at a time (default 32)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="Adam weight decay (default 0)")

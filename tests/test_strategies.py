@@ -189,6 +189,20 @@ def test_values_q_without_a_q_head_is_refused(registry):
         build_decoder({"strategy": "vas", "weights": {"sentiment": 2.0}, "values": "q"},
                       registry=no_q)
     assert err.value.field == "alignment.values" and "Q-head" in str(err.value)
+    # a Q-head serves only the value head it was distilled from (matched by weights hash),
+    # never another value head of the same reward
+    from alignserve.value_models.heads import Head, ValueHead
+
+    mood = Head("mood_value", "value", ValueHead(576, 8), {"reward": "sentiment"})
+    other = Registry(registry.rewards, [*registry.heads.values(), mood])
+    with pytest.raises(AlignmentError) as err:
+        build_decoder({"strategy": "vas", "weights": {"mood_value": 2.0}, "values": "q"},
+                      registry=other)
+    assert err.value.field == "alignment.values" and "mood_value" in str(err.value)
+    # weighting a Q-head by its own name says how to use it
+    with pytest.raises(AlignmentError) as err:
+        build_decoder({"strategy": "vas", "weights": {"sentiment_q": 2.0}}, registry=registry)
+    assert "values: 'q'" in str(err.value) and "'sentiment'" in str(err.value)
     # 'auto' falls back to the exact tree values
     dec = build_decoder({"strategy": "vas", "weights": {"sentiment": 2.0}, "values": "auto"},
                         registry=no_q)

@@ -89,9 +89,14 @@ class AlignedDecoder(Decoder):
                 if head is None:
                     kinds = sorted(h.name for h in registry.heads.values()
                                    if h.kind == self.head_kind)
+                    other = registry.heads.get(name)
+                    hint = "" if other is None else (
+                        f" ({name!r} is a {other.kind} head; weight its reward "
+                        f"{other.manifest.get('reward')!r} or a {self.head_kind} head"
+                        + (", with values: 'q'" if other.kind == "q" else "") + ")")
                     raise AlignmentError(f"alignment.weights.{name}",
                                          f"no {self.head_kind} head for {name!r}; available: "
-                                         f"{kinds}")
+                                         f"{kinds}{hint}")
                 avail[name] = head.info
             infos = avail
             # heads placed on a backbone read their own small model: the request needs its slots

@@ -23,6 +23,7 @@ standard deviations, so beta means the same either way.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -39,6 +40,21 @@ from .aligned import (
     topk_ids,
 )
 from .base import Run
+
+
+def distilled_from(registry, value):  # type: ignore[no-untyped-def]
+    """The Q-head trained on ``value``'s V, or None. Its manifest records the value head's
+    weights hash (``training.value_head_sha256``; older manifests: its folder, matched by
+    name), so a Q-head is never paired with another value head of the same reward, whose units
+    and advantages it does not share."""
+    for h in registry.heads.values():
+        tr = h.manifest.get("training") or {}
+        if h.kind != "q":
+            continue
+        sha, src = tr.get("value_head_sha256"), tr.get("value_head")
+        if sha and sha == value.weights_sha256 or not sha and src and Path(src).name == value.name:
+            return h
+    return None
 
 
 class VasOptions(CommonOptions):
@@ -76,16 +92,16 @@ class Vas(AlignedDecoder):
             if not w:
                 continue
             value = registry.heads_for(name, "value")
-            q = registry.heads_for(name, "q") or registry.heads_for(
-                value.manifest.get("reward", name), "q")
+            q = distilled_from(registry, value)
             if q is None or value.runner != "base":
                 missing.append(name)
             else:
                 found[name] = q
         if missing and self.opt.values == "q":
             have = sorted(h.name for h in registry.heads.values() if h.kind == "q")
-            raise AlignmentError("alignment.values", f"values='q' needs a Q-head on the base "
-                                 f"model for {missing}; loaded Q-heads: {have}")
+            raise AlignmentError("alignment.values", f"values='q' needs a Q-head distilled "
+                                 f"from the value head of {missing} (alignserve train q "
+                                 f"--value-head DIR); loaded Q-heads: {have}")
         if not missing and self.opt.batched:
             self.q_heads = found
 
@@ -140,6 +156,7 @@ class Vas(AlignedDecoder):
         """Values from Q-heads on the current state: one one-token forward per token."""
         ctx.info["values"] = "q"
         heads = [(self.q_heads[n], w) for n, w in self.weights.items() if w]
+        ctx.info["q_heads"] = {n: h.name for n, h in self.q_heads.items()}
         betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
         embed = ctx.runners["base"].model.head_weight
         gen = ctx.generator(c)

@@ -191,6 +191,16 @@ class Head:
                           weight_range=wr)  # type: ignore[arg-type]
 
     @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of the head's ``head.safetensors`` (None for a head not loaded from disk);
+        a Q-head's manifest records its value head's, so the pair is matched by content."""
+        if self.path is None:
+            return None
+        if not hasattr(self, "_sha"):
+            self._sha = hashlib.sha256((Path(self.path) / WEIGHTS).read_bytes()).hexdigest()
+        return self._sha
+
+    @property
     def reward_stats(self) -> dict[str, float]:
         """Mean and std of the reward over the base's samples; a value head's output unit is
         one std (old manifests without them: mean 0, std 1, i.e. raw reward units)."""

@@ -1191,7 +1191,7 @@ def _reward_range(weights: dict[str, float], base: BaseModel) -> list[float]:
     return [lo, hi]
 
 
-def _value_head_for(cfg: TrainConfig, fingerprint: str, dim: int) -> Head:
+def _value_head_for(cfg: TrainConfig, fingerprint: str | None, dim: int | None) -> Head:
     """The value head a Q-head distils: ``cfg.value_head``, else ``<reward>_value`` beside
     ``cfg.out`` (what ``train all`` has just written), else the shipped one."""
     from .heads import default_heads_dir, load_head
@@ -1203,6 +1203,9 @@ def _value_head_for(cfg: TrainConfig, fingerprint: str, dim: int) -> Head:
             head = load_head(folder, fingerprint, dim)
             if head.kind != "value":
                 raise ValueError(f"--value-head {folder} is a {head.kind} head, not a value head")
+            if head.manifest.get("reward") != cfg.reward:
+                raise ValueError(f"--value-head {folder} approximates "
+                                 f"{head.manifest.get('reward')!r}, not --reward {cfg.reward!r}")
             return head
     raise ValueError(f"no value head to distil for {cfg.reward!r}: train {name} first or pass "
                      "--value-head DIR")
@@ -1216,6 +1219,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    if cfg.kind == "q":  # fail before an hour of sampling, not after
+        _value_head_for(cfg, None, None)
     base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
     try:
         train = load_split(base, cfg, "train", cfg.prompts, weights)
@@ -1246,6 +1251,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         assert embed is not None
         vhead = _value_head_for(cfg, fingerprint, dim)
         data_info["value_head"] = str(vhead.path)
+        data_info["value_head_sha256"] = vhead.weights_sha256
         module, history = train_q_head(cfg, train, vhead.module, embed, val)
         module.scale.fill_(q_calibration(module, vhead.module, train, embed))
         data_info["calibration_scale"] = float(module.scale)
