@@ -117,6 +117,8 @@ def test_weight_zero_is_plain_through_proxy(proxy, strategy):
     plain = chat(proxy, seed=11, max_tokens=8).choices[0].message.content
     r = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 0}}, seed=11, max_tokens=8)
     assert r.choices[0].message.content == plain
+    # the pass-through still reports what was generated
+    assert r.model_extra["alignment"]["tokens_generated"] == r.usage.completion_tokens > 0
 
 
 @pytest.mark.parametrize("alignment", [

@@ -265,6 +265,7 @@ async def run_sample(ctx: RemoteCtx, stream: bool) -> None:
             ids = [i.token for i in rc.infos] if rc.infos else rc.ids
             ctx.emit_text(c, rc.text, rc.infos, ids, rc.finish_reason or "stop")
         ctx.completion_tokens = (res.get("usage") or {}).get("completion_tokens")
+        ctx.stats.tokens_generated += sum(len(st.tokens) for st in ctx.choices)
         return
     ctx.remote_calls += 1
     async for chunk in ctx.http.stream(**body, stream_options={"include_usage": True}):
@@ -277,6 +278,7 @@ async def run_sample(ctx: RemoteCtx, stream: bool) -> None:
     for c in range(ctx.n):  # a stream that ended without a finish reason
         if not ctx.finished(c):
             ctx.emit_text(c, "", [], [], "stop")
+    ctx.stats.tokens_generated += sum(len(st.tokens) for st in ctx.choices)
 
 
 async def run_best_of_n(ctx: RemoteCtx, dec: Any) -> None:
