@@ -86,8 +86,14 @@ class Deal(AlignedDecoder):
                 else:
                     ctx.free(forks[j])
             beams = nxt
-        best = max(complete, key=lambda x: x[0])[1] if complete else finish_state(ctx)
-        ctx.info.setdefault("candidates", []).append({"complete": len(complete)})
-        emit_tokens(ctx, c, best.tokens, best.infos)
-        if best.finish_reason and not ctx.finished(c):
-            ctx.finish(c, best.finish_reason)
+        emit_best(ctx, c, complete)
+
+
+def emit_best(ctx, c: int, complete: list) -> None:  # type: ignore[no-untyped-def]
+    """Emit the best-scoring completed beam ``(score, ChoiceState)`` as choice ``c`` (an empty
+    answer when none completed) and record how many completed."""
+    best = max(complete, key=lambda x: x[0])[1] if complete else finish_state(ctx)
+    ctx.info.setdefault("candidates", []).append({"complete": len(complete)})
+    emit_tokens(ctx, c, best.tokens, best.infos)
+    if best.finish_reason and not ctx.finished(c):
+        ctx.finish(c, best.finish_reason)

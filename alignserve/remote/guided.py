@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from ..decoders.aligned import emit_tokens, finish_state, sample_scored, topk_ids
+from ..decoders.aligned import finish_state, sample_scored, topk_ids
+from ..decoders.deal import emit_best
 from ..engine.output import Detokenizer, TokenInfo
 from .backbone import LocalBackbone
 from .strategies import RemoteCtx, _stops, drive, next_top, sparse_logits
@@ -217,10 +218,6 @@ async def run_deal(ctx: RemoteCtx, dec: Any, vocab: int) -> None:
                 elif len(nxt) < o.beams - len(complete):
                     nxt.append(states[j])
             beams = nxt
-        best = max(complete, key=lambda x: x[0])[1] if complete else finish_state(ctx)
-        ctx.info.setdefault("candidates", []).append({"complete": len(complete)})
-        emit_tokens(ctx, c, best.tokens, best.infos)
-        if best.finish_reason and not ctx.finished(c):
-            ctx.finish(c, best.finish_reason)
+        emit_best(ctx, c, complete)
 
     await asyncio.gather(*(one(c) for c in range(ctx.n)))
