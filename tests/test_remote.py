@@ -272,6 +272,8 @@ def test_remote_killed_mid_request_is_502(remote, proxy):
             "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 500,
             "ignore_eos": True, "seed": 2})
 
+    h = httpx.get(proxy.url + "/health")
+    assert h.status_code == 200 and h.json()["base"]["reachable"] is True, h.text
     t = threading.Thread(target=long_request)
     t.start()
     deadline = time.time() + 30
@@ -284,7 +286,13 @@ def test_remote_killed_mid_request_is_502(remote, proxy):
     assert r.status_code == 502, r.text
     err = r.json()["error"]
     assert remote.url in err["message"] and err["type"] == "server_error"
-    assert httpx.get(proxy.url + "/health").status_code == 200
+    # the proxy still answers /health, with 503 "degraded" naming the unreachable base (the
+    # probe is cached for 2 s)
+    deadline = time.time() + 10
+    while (h := httpx.get(proxy.url + "/health")).status_code == 200 and time.time() < deadline:
+        time.sleep(0.2)
+    assert h.status_code == 503 and h.json()["status"] == "degraded", h.text
+    assert h.json()["base"]["reachable"] is False and h.json()["base"]["url"] in remote.url
     t0 = time.time()
     with pytest.raises(APIStatusError) as ei:
         chat(proxy, max_tokens=4)

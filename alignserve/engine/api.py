@@ -49,6 +49,10 @@ class TextClient:
     def max_len(self) -> int:
         return self.engine.max_len
 
+    async def dependency_health(self) -> dict[str, Any] | None:
+        """What ``/health`` reports about components outside this process (None: none)."""
+        return None
+
     # ---- tokenization ----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False).input_ids)

@@ -122,6 +122,18 @@ class RemoteEngineClient(TextClient):
             out.update({s: why for s in (*TOKEN_LEVEL, *HEAD_GUIDED, "deal")})
         return out
 
+    async def dependency_health(self) -> dict[str, Any] | None:
+        """The base model server's reachability, probed at most every 2 s (cached)."""
+        import time
+
+        now = time.monotonic()
+        cached = getattr(self, "_health", None)
+        if cached is None or now - cached[0] > 2.0:
+            ok, why = await self.http.reachable()
+            cached = (now, {"url": self.http.base_url, "reachable": ok, "error": why})
+            self._health = cached
+        return {"base": cached[1]}
+
     def check_request(self, dec: Any, inp: GenerationInput) -> None:
         """400s (``AlignmentError``) for what remote mode cannot do as asked."""
         name = dec.name

@@ -120,6 +120,17 @@ class RemoteHTTP:
     def url(self) -> str:
         return self.base_url + "/v1/completions"
 
+    async def reachable(self, timeout_s: float = 2.0) -> tuple[bool, str | None]:
+        """(whether ``GET /v1/models`` on the base answers 2xx within ``timeout_s``, the
+        reason when not); no retries: this is for ``/health``."""
+        try:
+            r = await self.client().get(self.base_url + "/v1/models", timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            return False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if r.status_code // 100 != 2:
+            return False, f"GET /v1/models answered {r.status_code}"
+        return True, None
+
     def client(self) -> httpx.AsyncClient:
         """One connection pool per event loop (the probe and the server run in different ones)."""
         loop = asyncio.get_running_loop()

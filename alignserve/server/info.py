@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from ..decoders import STRATEGIES, strategy_info
 from .metrics import CONTENT_TYPE
@@ -30,11 +30,21 @@ async def metrics_page(request: Request) -> PlainTextResponse:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict:
+async def health(request: Request) -> JSONResponse:
+    """200 ``{"status": "ok", ...}``; in remote mode also the base server's reachability, and
+    503 with ``"status": "degraded"`` while it is unreachable (so a load balancer stops
+    sending requests that could only end in 502s)."""
     srv = state_of(request)
     eng = srv.client.engine
-    return {"status": "ok", "model": srv.model_name, "running": eng.running,
+    body = {"status": "ok", "model": srv.model_name, "running": eng.running,
             "waiting": eng.queue_depth}
+    deps = await srv.client.dependency_health()
+    if deps:
+        body.update(deps)
+        if not all(d.get("reachable", True) for d in deps.values()):
+            body["status"] = "degraded"
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 @router.get("/v1/models")
