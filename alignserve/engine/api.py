@@ -53,6 +53,44 @@ class TextClient:
         """What ``/health`` reports about components outside this process (None: none)."""
         return None
 
+    # ---- requests (subclasses define ``start`` and may refine ``on_done``) ------------------
+    def start(self, inp: GenerationInput, stream: bool = True) -> tuple[Any, asyncio.Queue]:
+        """Validate and submit ``inp``; (request, its event queue). Raises before any output
+        exists, so the HTTP layer can still answer with a 4xx status."""
+        raise NotImplementedError
+
+    def on_done(self, req: Any, result: dict[str, Any]) -> None:
+        """Hook: complete a request's ``done`` result before it is yielded."""
+
+    async def events(self, req: Any, q: asyncio.Queue) -> AsyncIterator[tuple]:
+        """Yield a started request's events; cancels it if the consumer stops early."""
+        try:
+            while True:
+                ev = await q.get()
+                if ev[0] == "done":
+                    self.on_done(req, ev[1])
+                yield ev
+                if ev[0] in ("done", "error"):
+                    return
+        finally:
+            if not req.done:
+                self.engine.cancel(req)
+
+    async def stream(self, inp: GenerationInput) -> AsyncIterator[tuple]:
+        req, q = self.start(inp)
+        async for ev in self.events(req, q):
+            yield ev
+
+    async def run(self, inp: GenerationInput) -> dict[str, Any]:
+        """The whole result of a non-streamed request; raises its error."""
+        req, q = self.start(inp, stream=False)
+        async for ev in self.events(req, q):
+            if ev[0] == "done":
+                return ev[1]
+            if ev[0] == "error":
+                raise ev[1]
+        raise EngineError("generation ended without a result")
+
     # ---- tokenization ----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False).input_ids)
@@ -91,9 +129,12 @@ class EngineClient(TextClient):
         self.tok = copy.deepcopy(engine.tokenizer)
         self.resources = resources
 
-    def start(self, inp: GenerationInput) -> tuple[EngineRequest, asyncio.Queue]:
+    def start(self, inp: GenerationInput,
+              stream: bool = True) -> tuple[EngineRequest, asyncio.Queue]:
         """Submit ``inp`` with its strategy ``inp.decoder``; raises (EngineError, QueueFull)
-        before any output exists, so the HTTP layer can still answer with a 4xx status."""
+        before any output exists, so the HTTP layer can still answer with a 4xx status. The
+        engine emits the same events either way, so ``stream`` changes nothing here (the
+        remote client passes a non-streamed request through as one call)."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         decoder = inp.decoder
@@ -110,30 +151,7 @@ class EngineClient(TextClient):
         self.engine.submit(req)
         return req, q
 
-    async def events(self, req: EngineRequest, q: asyncio.Queue) -> AsyncIterator[tuple]:
-        """Yield a started request's events; cancels it if the consumer stops early. The
-        ``done`` result also carries ``queue_s``: seconds from submission to admission."""
-        try:
-            while True:
-                ev = await q.get()
-                if ev[0] == "done" and req.admitted_at:
-                    ev[1]["queue_s"] = req.admitted_at - req.submitted_at
-                yield ev
-                if ev[0] in ("done", "error"):
-                    return
-        finally:
-            if not req.done:
-                self.engine.cancel(req)
-
-    async def stream(self, inp: GenerationInput) -> AsyncIterator[tuple]:
-        req, q = self.start(inp)
-        async for ev in self.events(req, q):
-            yield ev
-
-    async def run(self, inp: GenerationInput) -> dict[str, Any]:
-        async for ev in self.stream(inp):
-            if ev[0] == "done":
-                return ev[1]
-            if ev[0] == "error":
-                raise ev[1]
-        raise EngineError("generation ended without a result")
+    def on_done(self, req: EngineRequest, result: dict[str, Any]) -> None:
+        """The ``done`` result also carries ``queue_s``: seconds from submission to admission."""
+        if req.admitted_at:
+            result["queue_s"] = req.admitted_at - req.submitted_at

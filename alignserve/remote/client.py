@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -258,31 +257,6 @@ class RemoteEngineClient(TextClient):
             "elapsed_s": time.perf_counter() - req.started,
         }
 
-    async def events(self, req: RemoteRequest, q: asyncio.Queue) -> AsyncIterator[tuple]:
-        """Yield a started request's events; cancels it if the consumer stops early."""
-        try:
-            while True:
-                ev = await q.get()
-                yield ev
-                if ev[0] in ("done", "error"):
-                    return
-        finally:
-            if not req.done:
-                self.engine.cancel(req)
-
-    async def stream(self, inp: GenerationInput) -> AsyncIterator[tuple]:
-        req, q = self.start(inp)
-        async for ev in self.events(req, q):
-            yield ev
-
-    async def run(self, inp: GenerationInput) -> dict[str, Any]:
-        req, q = self.start(inp, stream=False)
-        async for ev in self.events(req, q):
-            if ev[0] == "done":
-                return ev[1]
-            if ev[0] == "error":
-                raise ev[1]
-        raise EngineError("generation ended without a result")
 
 
 def eos_ids_of(folder: Path, tokenizer: Any) -> set[int]:
