@@ -123,8 +123,6 @@ class RemoteEngineClient(TextClient):
 
     async def dependency_health(self) -> dict[str, Any] | None:
         """The base model server's reachability, probed at most every 2 s (cached)."""
-        import time
-
         now = time.monotonic()
         cached = getattr(self, "_health", None)
         if cached is None or now - cached[0] > 2.0:

@@ -57,7 +57,7 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
              for n, w in dec.weights.items() if w]
     betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
     ctx.info["values"] = "q" if use_q else "tree"
-    embed = backbone.embed.float().cpu() if use_q else None
+    embed = backbone.embed if use_q else None
     k = dec.opt.top_k
     # VAS leaves the other tokens as they are: ask for every top logprob the remote returns
     want = max(k if dec.restrict else ctx.caps.max_logprobs, ctx.params.top_logprobs)
@@ -84,7 +84,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                 cands = topk_ids(ctx, logits, k, done)
                 ctx.stats.candidates_scored += len(cands)
                 if use_q:
-                    rows = embed[torch.tensor(cands)][None]  # type: ignore[index]
+                    ids = torch.tensor(cands, device=embed.device)  # type: ignore[union-attr]
+                    rows = embed[ids].float().cpu()[None]  # type: ignore[index]  # [1, k, D]
                     vals = torch.stack([h.module(state, rows)[0] for h, _ in heads])  # [H, k]
                 else:
                     hidden = (await backbone.tree_hidden(seq, cands)).float().cpu()

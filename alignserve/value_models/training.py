@@ -987,6 +987,18 @@ def q_advantage(head: QHead, h: Tensor, ids: Tensor, embed: Tensor,
 
 
 @torch.no_grad()
+def _q_predict(head: QHead, split: Split, rows: Tensor, ids: Tensor, tok: Tensor,
+               embed: Tensor, chunk: int = 4096) -> Tensor:
+    """``q_advantage`` of the transitions (state rows, token ids, candidate index ``tok``, as
+    ``q_targets`` returns them), in chunks."""
+    cid, clp = split.cand_ids, split.cand_lp
+    return torch.cat([q_advantage(head, split.hidden[rows[i:i + chunk]], ids[i:i + chunk], embed,
+                                  None if cid is None else cid[tok[i:i + chunk]],
+                                  None if clp is None else clp[tok[i:i + chunk]])
+                      for i in range(0, len(rows), chunk)])
+
+
+@torch.no_grad()
 def q_metrics(head: QHead, value: torch.nn.Module, split: Split, embed: Tensor,
               min_gap: float = 0.05) -> dict[str, float]:
     """How well the Q-head ranks next tokens against the value head's V([s, a]).
@@ -1000,11 +1012,7 @@ def q_metrics(head: QHead, value: torch.nn.Module, split: Split, embed: Tensor,
     from scipy.stats import spearmanr
 
     rows, ids, target, tok = q_targets(value, split)
-    cid, clp = split.cand_ids, split.cand_lp
-    pred = torch.cat([q_advantage(head, split.hidden[rows[i:i + 4096]], ids[i:i + 4096], embed,
-                                  None if cid is None else cid[tok[i:i + 4096]],
-                                  None if clp is None else clp[tok[i:i + 4096]])
-                      for i in range(0, len(rows), 4096)])
+    pred = _q_predict(head, split, rows, ids, tok, embed)
     rho = spearmanr(pred.numpy(), target.numpy()).statistic
     first = split.offsets[:-1]
     has_tok = split.lengths > 1
@@ -1033,11 +1041,7 @@ def q_calibration(head: QHead, value: torch.nn.Module, split: Split, embed: Tens
     rows, ids, target, tok = q_targets(value, split)
     step = max(1, len(rows) // rows_max)
     rows, ids, target, tok = rows[::step], ids[::step], target[::step], tok[::step]
-    cid, clp = split.cand_ids, split.cand_lp
-    pred = torch.cat([q_advantage(head, split.hidden[rows[i:i + 4096]], ids[i:i + 4096], embed,
-                                  None if cid is None else cid[tok[i:i + 4096]],
-                                  None if clp is None else clp[tok[i:i + 4096]])
-                      for i in range(0, len(rows), 4096)])
+    pred = _q_predict(head, split, rows, ids, tok, embed)
     return float(target.std() / pred.std().clamp_min(1e-6))
 
 
