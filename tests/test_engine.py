@@ -83,6 +83,32 @@ def test_rows_of_different_lengths_batch_like_alone(runner, ids):
     assert runner.num_free == 8
 
 
+def test_prefill_decode_and_tree_share_one_forward(runner, ids):
+    """A prefill, decode rows and a tree of candidates from different sequences run as one
+    packed forward (weights read once) and give what each gives alone."""
+    a, b, c = runner.new_seq(), runner.new_seq(), runner.new_seq()
+    runner.run([Extend(a, ids[:5]), Extend(b, ids[:7])])
+    [pre_c] = runner.run([Extend(c, ids[:3])])
+    cands = torch.topk(pre_c.logits[0], 4).indices.tolist()
+    # alone, on forks of the same prefixes
+    fa, fb, fc = runner.fork(a, 1)[0], runner.fork(b, 1)[0], runner.fork(c, 1)[0]
+    ref_a = runner.run([Extend(fa, [42])])[0].logits
+    ref_b = runner.run([Extend(fb, ids[7:], logits="all")])[0].logits
+    ref_c = runner.run([Tree(fc, cands, hidden=True)])[0]
+    before = runner.forwards
+    out_a, out_b, out_c = runner.run([Extend(a, [42]), Extend(b, ids[7:], logits="all"),
+                                      Tree(c, cands, hidden=True)])
+    assert runner.forwards == before + 1
+    assert torch.allclose(out_a.logits, ref_a, atol=1e-3)
+    assert out_b.logits.shape == (len(ids) - 7, ref_b.shape[1])
+    assert torch.allclose(out_b.logits, ref_b, atol=1e-3)
+    assert torch.allclose(out_c.logits, ref_c.logits, atol=1e-3)
+    assert torch.allclose(out_c.hidden, ref_c.hidden, atol=1e-3)
+    assert (a.length, b.length, c.length) == (6, len(ids), 3)
+    for s in (a, b, c, fa, fb, fc):
+        runner.free(s)
+
+
 def test_fork_copies_prefix(runner, ids):
     seq = runner.new_seq()
     runner.run([Extend(seq, ids[:-1])])

@@ -89,10 +89,36 @@ def rope_tables(cfg: ModelConfig, max_len: int, device: torch.device) -> tuple[T
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, Q, H, D]; cos/sin: [B, Q, D] gathered at each token's position (HF's half-split)."""
+    """x: [..., H, D]; cos/sin: [..., D] gathered at each token's position (HF's half-split)."""
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(2) + rot * sin.unsqueeze(2)
+    return x * cos.unsqueeze(-2) + rot * sin.unsqueeze(-2)
+
+
+@dataclass
+class AttnGroup:
+    """The rows of one attention call inside a packed forward.
+
+    A packed forward runs every linear layer over all T real tokens of all rows at once
+    ([T, D], no padding), and attention per group: the group's ``b`` rows padded to ``q``
+    queries each. Its tokens are ``packed[start:end]`` in row-major order, real tokens only.
+
+    rows: the cache slot of each of the b rows (a slice when contiguous); gather: [b*q] long,
+    for each padded query the packed token it reads (None when the group has no padding);
+    keep: [b*q - pads] long, the padded positions that are real tokens, in packed order (None
+    without padding); mask: [b, 1, q, lk] bool, True = attend, or None when every query
+    attends to all of the first ``lk`` cache entries of its row.
+    """
+
+    start: int
+    end: int
+    b: int
+    q: int
+    rows: Tensor | slice
+    lk: int
+    mask: Tensor | None = None
+    gather: Tensor | None = None
+    keep: Tensor | None = None
 
 
 class KVCache:
@@ -233,22 +259,26 @@ class Block(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor,
-                rows: Tensor | slice, slot_idx: Tensor, write_idx: Tensor, mask: Tensor | None,
-                lk: int) -> Tensor:
-        b, q, _ = x.shape
+                slot_t: Tensor, write_t: Tensor, groups: list[AttnGroup]) -> Tensor:
+        """x: [T, D] packed tokens; cos/sin: [T, head_dim]; slot_t/write_t: [T] the cache slot
+        and index each token's key/value is written to."""
         cfg = self.cfg
+        t = x.shape[0]
         hx = self.input_layernorm(x)
         qp, kp, vp = self._qkv(hx)
-        qh = apply_rope(qp.view(b, q, cfg.num_heads, cfg.head_dim), cos, sin)
-        kh = apply_rope(kp.view(b, q, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        vh = vp.view(b, q, cfg.num_kv_heads, cfg.head_dim)
-        kc[slot_idx, write_idx] = kh
-        vc[slot_idx, write_idx] = vh
-        keys = kc[rows, :lk].transpose(1, 2)
-        vals = vc[rows, :lk].transpose(1, 2)
-        att = F.scaled_dot_product_attention(qh.transpose(1, 2), keys, vals, attn_mask=mask,
-                                             enable_gqa=cfg.num_heads != cfg.num_kv_heads)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(b, q, -1))
+        qh = apply_rope(qp.view(t, cfg.num_heads, cfg.head_dim), cos, sin)
+        kc[slot_t, write_t] = apply_rope(kp.view(t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        vc[slot_t, write_t] = vp.view(t, cfg.num_kv_heads, cfg.head_dim)
+        outs = []
+        for g in groups:
+            qg = qh[g.start:g.end] if g.gather is None else qh[g.gather]
+            att = F.scaled_dot_product_attention(
+                qg.view(g.b, g.q, cfg.num_heads, cfg.head_dim).transpose(1, 2),
+                kc[g.rows, :g.lk].transpose(1, 2), vc[g.rows, :g.lk].transpose(1, 2),
+                attn_mask=g.mask, enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+            att = att.transpose(1, 2).reshape(g.b * g.q, -1)
+            outs.append(att if g.keep is None else att[g.keep])
+        x = x + self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
         hx = self.post_attention_layernorm(x)
         return x + self._mlp(hx)
 
@@ -306,27 +336,20 @@ class CausalLM(nn.Module):
         return hidden @ self._head_t
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | slice,
-                write_idx: Tensor, mask: Tensor | None, lk: int | None = None) -> Tensor:
-        """Run the body; returns final-normed hidden states [B, Q, D].
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slot_t: Tensor,
+                write_t: Tensor, groups: list[AttnGroup]) -> Tensor:
+        """Run the body over packed tokens; returns final-normed hidden states [T, D].
 
-        tokens/positions/write_idx: [B, Q]; rows: the cache slot of each batch row (a slice when
-        contiguous, which avoids gathering the cache); mask: [B, 1, Q, Lk] bool, True = attend,
-        or None when every query attends to all of the first ``lk`` cache entries of its row
-        (decode rows of equal length: no mask to build or apply).
+        tokens/positions/slot_t/write_t: [T] long: the real tokens of every row, back to back
+        in the order of ``groups``; each token's rotary position, and the cache slot and index
+        its key/value is written to (a tree candidate's position differs from its index).
+        Linear layers run once over all T tokens; attention once per ``AttnGroup``.
         """
-        if mask is not None:
-            lk = mask.shape[-1]
-        assert lk is not None, "lk is required without a mask"
         x = self.embed_tokens(tokens)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = self.rope_sin[positions].to(x.dtype)
-        if isinstance(rows, slice):
-            slot_idx = torch.arange(rows.start, rows.stop, device=x.device)[:, None]
-        else:
-            slot_idx = rows[:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], rows, slot_idx, write_idx, mask, lk)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], slot_t, write_t, groups)
         return self.norm(x)
 
 

@@ -1,10 +1,12 @@
 """ModelRunner: one model, its KV cache slots, and batched execution of forward operations.
 
-``run(ops)`` turns a list of ``Extend``/``Tree`` operations (from any number of requests) into as
-few padded forwards as makes sense: rows are sorted by query length and merged while the padding
-they add stays under ``pad_budget`` tokens, because on a CPU every padded token costs compute
-while every extra forward re-reads all weights. Long prefills therefore run alone and decode rows
-of all requests share one forward.
+``run(ops)`` turns a list of ``Extend``/``Tree`` operations (from any number of requests) into one
+packed forward: every linear layer runs once over the real tokens of all rows (prefills and
+decode rows together, no padding, so the weights are read once per step), and attention runs per
+group of rows padded to a common query length. Rows are sorted by query length and merged into a
+group while the padding they add stays under ``pad_budget`` tokens (padded queries cost attention
+compute), so a long prefill gets its own attention call and the decode rows of all requests
+share one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .model import CausalLM, KVCache, ModelConfig, load_causal_lm
+from .model import AttnGroup, CausalLM, KVCache, ModelConfig, load_causal_lm
 from .primitives import EngineError, Extend, ForwardOut, Op, Seq, Tree
 
 
@@ -92,42 +94,47 @@ class ModelRunner:
             if not op.tokens:
                 raise EngineError("operation with no tokens")
         order = sorted(range(len(ops)), key=lambda i: (len(ops[i].tokens), ops[i].seq.slot))
-        results: list[ForwardOut | None] = [None] * len(ops)
+        groups: list[list[int]] = []
         group: list[int] = []
         for i in order:
             q = len(ops[i].tokens)
             # rows arrive in ascending length, so adding this one pads every row already in
             pad = sum(q - len(ops[j].tokens) for j in group)
             if group and pad > self.pad_budget:
-                self._run_group([ops[j] for j in group], group, results)
+                groups.append(group)
                 group = []
             group.append(i)
-        if group:
-            self._run_group([ops[j] for j in group], group, results)
+        groups.append(group)
+        outs = self._forward(ops, groups)
         for op in ops:  # sequences grow only after every op saw the pre-step state
             if isinstance(op, Extend):
                 op.seq.tokens.extend(op.tokens)
-        return results  # type: ignore[return-value]
+        return outs
 
-    def _run_group(self, ops: list[Op], idx: list[int], results: list[ForwardOut | None]) -> None:
+    def _attn_group(self, ops: list[Op], start: int) -> AttnGroup:
+        """The attention call of rows ``ops`` (ascending query length) whose real tokens sit
+        back to back from ``start`` in the packed batch."""
         b = len(ops)
-        q = max(len(op.tokens) for op in ops)
-        lk = max(op.seq.length + len(op.tokens) for op in ops)
-        dev = self.device
-        p0 = torch.tensor([op.seq.length for op in ops])
         n = torch.tensor([len(op.tokens) for op in ops])
-        tokens = torch.tensor([op.tokens + [0] * (q - len(op.tokens)) for op in ops])
+        q = int(n.max())
+        total = int(n.sum())
+        p0 = torch.tensor([op.seq.length for op in ops])
         qi = torch.arange(q)
-        valid = qi[None] < n[:, None]  # [B, Q]: real (unpadded) queries
+        valid = qi[None] < n[:, None]  # [b, q]: real (unpadded) queries
         tree = torch.tensor([isinstance(op, Tree) for op in ops])
-        # a Tree's candidates all sit at position p0; an Extend's tokens at p0, p0 + 1, ...
-        positions = torch.where(valid, p0[:, None] + qi[None] * (~tree[:, None]), 0)
-        write = torch.where(valid, p0[:, None] + qi[None], self.cache.scratch)
+        lk = int((p0 + n).max())
+        dev = self.device
+        gather = keep = None
+        if total != b * q:
+            offsets = torch.cumsum(n, 0) - n  # each row's first packed token
+            # padded queries read their row's last real token; their outputs are dropped
+            gather = (start + offsets[:, None] + torch.minimum(qi[None], n[:, None] - 1))
+            gather = gather.reshape(-1).to(dev)
+            keep = valid.reshape(-1).nonzero().squeeze(1).to(dev)
         mask: Tensor | None = None
-        if q == 1 and not bool(tree.any()) and bool((p0 == p0[0]).all()):
-            # decode rows of one length: each query attends to every cached entry up to itself
-            pass
-        else:
+        if not (q == 1 and not bool(tree.any()) and bool((p0 == p0[0]).all())):
+            # (decode rows of one length attend to every cached entry up to themselves: no mask)
+            positions = p0[:, None] + qi[None] * (~tree[:, None])
             kj = torch.arange(lk)[None, None]  # [1, 1, Lk]
             causal = kj <= positions[:, :, None]  # Extend: keys up to the query's own position
             own = (kj < p0[:, None, None]) | (kj == (p0[:, None] + qi[None])[:, :, None])
@@ -140,30 +147,59 @@ class ModelRunner:
             rows = slice(slots[0], slots[0] + b)
         else:
             rows = torch.tensor(slots, device=dev)
-        hidden = self.model(tokens.to(dev), positions.to(dev), self.cache, rows, write.to(dev),
-                            mask, lk)
+        return AttnGroup(start=start, end=start + total, b=b, q=q, rows=rows, lk=lk, mask=mask,
+                         gather=gather, keep=keep)
+
+    def _forward(self, ops: list[Op], groups: list[list[int]]) -> list[ForwardOut]:
+        """One packed forward over every op: linears over all real tokens at once, attention
+        per group of rows (``AttnGroup``), one LM-head matmul for every position asked for."""
+        dev = self.device
+        order = [i for g in groups for i in g]
+        attn, start = [], 0
+        for g in groups:
+            attn.append(self._attn_group([ops[i] for i in g], start))
+            start = attn[-1].end
+        tokens: list[int] = []
+        positions: list[int] = []
+        slot_t: list[int] = []
+        write_t: list[int] = []
+        first: dict[int, int] = {}  # op index -> its first packed token
+        for i in order:
+            op = ops[i]
+            k, p = len(op.tokens), op.seq.length
+            first[i] = len(tokens)
+            tokens += op.tokens
+            # a Tree's candidates all sit at position p; an Extend's tokens at p, p + 1, ...
+            positions += [p] * k if isinstance(op, Tree) else range(p, p + k)
+            slot_t += [op.seq.slot] * k
+            write_t += range(p, p + k)
+        hidden = self.model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                            self.cache, torch.tensor(slot_t, device=dev),
+                            torch.tensor(write_t, device=dev), attn)
         self.forwards += 1
-        self.tokens_processed += sum(len(op.tokens) for op in ops)
-        # gather the positions each op wants, then one LM-head matmul for the whole group
-        picks: list[list[int]] = []
-        for op in ops:
+        self.tokens_processed += len(tokens)
+        # the positions each op wants, then one LM-head matmul for all of them
+        picks: dict[int, list[int]] = {}
+        for i in order:
+            op = ops[i]
             k = len(op.tokens)
             every = isinstance(op, Tree) or op.logits == "all"
-            picks.append(list(range(k)) if every else [k - 1])
-        if all(len(p) == 1 and p[0] == q - 1 for p in picks):
-            hsel = hidden[:, q - 1]  # decode: every row's last position (no gather to build)
+            picks[i] = list(range(first[i], first[i] + k)) if every else [first[i] + k - 1]
+        flat = [j for i in order for j in picks[i]]
+        if flat == list(range(len(tokens))):
+            hsel = hidden  # decode: every token's state is wanted (no gather to build)
         else:
-            flat_rows = torch.tensor([r for r, p in enumerate(picks) for _ in p], device=dev)
-            flat_pos = torch.tensor([i for p in picks for i in p], device=dev)
-            hsel = hidden[flat_rows, flat_pos]
-        want_logits = [not (isinstance(op, Extend) and op.logits == "none")
-                       and not (isinstance(op, Tree) and not op.logits) for op in ops]
-        logits = self.model.logits(hsel) if any(want_logits) else None
-        start = 0
-        for p, op, gi, wl in zip(picks, ops, idx, want_logits):
-            sl = slice(start, start + len(p))
-            start += len(p)
-            results[gi] = ForwardOut(
-                logits=logits[sl] if (wl and logits is not None) else None,
-                hidden=hsel[sl] if op.hidden else None,
+            hsel = hidden[torch.tensor(flat, device=dev)]
+        want_logits = {i: not (isinstance(ops[i], Extend) and ops[i].logits == "none")
+                       and not (isinstance(ops[i], Tree) and not ops[i].logits) for i in order}
+        logits = self.model.logits(hsel) if any(want_logits.values()) else None
+        results: list[ForwardOut | None] = [None] * len(ops)
+        at = 0
+        for i in order:
+            sl = slice(at, at + len(picks[i]))
+            at += len(picks[i])
+            results[i] = ForwardOut(
+                logits=logits[sl] if (want_logits[i] and logits is not None) else None,
+                hidden=hsel[sl] if ops[i].hidden else None,
             )
+        return results  # type: ignore[return-value]
