@@ -190,25 +190,31 @@ def minilm_embed(texts: Sequence[str], model_dir: str | os.PathLike[str] | None 
     """L2-normalised mean-pooled sentence embeddings ``[len(texts), dim]`` (float32).
 
     This is what sentence-transformers does for all-MiniLM-L6-v2 (mean over non-padding tokens,
-    then unit length), written out so the package is not needed.
+    then unit length), written out so the package is not needed. Texts are encoded in batches
+    of similar token length (texts from many requests arrive together, and a batch is padded to
+    its longest text); the output keeps the input order.
     """
     import torch
 
     folder = str(model_dir or minilm_model_dir())
     tok, model = _cached(("encoder", folder), lambda: _load_encoder(folder))
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        batch = list(texts[start:start + batch_size])
-        enc = tok(batch, padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt")
+    if not texts:
+        return np.zeros((0, 384), dtype=np.float32)
+    ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+    out = np.zeros((len(texts), 0), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        enc = tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
         with torch.inference_mode():
             hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        chunks.append(torch.nn.functional.normalize(pooled, p=2, dim=-1).float().numpy())
-    if not chunks:
-        return np.zeros((0, 384), dtype=np.float32)
-    return np.concatenate(chunks, axis=0)
+        emb = torch.nn.functional.normalize(pooled, p=2, dim=-1).float().numpy()
+        if out.shape[1] == 0:
+            out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
+        out[rows] = emb
+    return out
 
 
 class SentimentReward:
