@@ -113,12 +113,24 @@ def test_guided_strategies_through_proxy(proxy, alignment):
 
 
 @pytest.mark.parametrize("strategy", ["vas", "cd", "genarm"])
-def test_weight_zero_is_plain_through_proxy(proxy, strategy):
+def test_weight_zero_is_plain_through_proxy(remote, proxy, strategy):
     plain = chat(proxy, seed=11, max_tokens=8).choices[0].message.content
     r = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 0}}, seed=11, max_tokens=8)
     assert r.choices[0].message.content == plain
     # the pass-through still reports what was generated
-    assert r.model_extra["alignment"]["tokens_generated"] == r.usage.completion_tokens > 0
+    al = r.model_extra["alignment"]
+    assert al["tokens_generated"] == r.usage.completion_tokens > 0
+    # and the fields a guided request reports: the answer's rewards, as in-process
+    guided = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 1}}, seed=11,
+                  max_tokens=8).model_extra["alignment"]
+    assert set(al) == set(guided)
+    assert al["values" if strategy != "genarm" else "kl_per_token"] == (
+        "none" if strategy != "genarm" else 0.0)
+    direct = chat(remote, {"strategy": strategy, "weights": {"sentiment": 0}}, seed=11,
+                  max_tokens=8).model_extra["alignment"]
+    assert al["rewards"]["sentiment"][0] == pytest.approx(direct["rewards"]["sentiment"][0],
+                                                          abs=1e-4)
+    assert al["weights"] == direct["weights"] == {"sentiment": 0.0}
 
 
 @pytest.mark.parametrize("alignment", [
@@ -267,25 +279,46 @@ def test_remote_killed_mid_request_is_502(remote, proxy):
     the proxy keeps serving (health, and later requests fail fast with 502)."""
     out: dict = {}
 
+    long = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 500,
+            "ignore_eos": True, "seed": 2}
+
     def long_request() -> None:
-        out["r"] = httpx.post(proxy.url + "/v1/completions", timeout=120, json={
-            "model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 500,
-            "ignore_eos": True, "seed": 2})
+        out["r"] = httpx.post(proxy.url + "/v1/completions", timeout=120, json=long)
+
+    def long_stream() -> None:
+        with httpx.stream("POST", proxy.url + "/v1/completions", timeout=120,
+                          json={**long, "stream": True}) as r:
+            out["stream_status"] = r.status_code
+            out["events"] = []
+            for ln in r.iter_lines():
+                if ln.startswith("data:"):
+                    out["events"].append(ln[5:].strip())
 
     h = httpx.get(proxy.url + "/health")
     assert h.status_code == 200 and h.json()["base"]["reachable"] is True, h.text
-    t = threading.Thread(target=long_request)
-    t.start()
+    threads = [threading.Thread(target=long_request), threading.Thread(target=long_stream)]
+    for t in threads:
+        t.start()
     deadline = time.time() + 30
-    while time.time() < deadline and not httpx.get(remote.url + "/health").json()["running"]:
+    while time.time() < deadline and (httpx.get(remote.url + "/health").json()["running"] < 2
+                                      or len(out.get("events", [])) < 2):
         time.sleep(0.05)
     remote.proc.kill()
     remote.proc.wait(10)
-    t.join(60)
+    for t in threads:
+        t.join(60)
     r = out["r"]
     assert r.status_code == 502, r.text
     err = r.json()["error"]
     assert remote.url in err["message"] and err["type"] == "server_error"
+    # streamed, with tokens already sent: the 200 is out, so the stream ends with an error
+    # event in OpenAI's shape naming the base URL, then [DONE]
+    events = out["events"]
+    assert out["stream_status"] == 200 and events[-1] == "[DONE]"
+    assert "error" not in json.loads(events[0]) and json.loads(events[0])["choices"][0]["text"]
+    errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
+    assert len(errors) == 1 and remote.url in errors[0]["message"]
+    assert "error" in json.loads(events[-2])
     # the proxy still answers /health, with 503 "degraded" naming the unreachable base (the
     # probe is cached for 2 s)
     deadline = time.time() + 10
@@ -298,14 +331,26 @@ def test_remote_killed_mid_request_is_502(remote, proxy):
         chat(proxy, max_tokens=4)
     assert ei.value.status_code == 502 and remote.url in ei.value.body["message"]
     assert time.time() - t0 < 10  # bounded retries, no hang
-    # streamed: the 200 is already out when the remote call fails, so the stream carries an
-    # error event in OpenAI's shape naming the base URL, then [DONE]
-    r = httpx.post(proxy.url + "/v1/chat/completions", timeout=30, json={
-        "model": MODEL, "messages": PROMPT, "max_tokens": 4, "stream": True})
-    events = [ln[5:].strip() for ln in r.text.splitlines() if ln.startswith("data:")]
-    assert events[-1] == "[DONE]"
-    errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
-    assert len(errors) == 1 and remote.url in errors[0]["message"]
+    # streamed, failing before the first token: no stream starts; the same 502 in OpenAI's
+    # shape, for chat and completions, pass-through and guided
+    for path, body in [
+        ("/v1/chat/completions", {"messages": PROMPT}),
+        ("/v1/completions", {"prompt": "The hotel was"}),
+        ("/v1/chat/completions", {"messages": PROMPT, "alignment": {
+            "strategy": "vas", "top_k": 4, "weights": {"sentiment": 2}}}),
+    ]:
+        r = httpx.post(proxy.url + path, timeout=30, json={
+            "model": MODEL, "max_tokens": 4, "stream": True, **body})
+        assert r.status_code == 502, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        err = r.json()["error"]
+        assert remote.url in err["message"] and err["type"] == "server_error"
+        assert err["code"] == "base_unreachable"
+    with pytest.raises(APIStatusError) as ei:  # what the openai client sees
+        list(client(proxy).chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=4,
+                                                   stream=True))
+    assert ei.value.status_code == 502 and remote.url in ei.value.body["message"]
+    assert httpx.get(proxy.url + "/health").json()["running"] == 0
 
 
 GUIDED = [

@@ -241,6 +241,31 @@ def test_zero_weights_reproduce_plain_sampling(engine, registry, prompts, plain,
         assert r["choices"][0]["tokens"] == p["choices"][0]["tokens"]
 
 
+@pytest.mark.parametrize("strategy,weight,plain_fields", [
+    ("vas", 3.0, {"values": "none"}),
+    ("cd", 3.0, {"values": "none"}),
+    ("genarm", 1.0, {"kl_per_token": 0.0}),
+])
+def test_zero_weights_report_the_same_alignment_fields(engine, registry, prompts, strategy,
+                                                       weight, plain_fields):
+    """At weight 0 the response's ``alignment`` has the keys a guided run has: the rewards of
+    the (plain) answer, and the strategy's own fields with what plain sampling did."""
+    needs_head(registry, "sentiment", "arm" if strategy == "genarm" else "value")
+    [zero] = run_all(engine, registry, prompts[:1],
+                     {"strategy": strategy, "weights": {"sentiment": 0}}, seed=4)
+    [guided] = run_all(engine, registry, prompts[:1],
+                       {"strategy": strategy, "weights": {"sentiment": weight}}, seed=4)
+    assert set(zero["info"]) == set(guided["info"])
+    for key, value in plain_fields.items():
+        assert zero["info"][key] == value and guided["info"][key] != value
+    assert zero["info"]["weights"] == {"sentiment": 0.0}
+    # the reported reward is the reward of the returned answer
+    got = zero["info"]["rewards"]["sentiment"][0]
+    want = registry.rewards["sentiment"].score([prompts[0][0]], [zero["choices"][0]["text"]],
+                                               [{}])[0]
+    assert got == pytest.approx(float(want), abs=1e-4)
+
+
 @pytest.mark.parametrize("alignment,field", [
     ({"strategy": "vas", "top_k": 0, "weights": {"sentiment": 1}}, "alignment.top_k"),
     ({"strategy": "cd", "values": "exact", "weights": {"sentiment": 1}}, "alignment.values"),

@@ -105,6 +105,9 @@ class Vas(AlignedDecoder):
         if not missing and self.opt.batched:
             self.q_heads = found
 
+    def plain_info(self, info: dict) -> None:
+        info["values"] = "none"  # all weights 0: no candidate was valued
+
     def slots_needed(self, n: int) -> dict[str, int]:
         if self.q_heads:
             return {"base": n}

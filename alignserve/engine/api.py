@@ -44,6 +44,9 @@ class TextClient:
 
     tok: Any
     engine: Any
+    # whether a request often fails before its first output (a base model served elsewhere
+    # may be down); the HTTP layer then awaits a stream's first event before its 200
+    fails_before_output: bool = False
 
     @property
     def max_len(self) -> int:

@@ -97,6 +97,8 @@ class RemoteEngineClient(TextClient):
     (``vas``, ``cd``, ``genarm``), or None (those strategies are then unavailable).
     """
 
+    fails_before_output = True  # the base server's faults show on a request's first call
+
     def __init__(self, http: RemoteHTTP, tokenizer: Any, caps: RemoteCaps, resources: Any,
                  max_len: int, eos_ids: set[int], slots: int = 32,
                  request_timeout_s: float = 600.0, vocab_size: int | None = None,
@@ -192,7 +194,7 @@ class RemoteEngineClient(TextClient):
                 if req.inp.prompt_logprobs:
                     jobs.append(prompt_logprobs(ctx))
                 await asyncio.gather(*jobs)
-                if dec.name != "sample" and not getattr(dec, "plain", False):
+                if dec.name != "sample":  # rewards of the answer, at every weight
                     await ctx.report(dec)
             for c in range(ctx.n):
                 ctx.finish(c, "stop")
@@ -217,7 +219,7 @@ class RemoteEngineClient(TextClient):
         ctx.info["strategy"] = dec.name
         if dec.name == "sample" or getattr(dec, "plain", False):
             if dec.name != "sample":
-                ctx.info["weights"] = dec.weights
+                dec.plain_info(ctx.info)
             await run_sample(ctx, stream)
         elif ctx.params.max_tokens == 0:
             for c in range(ctx.n):

@@ -60,8 +60,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     tm = gen.timer(srv, request, inp)
     if body.stream:
-        started = gen.begin(srv, inp)
-        events = gen.watched(srv, started, strategy_of(alignment), tm)
+        started, events = await gen.open_stream(srv, inp, request, strategy_of(alignment), tm)
         return gen.sse(srv, stream(srv, rid, body, inp, events), started)
     res = await gen.run(srv, inp, request, tm)
     srv.metrics.observe_result(strategy_of(alignment), res)

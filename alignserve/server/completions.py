@@ -74,8 +74,8 @@ async def completions(body: CompletionRequest, request: Request):
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
         inp = gen.build(srv, inputs[0])
-        started = gen.begin(srv, inp)
-        events = gen.watched(srv, started, strategy_of(alignment), gen.timer(srv, request, inp))
+        started, events = await gen.open_stream(srv, inp, request, strategy_of(alignment),
+                                                gen.timer(srv, request, inp))
         return gen.sse(srv, stream(srv, rid, body, inp, events), started)
     for inp in inputs:  # validate every prompt's strategy before running any
         gen.build(srv, inp)

@@ -20,8 +20,10 @@ from .connection import EngineStream
 from .errors import APIError, to_api_error
 from .metrics import RequestTimer
 from .params import strategy_of
-from .sse import with_heartbeat
+from .sse import close_pending, with_heartbeat
 from .state import ServerState
+
+FIRST_EVENT_WAIT_S = 10.0  # longest wait for a stream's first event before its 200 goes out
 
 
 def arrival(request: Request) -> float:
@@ -91,13 +93,63 @@ def begin(srv: ServerState, inp: GenerationInput) -> tuple:
         raise to_api_error(exc) from None
 
 
-async def watched(srv: ServerState, started: tuple, strategy: str,
+async def open_stream(srv: ServerState, inp: GenerationInput, request: Request, strategy: str,
+                      tm: RequestTimer) -> tuple[tuple, AsyncIterator[tuple]]:
+    """Submit a streaming request: (the started request, its ``watched`` events). Errors at
+    submission (400, 429) raise their ``APIError`` before the 200.
+
+    With a client whose requests often fail before any output (``fails_before_output``: remote
+    mode, whose base server may be down or slow) the first event is awaited too, and an error
+    that comes first raises its ``APIError`` (502 / 504 naming the base URL), as the
+    non-streamed path does, instead of a 200 and an SSE error event. The wait is bounded by the
+    SSE heartbeat interval (``FIRST_EVENT_WAIT_S`` when heartbeats are off): a strategy silent
+    for longer (Best-of-N, DeAL) starts its stream then and keeps it alive, and an error after
+    that, or after tokens went out, ends the stream as an SSE error event and ``[DONE]``.
+    In-process the 200 goes out at once (a queued stream gets its keep-alives)."""
+    started = begin(srv, inp)
+    events = srv.client.events(*started)
+    if not getattr(srv.client, "fails_before_output", False):
+        return started, watched(srv, events, strategy, tm)
+    first = asyncio.ensure_future(events.__anext__())
+    wait = srv.limits.sse_heartbeat_s if srv.limits.sse_heartbeat_s > 0 else FIRST_EVENT_WAIT_S
+    deadline = time.perf_counter() + wait
+    try:
+        while not first.done() and (left := deadline - time.perf_counter()) > 0:
+            await asyncio.wait({first}, timeout=min(0.5, left))
+            if not first.done() and await request.is_disconnected():
+                srv.metrics.disconnect()
+                raise APIError(499, "client closed the connection", None, "client_closed")
+        ev = first.result() if first.done() else None
+    except BaseException:
+        await close_pending(first, events)
+        if not started[0].done:
+            srv.client.engine.cancel(started[0])
+        raise
+    if ev is not None and ev[0] == "error":
+        await close_pending(first, events)
+        raise to_api_error(ev[1])
+    return started, watched(srv, _resumed(first, events), strategy, tm)
+
+
+async def _resumed(first: asyncio.Future, events: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
+    """``events`` whose first item is ``first`` (a started ``__anext__``, maybe still pending)."""
+    try:
+        try:
+            yield await first
+        except StopAsyncIteration:
+            return
+        async for ev in events:
+            yield ev
+    finally:
+        await close_pending(first, events)
+
+
+async def watched(srv: ServerState, events: AsyncIterator[tuple], strategy: str,
                   tm: RequestTimer) -> AsyncIterator[tuple]:
-    """A started request's engine events, accounting its result or a mid-stream error.
+    """A started request's engine ``events``, accounting its result or a mid-stream error.
     Closing this (disconnect) closes the client's event generator, whose ``finally`` cancels the
     engine request; ``sse``'s ``on_close`` counts the disconnect (and cancels a request whose
     stream never reached this generator)."""
-    events = srv.client.events(*started)
     try:
         async for ev in events:
             tm.event(ev)

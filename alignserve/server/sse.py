@@ -53,8 +53,14 @@ async def with_heartbeat(events: AsyncIterator[str], interval: float) -> AsyncIt
                 return
             yield chunk
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        await events.aclose()  # type: ignore[attr-defined]
+        await close_pending(pending, events)
+
+
+async def close_pending(pending: asyncio.Future | None, events: AsyncIterator) -> None:
+    """Cancel ``pending`` (an ``__anext__`` of ``events`` run as a task) unless it is done, then
+    close ``events`` (for the engine clients' event generators that cancels a live request)."""
+    if pending is not None and not pending.done():
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+    await events.aclose()  # type: ignore[attr-defined]
