@@ -212,3 +212,43 @@ def test_backbone_arm_trains_and_steers_genarm(run_dir: Path, tmp_path: Path,
         assert eng.runners["backbone-4"].num_free == 4
     finally:
         eng.shutdown()
+
+
+def test_partial_text_auxiliary_target(run_dir: Path, tmp_path: Path, model_dir: Path) -> None:
+    """--aux-partial: the partial responses' rewards sit at the right state rows (NaN
+    elsewhere), the auxiliary loss changes the head, and the same seed still trains it twice
+    bit for bit."""
+    import math
+
+    from alignserve.value_models.rewards import default_rewards
+    from alignserve.value_models.training import cache_dir
+
+    cfg = _cfg(run_dir, tmp_path / "a", "value", method="fudge", epochs=3, val_prompts=0,
+               aux_partial=1.0, aux_every=3)
+    a = run_training(cfg)
+    b = run_training(_cfg(run_dir, tmp_path / "b", "value", method="fudge", epochs=3,
+                          val_prompts=0, aux_partial=1.0, aux_every=3))
+    plain = run_training(_cfg(run_dir, tmp_path / "p", "value", method="fudge", epochs=3,
+                              val_prompts=0))
+    assert _same(a.module, b.module) and not _same(a.module, plain.module)
+    folder = cache_dir(cfg.resolved(), "train")
+    [path] = folder.glob("partial-*-e3-n4.pt")
+    partial = torch.load(path, weights_only=True)
+    from transformers import AutoTokenizer
+
+    data = torch.load(folder / "samples.pt", weights_only=False)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    concise = default_rewards()["concise"]
+    samples = [(p["text"], t) for p in data["prompts"] for t in p["tokens"]]
+    at, checked = 0, 0
+    for text, t in samples:
+        for cut in range(len(t) + 1):
+            v = float(partial[at + cut])
+            if cut and cut % 3 == 0 and cut < len(t):
+                want = concise.score([text], [tok.decode(t[:cut], skip_special_tokens=True)])[0]
+                assert v == pytest.approx(want, abs=1e-5)
+                checked += 1
+            else:
+                assert math.isnan(v)
+        at += len(t) + 1
+    assert at == len(partial) and checked > 0

@@ -110,6 +110,8 @@ class TrainConfig:
     backbone_layers: int = 0  # 0: read the base's final states; L: a backbone of its first L
     rank: int = 32
     lam: float = 0.95
+    aux_partial: float = 0.0  # value heads: weight of the partial-text reward auxiliary loss
+    aux_every: int = 4  # ... scored at every aux_every-th state of each response
     refresh_every: int | None = None  # None: 0 (per epoch) for td-lambda, 4 steps for cd-q
     beta_r: float = 0.05
     margin: float = 0.1
@@ -129,6 +131,8 @@ class TrainConfig:
             raise ValueError(f"kind must be 'value', 'q' or 'arm', got {self.kind!r}")
         if value and self.method not in VALUE_METHODS:
             raise ValueError(f"--method must be one of {VALUE_METHODS}, got {self.method!r}")
+        if self.aux_every < 1 or self.aux_partial < 0:
+            raise ValueError("aux_every must be >= 1 and aux_partial >= 0")
         out = TrainConfig(**asdict(self))
         out.name = self.name or Path(self.out).name
         out.epochs = self.epochs if self.epochs is not None else (10 if value else 2)
@@ -597,6 +601,49 @@ def score_samples(data: dict[str, Any], weights: dict[str, float], folder: Path,
     return out
 
 
+def partial_rewards(data: dict[str, Any], weights: dict[str, float], folder: Path,
+                    base: BaseModel, every: int, progress: bool = True) -> Tensor:
+    """The reward of the *partial* response at every ``every``-th state, for an auxiliary
+    target (reward distillation on partial text).
+
+    Returns [sum_s (T_s + 1)] float32 aligned with the state rows of ``extract_features``:
+    row ``offsets[s] + t`` holds the weighted reward of the first t response tokens of sample
+    s (decoded to text) for t = every, 2 * every, ... < T_s, and NaN elsewhere. Cached in
+    ``folder`` per reward spec; scored in batches of 512 texts with a progress bar.
+    """
+    spec = ",".join(f"{k}={v:g}" for k, v in sorted(weights.items()))
+    path = folder / f"partial-{_slug(spec)}-e{every}-n{len(data['prompts'])}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    from .rewards import default_rewards
+
+    sources = default_rewards(base.model_dir)
+    rows: list[int] = []
+    prompts: list[str] = []
+    texts: list[str] = []
+    at = 0
+    for p in data["prompts"]:
+        for t in p["tokens"]:
+            for cut in range(every, len(t), every):
+                rows.append(at + cut)
+                prompts.append(p["text"])
+                texts.append(base.tokenizer.decode(t[:cut], skip_special_tokens=True))
+            at += len(t) + 1
+    out = torch.full((at,), float("nan"))
+    total = np.zeros(len(texts))
+    bar = tqdm(total=len(texts) * len(weights), desc=f"partial-text rewards {spec}",
+               unit="text", disable=not progress)
+    for name, w in weights.items():
+        for a in range(0, len(texts), 512):
+            total[a:a + 512] += w * np.asarray(
+                sources[name].score(prompts[a:a + 512], texts[a:a + 512]), dtype=np.float64)
+            bar.update(len(texts[a:a + 512]))
+    bar.close()
+    out[torch.tensor(rows, dtype=torch.long)] = torch.tensor(total, dtype=torch.float32)
+    _atomic_save(out, path)
+    return out
+
+
 @dataclass
 class Split:
     """Cached samples of one split: features, rewards and the raw text for inspection."""
@@ -609,6 +656,7 @@ class Split:
     folder: Path
     cand_ids: Tensor | None = None  # [sum_s T_s, TOPK] the base's top token ids at s_0..s_{T-1}
     cand_lp: Tensor | None = None  # [sum_s T_s, TOPK] their base log-probs (fp16)
+    partial: Tensor | None = None  # [sum_s (T_s + 1)] partial-text reward per state, NaN = none
 
     @property
     def num_samples(self) -> int:
@@ -631,8 +679,11 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
     feats = extract_features(base, data, folder, cfg.progress,
                              backbone_layers=cfg.backbone_layers)
     rewards = score_samples(data, weights, folder, base)
+    partial = None
+    if cfg.kind == "value" and cfg.aux_partial > 0 and split == "train":
+        partial = partial_rewards(data, weights, folder, base, cfg.aux_every, cfg.progress)
     return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
-                 folder, feats.get("cand_ids"), feats.get("cand_lp"))
+                 folder, feats.get("cand_ids"), feats.get("cand_lp"), partial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -909,7 +960,13 @@ def train_value_head(cfg: TrainConfig, train: Split,
     head = ValueHead(x.shape[1], cfg.hidden).to(dev)
     head.mu.copy_(x.mean(0))
     head.sigma.copy_(x.std(0).clamp_min(1e-4))
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # auxiliary target: the reward of the partial text, read from the head's hidden layer by a
+    # second output that is trained alongside and dropped (it shapes the features only)
+    aux_w = cfg.aux_partial if train.partial is not None else 0.0
+    aux = torch.nn.Linear(cfg.hidden, 1).to(dev)
+    part = train.partial.to(dev) if aux_w else None
+    params = [*head.parameters(), *aux.parameters()] if aux_w else list(head.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
     assert cfg.epochs is not None and cfg.batch_size is not None
     bar = tqdm(range(start, cfg.epochs), desc=f"train {cfg.name} ({cfg.method})", unit="epoch",
@@ -927,6 +984,12 @@ def train_value_head(cfg: TrainConfig, train: Split,
                                         cfg.lam).to(dev)
             idx = perm[b:b + cfg.batch_size]
             loss = F.mse_loss(head(x[idx]), targets[idx])
+            if part is not None:
+                tgt = part[idx]
+                has = ~torch.isnan(tgt)
+                if bool(has.any()):
+                    feat = torch.tanh(head.fc1((x[idx][has] - head.mu) / head.sigma))
+                    loss = loss + aux_w * F.mse_loss(aux(feat).squeeze(-1), tgt[has])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1243,6 +1306,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         raise ValueError(f"reward {cfg.reward!r} is constant over the samples; nothing to learn")
     # every target, metric and preference margin below is in reward standard deviations
     train.rewards = (train.rewards - r_mean) / r_std
+    if train.partial is not None:
+        train.partial = (train.partial - r_mean) / r_std
     if val is not None:
         val.rewards = (val.rewards - r_mean) / r_std
     dim = int(train.hidden.shape[1])
