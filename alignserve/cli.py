@@ -166,6 +166,12 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--refresh-every", type=int, default=None,
                        help="recompute bootstrapped targets (td-lambda, cd-q) every N optimizer "
                             "steps; 0 = once per epoch (default: 0 for td-lambda, 4 for cd-q)")
+        p.add_argument("--aux-partial", type=float, default=0.0,
+                       help="weight of an auxiliary loss: a second output of the head's hidden "
+                            "layer regresses the reward of the partial text (reward distillation "
+                            "on partial responses; 0 = off, the default)")
+        p.add_argument("--aux-every", type=int, default=4,
+                       help="score the partial text at every N-th state (default 4)")
     else:
         p.add_argument("--rank", type=int, default=32,
                        help="rank of the logit adapter E (B (A h)) (default 32)")
@@ -297,6 +303,7 @@ def train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, hidden=getattr(args, "hidden", 128),
         backbone_layers=getattr(args, "backbone_layers", 0),
         rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
+        aux_partial=getattr(args, "aux_partial", 0.0), aux_every=getattr(args, "aux_every", 4),
         refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),
         margin=getattr(args, "margin", 0.1), value_head=getattr(args, "value_head", None),
         run_dir=args.run_dir, resume=args.resume,
