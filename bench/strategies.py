@@ -76,8 +76,10 @@ def configs(names: list[str]) -> list[Config]:
                         unbatched_of="args")],
         "vas": [Config("vas", "vas", {"top_k": 10}),
                 Config("vas (one fwd/cand)", "vas", {"top_k": 10, "batched": False},
-                       unbatched_of="vas")],
-        "cd": [Config("cd", "cd", {"top_k": 10})],
+                       unbatched_of="vas"),
+                Config("vas (Q-head)", "vas", {"top_k": 10, "values": "q"})],
+        "cd": [Config("cd", "cd", {"top_k": 10}),
+               Config("cd (Q-head)", "cd", {"top_k": 10, "values": "q"})],
         "cd_block": [Config("cd_block", "cd_block", {"k": 4, "block": 8})],
         "genarm": [Config("genarm", "genarm", {})],
         "transfer_qstar": [Config("transfer_qstar", "transfer_qstar",
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     fp, dim = tokenizer_fingerprint(tok), engine.base.config.hidden_size
     heads_dir, random_heads = ensure_heads(Path(args.heads), args.reward, fp, dim, tmp)
     registry = Registry.build(heads_dir, fp, dim)
+    if not registry.heads_for(args.reward, "q"):  # random heads: no Q-head to time
+        cfgs = [c for c in cfgs if c.params.get("values") != "q"]
 
     def weights_for(c: Config) -> dict[str, float]:
         return {args.reward: 2.0 if c.strategy in ("vas", "cd") else 1.0}
