@@ -20,7 +20,6 @@ would give.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -134,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for srv in reversed(started):
             srv.stop()
-    print(f"Machine: {platform.processor() or platform.machine()}, loopback remote on the same "
+    from throughput import cpu_model  # bench/throughput.py: the same CPU name
+
+    print(f"Machine: {cpu_model()}, loopback remote on the same "
           f"machine; chat, {args.max_tokens} new tokens, requests per level = "
           f"{args.requests or 'max(2, clients)'}; "
           f"{wall:.0f} s")

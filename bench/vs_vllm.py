@@ -16,7 +16,7 @@ in the README): ``VLLM_CPU_KVCACHE_SPACE=2 python -m vllm.entrypoints.openai.api
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import statistics
 import sys
 import time
@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             out[(u, c)] = level(u, models[u], prompts, c, n, args.max_tokens)
             bar.update(1)
     bar.close()
-    print(f"Machine: {platform.processor() or platform.machine()}, "
+    from throughput import cpu_model  # bench/throughput.py: the same CPU name
+
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end; "
           f"greedy chat, {args.max_tokens} tokens")
     print("| server | model | " + " | ".join(f"tok/s c={c} | ratio c={c}" for c in levels) + " |")
     print("|---|---|" + "---|---|" * len(levels))
