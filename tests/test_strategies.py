@@ -325,3 +325,51 @@ def test_heads_endpoint_lists_rewards_and_strategies(server):
     strategies = {s["name"] for s in body["strategies"]}
     assert strategies == {"sample", "best_of_n", "args", "vas", "cd", "cd_block", "genarm",
                           "transfer_qstar", "deal"}
+
+
+SLOTS = 24  # the ``server`` fixture's --slots
+
+
+@pytest.mark.parametrize("alignment,n,param,allowed", [
+    # each within its published range, but more branches than the server's KV-cache slots
+    ({"strategy": "best_of_n", "n": 64}, 1, "alignment.n", "between 1 and 24"),
+    ({"strategy": "transfer_qstar", "top_k": 32}, 1, "alignment.top_k", "between 1 and 23"),
+    ({"strategy": "deal", "beams": 5, "top_k": 16}, 1, "alignment.beams", "between 1 and 1"),
+    # one choice fits; the request's n multiplies it past the slots
+    ({"strategy": "best_of_n", "n": 16}, 3, "n", "between 1 and 1"),
+    ({"strategy": "cd_block", "k": 10}, 3, "n", "between 1 and 2"),
+])
+def test_branches_beyond_the_slots_are_400_naming_the_field(server, alignment, n, param,
+                                                            allowed):
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "n": n, "alignment": {**alignment, "weights": {"sentiment": 1}}}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, "invalid_value"), err
+    assert allowed in err["message"] and f"{SLOTS} (--slots)" in err["message"], err
+
+
+def test_heads_advertise_what_the_slots_can_serve(server):
+    """Each slot-multiplying parameter's advertised maximum is served (n = 1, the others at
+    their minimum) and one more is refused naming it."""
+    body = httpx.get(server.url + "/v1/heads").json()
+    params = {s["name"]: s["parameters"] for s in body["strategies"]}
+    want = {("best_of_n", "n"): SLOTS, ("cd_block", "k"): SLOTS,
+            ("transfer_qstar", "top_k"): SLOTS - 1, ("deal", "beams"): SLOTS // 2,
+            ("deal", "top_k"): 16}
+    for (strategy, name), top in want.items():
+        assert params[strategy][name]["maximum"] == top, (strategy, params[strategy][name])
+    mins = {"deal": {"beams": 1, "top_k": 1, "lookahead": 0}}
+    for strategy, name in [("transfer_qstar", "top_k"), ("deal", "beams")]:
+        top = params[strategy][name]["maximum"]
+        for value, status in ((top, 200), (top + 1, 400)):
+            al = {**mins.get(strategy, {}), "strategy": strategy, name: value,
+                  "weights": {"vader": 1}}
+            if strategy == "transfer_qstar":
+                al["rollout"] = 1
+            r = httpx.post(server.url + "/v1/completions", json={
+                "model": MODEL, "prompt": "Hi", "max_tokens": 1, "alignment": al}, timeout=300)
+            assert r.status_code == status, (strategy, name, value, r.text)
+            if status == 400:
+                assert r.json()["error"]["param"] == f"alignment.{name}", r.text

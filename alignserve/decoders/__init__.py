@@ -46,12 +46,27 @@ def build_decoder(alignment: dict[str, Any] | None, prompt_logprobs: bool = Fals
     return dec
 
 
-def strategy_info() -> list[dict[str, Any]]:
-    """Each strategy with its parameters, defaults and ranges (JSON schema of its options)."""
+def strategy_info(slots: int | None = None) -> list[dict[str, Any]]:
+    """Each strategy with its parameters, defaults and ranges (JSON schema of its options).
+
+    With ``slots`` (the server's ``--slots``) the ``maximum`` of each parameter that multiplies
+    a request's KV-cache slots (``Decoder.slot_params``) is capped at the largest value that
+    fits on its own: request ``n`` = 1 and the strategy's other slot parameters at their
+    minimum. A larger combination is still refused with a 400 naming the field
+    (``Decoder.check_slots``)."""
     out = []
     for name, cls in sorted(STRATEGIES.items()):
         schema = cls.Options.model_json_schema() if issubclass(cls, AlignedDecoder) else {}
+        props = schema.get("properties", {})
+        for p in cls.slot_params if slots is not None else ():
+            alone = cls({o: cls.param_range(o)[0] for o in cls.slot_params if o != p})
+            m = alone.fit_max(p, 1, slots)
+            if m < props[p]["maximum"]:
+                props[p]["maximum"] = max(m, props[p].get("minimum", 1))
+                props[p]["description"] = (props[p].get("description", "") +
+                                           f"; at most {m} with this server's {slots} KV-cache "
+                                           "slots (--slots)").lstrip("; ")
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
         out.append({"name": name, "streams": cls.streams, "description": doc,
-                    "parameters": schema.get("properties", {})})
+                    "parameters": props})
     return out

@@ -49,6 +49,7 @@ class AlignedDecoder(Decoder):
     # scores whole alternative answers to one prompt, which log-sigmoid / quantile transforms
     # use as their per-prompt reference (best_of_n, cd_block); others refuse a transform
     ranks_alternatives: ClassVar[bool] = False
+    slot_formula = "n per model it reads (the base and each head backbone)"
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})

@@ -25,6 +25,10 @@ class Decoder:
     name: ClassVar[str] = "base"
     streams: ClassVar[str] = "token"  # "token", "block" or "final": how output reaches a stream
     reports_top_logprobs: ClassVar[bool] = True  # False: emits chosen samples without top-n
+    # alignment parameters that multiply the KV-cache slots a request needs (``slots_needed``),
+    # and that formula in words for the 400 naming them
+    slot_params: ClassVar[tuple[str, ...]] = ()
+    slot_formula: ClassVar[str] = "n"
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
@@ -32,6 +36,71 @@ class Decoder:
     def slots_needed(self, n: int) -> dict[str, int]:
         """KV-cache slots this request needs at most, per model (the scheduler admits on it)."""
         return {"base": n}
+
+    # ---- what fits in the server's KV-cache slots ------------------------------------------
+    def _need(self, n: int, values: dict[str, int] | None = None) -> int:
+        """Total slots (all models) for request ``n`` with some slot parameters replaced."""
+        opt = getattr(self, "opt", None)
+        if opt is None or not values:
+            return sum(self.slots_needed(n).values())
+        self.opt = opt.model_copy(update=values)
+        try:
+            return sum(self.slots_needed(n).values())
+        finally:
+            self.opt = opt
+
+    @classmethod
+    def param_range(cls, name: str) -> tuple[int, int]:
+        """The published ``(minimum, maximum)`` of integer alignment parameter ``name``."""
+        prop = cls.Options.model_json_schema()["properties"][name]  # type: ignore[attr-defined]
+        return int(prop.get("minimum", 1)), int(prop["maximum"])
+
+    def fit_max(self, name: str, n: int, slots: int) -> int:
+        """The largest value of slot parameter ``name`` (the others as set) whose request of
+        ``n`` choices fits in ``slots``; ``minimum - 1`` when none does."""
+        lo, hi = self.param_range(name)
+        best = lo - 1
+        for v in range(lo, hi + 1):  # the ranges are short (<= 64 values)
+            if self._need(n, {name: v}) > slots:
+                break
+            best = v
+        return best
+
+    def check_slots(self, n: int, slots: int) -> None:
+        """Refuse a request whose branches cannot fit in the server's ``slots`` KV-cache slots
+        (``--slots``) with an ``AlignmentError`` naming the field to lower and its allowed
+        range: ``n`` when one choice fits and the request's ``n`` multiplies it, else the
+        first alignment parameter (``slot_params``) above what fits with the others as sent."""
+        from .aligned import AlignmentError
+
+        need = self._need(n)
+        if need <= slots:
+            return
+        one = self._need(1)
+        why = (f"strategy '{self.name}' needs {self.slot_formula} KV-cache slots and this "
+               f"server has {slots} (--slots)")
+        if one <= slots:
+            max_n = max(k for k in range(1, n) if self._need(k) <= slots)
+            raise AlignmentError("n", f"n must be between 1 and {max_n} with this alignment "
+                                 f"({why}: {one} per choice, {need} for n={n})")
+        opt = getattr(self, "opt", None)
+        parts, field = [], None
+        for name in self.slot_params:
+            lo, _ = self.param_range(name)
+            m = self.fit_max(name, 1, slots)
+            got = getattr(opt, name)
+            if m < lo:
+                parts.append(f"alignment.{name} cannot fit with the other values sent")
+            else:
+                parts.append(f"alignment.{name} must be between {lo} and {m}")
+            if field is None and got > m:
+                field = f"alignment.{name}"
+        sent = ", ".join(f"alignment.{p}={getattr(opt, p)}" for p in self.slot_params)
+        hint = ("; with the other values sent, " + "; ".join(parts)) if parts else ""
+        raise AlignmentError(field or (f"alignment.{self.slot_params[0]}" if self.slot_params
+                                       else "n"),
+                             f"{self.name} with {sent or 'these options'} needs {one} KV-cache "
+                             f"slots per choice ({why}){hint}")
 
     def run(self, ctx: DecodeContext) -> Run:
         raise NotImplementedError

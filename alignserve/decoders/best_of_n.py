@@ -74,6 +74,8 @@ class BestOfN(AlignedDecoder):
     reports_top_logprobs = False
     ranks_alternatives = True
     Options = BestOfNOptions
+    slot_params = ("n",)
+    slot_formula = "n x alignment.n"
 
     @property
     def keep(self) -> float:

@@ -28,6 +28,8 @@ class CdBlock(AlignedDecoder):
     reports_top_logprobs = False
     ranks_alternatives = True
     Options = CdBlockOptions
+    slot_params = ("k",)
+    slot_formula = "n x alignment.k"
 
     def slots_needed(self, n: int) -> dict[str, int]:
         return {"base": n * self.opt.k}

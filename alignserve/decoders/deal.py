@@ -32,6 +32,8 @@ class Deal(AlignedDecoder):
     streams = "final"
     reports_top_logprobs = False
     Options = DealOptions
+    slot_params = ("beams", "top_k")
+    slot_formula = "n x alignment.beams x (alignment.top_k + 1)"
 
     def slots_needed(self, n: int) -> dict[str, int]:
         return {"base": n * (self.opt.beams * self.opt.top_k + self.opt.beams)}

@@ -35,6 +35,8 @@ class TransferQOptions(CommonOptions):
 class TransferQStar(AlignedDecoder):
     name = "transfer_qstar"
     Options = TransferQOptions
+    slot_params = ("top_k",)
+    slot_formula = "n x (alignment.top_k + 1)"
 
     def slots_needed(self, n: int) -> dict[str, int]:
         return {"base": n * (self.opt.top_k + 1)}

@@ -72,6 +72,7 @@ class Vas(AlignedDecoder):
     name = "vas"
     Options = VasOptions
     head_kind = "value"
+    slot_formula = "n per model it reads (2 x n on the base with batched=false)"
     restrict = False  # VAS leaves non-candidates as they are; CD samples among candidates only
 
     q_heads: dict = {}

@@ -44,7 +44,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, AlignmentError):
-        return APIError(400, str(exc), exc.field)
+        return APIError(400, str(exc), exc.field, "invalid_value")
     if isinstance(exc, RemoteError):  # remote-base mode: the base server failed (502 / 504)
         return APIError(exc.status, str(exc), None, exc.code, "server_error")
     if isinstance(exc, QueueFull):

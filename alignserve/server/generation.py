@@ -47,6 +47,8 @@ def build(srv: ServerState, inp: GenerationInput) -> GenerationInput:
     try:
         inp.decoder = build_decoder(inp.alignment, prompt_logprobs=inp.prompt_logprobs,
                                     registry=srv.client.resources)
+        # branches beyond the KV-cache slots: a 400 naming the field and its range here
+        inp.decoder.check_slots(inp.n, srv.client.engine.base.cache.slots)
     except Exception as exc:  # noqa: BLE001
         raise to_api_error(exc) from None
     return inp

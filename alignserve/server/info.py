@@ -67,7 +67,7 @@ async def heads(request: Request) -> dict:
     """Every reward source and guidance head, with its allowed weight range."""
     client = state_of(request).client
     rows = client.resources.describe() if client.resources is not None else []
-    strategies = strategy_info()
+    strategies = strategy_info(client.engine.base.cache.slots)
     # remote-base mode: strategies the remote's capabilities rule out, with the reason
     off = getattr(client, "unavailable_strategies", dict)()
     for row in strategies:
