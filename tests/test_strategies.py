@@ -373,3 +373,26 @@ def test_heads_advertise_what_the_slots_can_serve(server):
             assert r.status_code == status, (strategy, name, value, r.text)
             if status == 400:
                 assert r.json()["error"]["param"] == f"alignment.{name}", r.text
+
+
+def test_heads_list_only_the_parameters_each_strategy_accepts(server):
+    """Every advertised parameter is accepted with a non-default value; the common fields a
+    strategy refuses (transform, reward_options) are not advertised."""
+    body = httpx.get(server.url + "/v1/heads").json()
+    params = {s["name"]: set(s["parameters"]) for s in body["strategies"]}
+    for name in ("args", "vas", "cd", "genarm", "transfer_qstar", "deal"):
+        assert "transform" not in params[name], name
+    for name in ("best_of_n", "cd_block"):
+        assert "transform" in params[name], name
+    for name in ("vas", "cd", "genarm"):
+        assert "reward_options" not in params[name], name
+    for name in ("args", "best_of_n", "cd_block", "transfer_qstar", "deal"):
+        assert "reward_options" in params[name], name
+    weights = {"vas": "sentiment", "cd": "sentiment", "genarm": "sentiment"}
+    for name in set(params) - {"sample"}:
+        for field, value in (("transform", "quantile"),
+                             ("reward_options", {"concise": {"target_words": 5}})):
+            al = {"strategy": name, "weights": {weights.get(name, "vader"): 0}, field: value}
+            r = httpx.post(server.url + "/v1/completions", json={
+                "model": MODEL, "prompt": "Hi", "max_tokens": 1, "alignment": al}, timeout=120)
+            assert (r.status_code == 200) == (field in params[name]), (name, field, r.text)

@@ -58,6 +58,8 @@ def strategy_info(slots: int | None = None) -> list[dict[str, Any]]:
     for name, cls in sorted(STRATEGIES.items()):
         schema = cls.Options.model_json_schema() if issubclass(cls, AlignedDecoder) else {}
         props = schema.get("properties", {})
+        for refused in cls.refused_common() if issubclass(cls, AlignedDecoder) else ():
+            props.pop(refused, None)  # a 400 for this strategy: not advertised
         for p in cls.slot_params if slots is not None else ():
             alone = cls({o: cls.param_range(o)[0] for o in cls.slot_params if o != p})
             m = alone.fit_max(p, 1, slots)

@@ -1,10 +1,12 @@
 """Shared machinery of the alignment strategies: options, objectives, scoring, rollouts.
 
-Every aligned strategy accepts the same common fields in the request's ``alignment`` object:
-``weights`` ({objective name: weight}, the sliders), ``transform`` and ``reward_options`` (per
-reward options such as ``{"concise": {"target_words": 20}}``), plus its own parameters, each
-validated with its published default and allowed range. A request whose weights are all zero
-runs plain sampling exactly (same seed, same tokens), because it *is* plain sampling.
+Every aligned strategy accepts ``weights`` ({objective name: weight}, the sliders) in the
+request's ``alignment`` object, plus its own parameters, each validated with its published
+default and allowed range. ``transform`` is accepted by the strategies that rank alternative
+answers to one prompt (best_of_n, cd_block) and ``reward_options`` (per reward options such as
+``{"concise": {"target_words": 20}}``) by the reward-scored ones (not vas, cd, genarm);
+``AlignedDecoder.refused_common`` lists what a strategy refuses. A request whose weights are all
+zero runs plain sampling exactly (same seed, same tokens), because it *is* plain sampling.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ class AlignedDecoder(Decoder):
     # use as their per-prompt reference (best_of_n, cd_block); others refuse a transform
     ranks_alternatives: ClassVar[bool] = False
     slot_formula = "n per model it reads (the base and each head backbone)"
+
+    @classmethod
+    def refused_common(cls) -> tuple[str, ...]:
+        """Common fields this strategy refuses (a 400 unless left at their default), so
+        ``/v1/heads`` does not list them: ``transform`` without a set of alternative answers,
+        ``reward_options`` when guided by trained heads."""
+        return (*(() if cls.ranks_alternatives else ("transform",)),
+                *(() if cls.head_kind is None else ("reward_options",)))
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         opts = dict(options or {})
