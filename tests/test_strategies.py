@@ -396,3 +396,27 @@ def test_heads_list_only_the_parameters_each_strategy_accepts(server):
             r = httpx.post(server.url + "/v1/completions", json={
                 "model": MODEL, "prompt": "Hi", "max_tokens": 1, "alignment": al}, timeout=120)
             assert (r.status_code == 200) == (field in params[name]), (name, field, r.text)
+
+
+def _alignment(server, alignment: dict, n: int = 1, max_tokens: int = 16) -> tuple[dict, dict]:
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "Describe a rainy day.", "max_tokens": max_tokens, "n": n,
+        "seed": 3, "alignment": alignment}, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["alignment"], r.json()["usage"]
+
+
+def test_candidates_scored_counts_samples_and_blocks(server):
+    """``candidates_scored`` is the number of alternatives the reward scored: each Best-of-N
+    sample once (pruned or not), K blocks per cd_block step, top-k tokens per ARGS token."""
+    info, _ = _alignment(server, {"strategy": "best_of_n", "n": 8,
+                                  "weights": {"vader": 1}}, n=2)
+    assert info["samples_started"] == 16 and info["candidates_scored"] == 16, info
+    info, _ = _alignment(server, {"strategy": "best_of_n", "n": 3, "weights": {"vader": 1}})
+    assert info["candidates_scored"] == 3, info
+    info, usage = _alignment(server, {"strategy": "cd_block", "k": 6, "block": 8,
+                                      "weights": {"vader": 1}})
+    steps = max(1, -(-usage["completion_tokens"] // 8))
+    assert info["candidates_scored"] == 6 * steps, (info, usage)
+    info, usage = _alignment(server, {"strategy": "args", "top_k": 5, "weights": {"vader": 1}})
+    assert info["candidates_scored"] == 5 * usage["completion_tokens"], (info, usage)

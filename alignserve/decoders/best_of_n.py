@@ -135,6 +135,8 @@ class BestOfN(AlignedDecoder):
         cands = [i for i in range(big_n) if i not in pruned]
         texts = [states[i].text for i in cands]
         scores, _ = yield from self.score_texts(ctx, texts, population=True)
+        # every sample was scored by the reward: the pruned ones at a check, the rest here
+        ctx.stats.candidates_scored += big_n
         best = cands[int(scores.argmax())]
         full: list[float | None] = [None] * big_n
         for i, s in zip(cands, scores):

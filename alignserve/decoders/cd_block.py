@@ -48,6 +48,7 @@ class CdBlock(AlignedDecoder):
                                               m, states=states)
             texts = [st.text for st in states]
             scores, _ = yield from self.score_texts(ctx, texts, population=True)
+            ctx.stats.candidates_scored += k  # the K blocks this step chose among
             best = int(scores.argmax())
             st = states[best]
             new = st.tokens[len(done):]
