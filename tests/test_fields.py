@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -194,3 +196,52 @@ def test_unknown_top_level_field_names_itself(oai):
         oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                     max_tokens=2, extra_body={"some_future_field": 1})
     assert ei.value.body["param"] == "some_future_field"
+
+
+@pytest.mark.parametrize("path,body,param,allowed", [
+    ("/v1/completions", {"max_tokens": 1_000_000_000}, "max_tokens", "between 0 and 512"),
+    ("/v1/chat/completions", {"max_tokens": 1_000_000_000}, "max_tokens", "between 1 and 512"),
+    ("/v1/chat/completions", {"max_completion_tokens": 10**9}, "max_completion_tokens",
+     "between 1 and 512"),
+    ("/v1/chat/completions", {"n": 9}, "n", "between 1 and 8"),
+    ("/v1/completions", {"n": 9}, "n", "between 1 and 8"),
+    ("/v1/completions", {"logit_bias": {"999999": 5}}, "logit_bias", "[0, "),
+    ("/v1/chat/completions", {"alignment": {"strategy": "vas", "top_k": 65,
+                                            "weights": {"sentiment": 1}}},
+     "alignment.top_k", "64"),
+])
+def test_range_errors_name_the_field_the_real_range_and_invalid_value(server, path, body, param,
+                                                                       allowed):
+    base = {"model": MODEL, "max_tokens": 4}
+    base.update({"prompt": "Hi"} if path == "/v1/completions"
+                else {"messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(server.url + path, json={**base, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, "invalid_value"), err
+    assert allowed in err["message"], err
+    if path == "/v1/chat/completions" and param.startswith("max_"):
+        # the lower bound quoted is really refused, and really the lowest accepted
+        below = httpx.post(server.url + path, json={**base, param: 0}, timeout=60)
+        assert below.status_code == 400 and below.json()["error"]["param"] == param
+        assert httpx.post(server.url + path, json={**base, param: 1}, timeout=60).is_success
+
+
+@pytest.mark.parametrize("ctype,status", [
+    ("text/plain", 415),
+    ("application/x-www-form-urlencoded", 415),  # curl -d without -H
+    ("application/json", 200),
+    ("application/json; charset=utf-8", 200),
+    ("application/vnd.api+json", 200),
+    (None, 415),  # no content type: FastAPI reads no JSON (cross-site request forgery)
+])
+def test_body_must_be_declared_json(server, ctype, status):
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    headers = {} if ctype is None else {"content-type": ctype}
+    r = httpx.post(server.url + "/v1/completions", content=body, headers=headers, timeout=60)
+    assert r.status_code == status, r.text
+    if status == 415:
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_media_type", err
+        assert "application/json" in err["message"], err
+        assert f"got '{ctype or 'none'}'" in err["message"], err

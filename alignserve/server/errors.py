@@ -8,6 +8,8 @@ validation errors included (the first error names the field as ``param``).
 
 from __future__ import annotations
 
+from email.message import Message
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -87,6 +89,30 @@ def validation_error(errs: list) -> JSONResponse:
                         status_code=400)
 
 
+def declared_non_json(request: Request) -> str | None:
+    """The request's ``Content-Type`` when it is not JSON (``application/json``, any ``+json``
+    type, any charset): its value, or ``"none"`` when the header is missing (FastAPI reads a
+    body without one as JSON no more, against cross-site request forgery); None for JSON."""
+    value = request.headers.get("content-type")
+    if not value:
+        return "none"
+    msg = Message()
+    msg["content-type"] = value
+    sub = msg.get_content_subtype()
+    if msg.get_content_maintype() == "application" and (sub == "json" or sub.endswith("+json")):
+        return None
+    return value
+
+
+def unsupported_media_type(content_type: str) -> JSONResponse:
+    """415 for a body declared as something other than JSON (as vLLM answers)."""
+    return JSONResponse(error_body(
+        f"Unsupported Media Type: the request body must be JSON sent with 'Content-Type: "
+        f"application/json', got '{content_type}' (with curl: -H 'Content-Type: "
+        "application/json' or --json; plain -d sends application/x-www-form-urlencoded)",
+        "invalid_request_error", None, "unsupported_media_type"), status_code=415)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer ``APIError``, validation errors, HTTP errors and anything else in OpenAI's shape."""
 
@@ -95,7 +121,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI reads a body as JSON only when it is declared JSON (or undeclared): any other
+        # type fails as "not a dictionary", which is the wrong message
+        if (ctype := declared_non_json(request)) is not None:
+            return unsupported_media_type(ctype)
         return validation_error(list(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)

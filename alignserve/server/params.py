@@ -66,14 +66,18 @@ def check_candidates(srv: ServerState, spec: dict[str, Any] | None) -> None:
 
 def check_n(srv: ServerState, n: int) -> None:
     if n > srv.limits.max_n:
-        raise APIError(400, f"n must be between 1 and {srv.limits.max_n}", "n")
+        raise APIError(400, f"n must be between 1 and {srv.limits.max_n}", "n", "invalid_value")
 
 
-def check_max_tokens(srv: ServerState, v: int | None, default: int, field: str) -> int:
+def check_max_tokens(srv: ServerState, v: int | None, default: int, field: str,
+                     least: int = 0) -> int:
+    """``v`` (or ``default`` when unset) within the server's ``--max-tokens``; ``least`` is the
+    endpoint's own minimum (0 for completions, 1 for chat), quoted in the 400."""
     if v is None:
         return min(default, srv.limits.max_tokens)
     if v > srv.limits.max_tokens:
-        raise APIError(400, f"{field} must be between 0 and {srv.limits.max_tokens}", field)
+        raise APIError(400, f"{field} must be between {least} and {srv.limits.max_tokens}",
+                       field, "invalid_value")
     return v
 
 
@@ -112,10 +116,10 @@ def sampling(srv: ServerState, body: Any, max_tokens: int, n_top: int,
         bad = [t for t in ids or [] if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"{name}: token id {bad[0]} is outside the vocabulary "
-                                f"[0, {vocab})", name)
+                                f"[0, {vocab})", name, "invalid_value")
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed the maximum "
-                            f"number of tokens ({max_tokens})", "min_tokens")
+                            f"number of tokens ({max_tokens})", "min_tokens", "invalid_value")
     return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                           max_tokens=max_tokens, stop=body.stop or [], seed=seed,
                           logprobs=logprobs, top_logprobs=n_top, ignore_eos=body.ignore_eos,
