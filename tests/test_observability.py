@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -109,6 +110,40 @@ def test_metrics_histograms_after_a_few_requests(beating):
     req = 'alignserve_requests_total{code="200",endpoint="/v1/completions",strategy="sample"}'
     assert s[req] == 3
     assert s['alignserve_tokens_returned_total{strategy="sample"}'] == 15
+
+
+def test_cancelled_stream_counts_what_it_generated(beating):
+    """A streamed ARGS request whose client hangs up after 5 tokens: its tokens (at least the
+    streamed ones) and its reward calls are on /metrics, though it never finished."""
+    url = beating.url
+    key = 'alignserve_tokens_generated_total{strategy="args"}'
+    before = _samples(url)
+    got = 0
+    with httpx.Client(base_url=url, timeout=300) as c, c.stream(
+            "POST", "/v1/completions", json={
+                "model": MODEL, "prompt": "Once upon a time", "max_tokens": 60, "seed": 2,
+                "ignore_eos": True, "stream": True,
+                "alignment": {"strategy": "args", "top_k": 3, "weights": {"vader": 1}}}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                got += 1
+            if got == 5:
+                break
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        s = _samples(url)
+        if s.get(key, 0) > before.get(key, 0):
+            break
+        time.sleep(0.2)
+    gen = s.get(key, 0) - before.get(key, 0)
+    fwd = (s.get('alignserve_guidance_forwards_total{strategy="args"}', 0)
+           - before.get('alignserve_guidance_forwards_total{strategy="args"}', 0))
+    ret = (s.get('alignserve_tokens_returned_total{strategy="args"}', 0)
+           - before.get('alignserve_tokens_returned_total{strategy="args"}', 0))
+    assert 5 <= gen < 60 and 5 <= ret <= gen, (gen, ret)
+    assert fwd >= 3 * 5, fwd  # one reward call per candidate per token, 3 candidates
+    assert s["alignserve_client_disconnects_total"] >= 1
 
 
 def test_best_of_n_stream_sends_keep_alive_comments(beating):

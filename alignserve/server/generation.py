@@ -111,7 +111,7 @@ async def open_stream(srv: ServerState, inp: GenerationInput, request: Request, 
     started = begin(srv, inp)
     events = srv.client.events(*started)
     if not getattr(srv.client, "fails_before_output", False):
-        return started, watched(srv, events, strategy, tm)
+        return started, watched(srv, events, strategy, tm, started[0])
     first = asyncio.ensure_future(events.__anext__())
     wait = srv.limits.sse_heartbeat_s if srv.limits.sse_heartbeat_s > 0 else FIRST_EVENT_WAIT_S
     deadline = time.perf_counter() + wait
@@ -130,7 +130,7 @@ async def open_stream(srv: ServerState, inp: GenerationInput, request: Request, 
     if ev is not None and ev[0] == "error":
         await close_pending(first, events)
         raise to_api_error(ev[1])
-    return started, watched(srv, _resumed(first, events), strategy, tm)
+    return started, watched(srv, _resumed(first, events), strategy, tm, started[0])
 
 
 async def _resumed(first: asyncio.Future, events: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
@@ -147,23 +147,33 @@ async def _resumed(first: asyncio.Future, events: AsyncIterator[tuple]) -> Async
 
 
 async def watched(srv: ServerState, events: AsyncIterator[tuple], strategy: str,
-                  tm: RequestTimer) -> AsyncIterator[tuple]:
+                  tm: RequestTimer, req: Any = None) -> AsyncIterator[tuple]:
     """A started request's engine ``events``, accounting its result or a mid-stream error.
     Closing this (disconnect) closes the client's event generator, whose ``finally`` cancels the
     engine request; ``sse``'s ``on_close`` counts the disconnect (and cancels a request whose
-    stream never reached this generator)."""
+    stream never reached this generator). A stream closed before its result still counts what
+    was generated up to the cancel: its streamed tokens, and the engine request ``req``'s
+    strategy counts (``ctx.stats``: tokens generated, guidance forwards) where it has them."""
+    streamed, ended = 0, False
     try:
         async for ev in events:
             tm.event(ev)
             if ev[0] == "done":
+                ended = True
                 srv.metrics.observe_result(strategy, ev[1])
                 tm.finish(ev[1])
             elif ev[0] == "error":
+                ended = True
                 err = to_api_error(ev[1])
                 srv.metrics.stream_error(err.code or err.err_type)
+            elif ev[0] == "delta" and ev[3] is not None:
+                streamed += 1  # one token handed to the response
             yield ev
     finally:
         await events.aclose()  # type: ignore[attr-defined]
+        if not ended:  # cancelled (client gone): the engine request has stopped by now
+            ctx = getattr(req, "ctx", None)
+            srv.metrics.observe_cancelled(strategy, streamed, getattr(ctx, "stats", None))
 
 
 def sse(srv: ServerState, gen: AsyncIterator[str], started: tuple) -> EngineStream:

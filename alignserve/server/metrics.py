@@ -128,6 +128,18 @@ class Metrics:
         if returned:
             self.guidance_cost.labels(strategy).observe(generated / returned)
 
+    def observe_cancelled(self, strategy: str, streamed: int, stats: Any) -> None:
+        """Account a streamed generation cancelled before its result (client gone): the
+        ``streamed`` tokens it returned, and from its strategy's ``stats`` (None when unknown)
+        the tokens generated up to the cancel (at least those streamed) and the guidance
+        forwards. No per-request histogram: the request has no end-to-end result."""
+        generated = max(int(getattr(stats, "tokens_generated", 0) or 0), streamed)
+        self.tokens_generated.labels(strategy).inc(generated)
+        self.tokens_returned.labels(strategy).inc(streamed)
+        self.tokens_discarded.labels(strategy).inc(generated - streamed)
+        self.guidance_forwards.labels(strategy).inc(int(getattr(stats, "guidance_forwards", 0)
+                                                        or 0))
+
     # ---- exposition ------------------------------------------------------------------------
     def render(self, engine: Any) -> str:
         """The Prometheus text page; ``engine`` supplies the live gauges."""
