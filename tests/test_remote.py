@@ -112,22 +112,29 @@ def test_guided_strategies_through_proxy(proxy, alignment):
         assert al["kl_per_token"] > 0
 
 
-@pytest.mark.parametrize("strategy", ["vas", "cd", "genarm"])
+PLAIN_FIELDS = {"vas": ("values", "none"), "cd": ("values", "none"),
+                "genarm": ("kl_per_token", 0.0), "best_of_n": ("samples_started", 1),
+                "deal": ("candidates", [{"complete": 1}])}
+
+
+@pytest.mark.parametrize("strategy", ["vas", "cd", "genarm", "best_of_n", "deal"])
 def test_weight_zero_is_plain_through_proxy(remote, proxy, strategy):
     plain = chat(proxy, seed=11, max_tokens=8).choices[0].message.content
-    r = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 0}}, seed=11, max_tokens=8)
+    extra = {"beams": 3, "top_k": 2} if strategy == "deal" else {}  # 9 of the proxy's 16 slots
+    r = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 0}, **extra}, seed=11,
+             max_tokens=8)
     assert r.choices[0].message.content == plain
     # the pass-through still reports what was generated
     al = r.model_extra["alignment"]
     assert al["tokens_generated"] == r.usage.completion_tokens > 0
     # and the fields a guided request reports: the answer's rewards, as in-process
-    guided = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 1}}, seed=11,
+    guided = chat(proxy, {"strategy": strategy, "weights": {"sentiment": 1}, **extra}, seed=11,
                   max_tokens=8).model_extra["alignment"]
-    assert set(al) == set(guided)
-    assert al["values" if strategy != "genarm" else "kl_per_token"] == (
-        "none" if strategy != "genarm" else 0.0)
-    direct = chat(remote, {"strategy": strategy, "weights": {"sentiment": 0}}, seed=11,
-                  max_tokens=8).model_extra["alignment"]
+    assert set(al) == set(guided), (al, guided)
+    key, value = PLAIN_FIELDS[strategy]
+    assert al[key] == value, al
+    direct = chat(remote, {"strategy": strategy, "weights": {"sentiment": 0}, **extra},
+                  seed=11, max_tokens=8).model_extra["alignment"]
     assert al["rewards"]["sentiment"][0] == pytest.approx(direct["rewards"]["sentiment"][0],
                                                           abs=1e-4)
     assert al["weights"] == direct["weights"] == {"sentiment": 0.0}

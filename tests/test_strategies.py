@@ -241,23 +241,31 @@ def test_zero_weights_reproduce_plain_sampling(engine, registry, prompts, plain,
         assert r["choices"][0]["tokens"] == p["choices"][0]["tokens"]
 
 
-@pytest.mark.parametrize("strategy,weight,plain_fields", [
-    ("vas", 3.0, {"values": "none"}),
-    ("cd", 3.0, {"values": "none"}),
-    ("genarm", 1.0, {"kl_per_token": 0.0}),
-])
+@pytest.mark.parametrize("strategy,weight,plain_fields,extra", [
+    ("vas", 3.0, {"values": "none"}, {}),
+    ("cd", 3.0, {"values": "none"}, {}),
+    ("vas", 3.0, {"values": "none", "q_heads": {}}, {"values": "q"}),
+    ("cd", 3.0, {"values": "none", "q_heads": {}}, {"values": "q"}),
+    ("genarm", 1.0, {"kl_per_token": 0.0}, {}),
+    ("best_of_n", 1.0, {"samples_started": 1, "tokens_discarded": 0, "candidates": [],
+                        "early_rejection": {"prune_every": None, "keep": 1.0, "min_live": 2}},
+     {"n": 8}),
+    ("deal", 1.0, {"candidates": [{"complete": 1}]}, {"beams": 3, "top_k": 2, "lookahead": 2}),
+], ids=["vas", "cd", "vas_q", "cd_q", "genarm", "best_of_n", "deal"])
 def test_zero_weights_report_the_same_alignment_fields(engine, registry, prompts, strategy,
-                                                       weight, plain_fields):
+                                                       weight, plain_fields, extra):
     """At weight 0 the response's ``alignment`` has the keys a guided run has: the rewards of
     the (plain) answer, and the strategy's own fields with what plain sampling did."""
     needs_head(registry, "sentiment", "arm" if strategy == "genarm" else "value")
     [zero] = run_all(engine, registry, prompts[:1],
-                     {"strategy": strategy, "weights": {"sentiment": 0}}, seed=4)
+                     {"strategy": strategy, "weights": {"sentiment": 0}, **extra}, seed=4)
     [guided] = run_all(engine, registry, prompts[:1],
-                       {"strategy": strategy, "weights": {"sentiment": weight}}, seed=4)
-    assert set(zero["info"]) == set(guided["info"])
+                       {"strategy": strategy, "weights": {"sentiment": weight}, **extra}, seed=4)
+    assert set(zero["info"]) == set(guided["info"]), (zero["info"], guided["info"])
     for key, value in plain_fields.items():
-        assert zero["info"][key] == value and guided["info"][key] != value
+        assert zero["info"][key] == value and guided["info"][key] != value, (key, guided["info"])
+    if strategy == "best_of_n":  # guided: a search ran, with its non-negative discard
+        assert guided["info"]["samples_started"] == 8 and guided["info"]["tokens_discarded"] > 0
     assert zero["info"]["weights"] == {"sentiment": 0.0}
     # the reported reward is the reward of the returned answer
     got = zero["info"]["rewards"]["sentiment"][0]

@@ -157,10 +157,11 @@ class AlignedDecoder(Decoder):
     def plain(self) -> bool:
         return not any(self.weights.values())
 
-    def plain_info(self, info: dict[str, Any]) -> None:
-        """Fill in, for a run with all weights 0 (plain sampling), the strategy's own
-        ``alignment`` fields that a guided run reports, so the response has the same keys at
-        every weight (``rewards`` and ``weights`` come from ``report`` either way)."""
+    def plain_info(self, info: dict[str, Any], n: int) -> None:
+        """Fill in, for a run of ``n`` choices with all weights 0 (plain sampling), the
+        strategy's own ``alignment`` fields that a guided run reports, with their values for
+        "no search ran", so the response has the same keys at every weight (``rewards`` and
+        ``weights`` come from ``report`` either way)."""
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, ctx: DecodeContext) -> Run:
@@ -175,7 +176,7 @@ class AlignedDecoder(Decoder):
             gens = [ctx.generator(c) for c in range(ctx.n)]
             yield from decode_rows(ctx, seqs, last[None].expand(ctx.n, -1), list(range(ctx.n)),
                                    gens)
-            self.plain_info(ctx.info)
+            self.plain_info(ctx.info, ctx.n)
         else:
             yield from parallel([self.run_choice(ctx, c, seqs[c], last) for c in range(ctx.n)])
         yield from self.report(ctx)

@@ -150,6 +150,16 @@ class BestOfN(AlignedDecoder):
         for b in branches:
             self._drop(ctx, b)
 
+    def plain_info(self, info: dict[str, Any], n: int) -> None:
+        """All weights 0: each choice is one plain sample, nothing scored, pruned or thrown
+        away (no pruning check ran: ``prune_every`` None, everything kept)."""
+        info["early_rejection"] = {"prune_every": None, "keep": 1.0,
+                                   "min_live": self.opt.min_live}
+        info["samples_started"] = n
+        info["pruned_per_check"] = []
+        info["candidates"] = []
+        info["tokens_discarded"] = 0
+
     def _er_info(self, ctx: DecodeContext) -> dict[str, Any]:
         if "early_rejection" not in ctx.info:
             ctx.info["early_rejection"] = {
@@ -168,8 +178,8 @@ class BestOfN(AlignedDecoder):
 
     def report(self, ctx: DecodeContext) -> Run:
         yield from super().report(ctx)
-        if "samples_started" in ctx.info:
+        if "samples_started" in ctx.info and not self.plain:
             returned = sum(len(st.tokens) for st in ctx.choices)
-            ctx.info["tokens_discarded"] = ctx.stats.tokens_generated - returned
+            ctx.info["tokens_discarded"] = max(0, ctx.stats.tokens_generated - returned)
 
 

@@ -38,6 +38,10 @@ class Deal(AlignedDecoder):
     def slots_needed(self, n: int) -> dict[str, int]:
         return {"base": n * (self.opt.beams * self.opt.top_k + self.opt.beams)}
 
+    def plain_info(self, info: dict, n: int) -> None:
+        """All weights 0: no search; each choice is its single plain answer."""
+        info["candidates"] = [{"complete": 1} for _ in range(n)]
+
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
         o = self.opt
         p0 = len(ctx.prompt_ids)

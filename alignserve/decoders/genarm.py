@@ -68,7 +68,7 @@ class GenArm(AlignedDecoder):
             logits = outs[0].logits[0]
             hidden = {"base": outs[0].hidden, **{r: o.hidden for r, o in zip(vseqs, outs[1:])}}
 
-    def plain_info(self, info: dict) -> None:
+    def plain_info(self, info: dict, n: int) -> None:
         info["kl_per_token"] = 0.0  # all alphas 0: the guided distribution is the base's
 
     def track_kl(self, ctx: DecodeContext, guided: torch.Tensor, base: torch.Tensor) -> None:

@@ -106,8 +106,10 @@ class Vas(AlignedDecoder):
         if not missing and self.opt.batched:
             self.q_heads = found
 
-    def plain_info(self, info: dict) -> None:
+    def plain_info(self, info: dict, n: int) -> None:
         info["values"] = "none"  # all weights 0: no candidate was valued
+        if self.opt.values == "q":  # the key a values='q' run reports; no Q-head was read
+            info["q_heads"] = {}
 
     def slots_needed(self, n: int) -> dict[str, int]:
         if self.q_heads:

@@ -219,7 +219,7 @@ class RemoteEngineClient(TextClient):
         ctx.info["strategy"] = dec.name
         if dec.name == "sample" or getattr(dec, "plain", False):
             if dec.name != "sample":
-                dec.plain_info(ctx.info)
+                dec.plain_info(ctx.info, ctx.n)
             await run_sample(ctx, stream)
         elif ctx.params.max_tokens == 0:
             for c in range(ctx.n):

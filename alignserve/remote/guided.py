@@ -57,6 +57,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
              for n, w in dec.weights.items() if w]
     betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
     ctx.info["values"] = "q" if use_q else "tree"
+    if use_q:  # the Q-head read for each weighted reward, as in-process
+        ctx.info["q_heads"] = {n: h.name for n, h in dec.q_heads.items()}
     embed = backbone.embed if use_q else None
     k = dec.opt.top_k
     # VAS leaves the other tokens as they are: ask for every top logprob the remote returns

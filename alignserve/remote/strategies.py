@@ -296,11 +296,14 @@ async def run_best_of_n(ctx: RemoteCtx, dec: Any) -> None:
         group = samples[c * big_n:(c + 1) * big_n]
         ctx.stats.tokens_generated += sum(len(s.ids) for s in group)
         scores, _ = await ctx.score(dec, [s.text for s in group], population=True)
+        ctx.stats.candidates_scored += len(group)  # every sample, scored once
         best = int(np.argmax(scores))
         ctx.info.setdefault("candidates", []).append(
             {"scores": [round(float(s), 5) for s in scores], "chosen": best})
         s = group[best]
         ctx.emit_text(c, s.text, s.infos, s.ids, s.finish_reason or "stop")
+    returned = sum(len(st.tokens) for st in ctx.choices)
+    ctx.info["tokens_discarded"] = max(0, ctx.stats.tokens_generated - returned)
 
 
 async def run_cd_block(ctx: RemoteCtx, dec: Any) -> None:
@@ -319,6 +322,7 @@ async def run_cd_block(ctx: RemoteCtx, dec: Any) -> None:
             states = [ctx.replay(done, b.ids, b.finish_reason) for b in blocks]
             ctx.stats.tokens_generated += sum(len(st.tokens) - len(done) for st in states)
             scores, _ = await ctx.score(dec, [st.text for st in states], population=True)
+            ctx.stats.candidates_scored += len(states)  # the K blocks this step chose among
             st = states[int(np.argmax(scores))]
             finished = False
             for t in st.tokens[len(done):]:
