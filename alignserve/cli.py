@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--only", default=None, help="comma-separated subset of the heads")
     a.add_argument("--prompts", type=int, default=None,
                    help="train prompts, a prefix of the suite's hash order (default: the "
-                        "shipped heads' 544 of the 1156 train prompts of suite 'all')")
+                        "shipped heads' 1024 of the 1156 train prompts of suite 'all')")
     a.add_argument("--samples", type=int, default=None, help="samples per prompt (default 8)")
     a.add_argument("--sample-only", action="store_true",
                    help="only fill the sample cache (e.g. in the background), train nothing")

@@ -1381,7 +1381,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
 
 # One sample cache (suite, prompts, K, tokens, temperature, seed) serves every shipped head; the
 # settings per head are the ones that gave the best validation metrics (see README, Training).
-SHIPPED_DATA: dict[str, Any] = {"suite": "all", "prompts": 544, "val_prompts": 80,
+SHIPPED_DATA: dict[str, Any] = {"suite": "all", "prompts": 1024, "val_prompts": 80,
                                 "samples": 8, "max_new_tokens": 48, "seed": 0}
 SHIPPED_HEADS: dict[str, dict[str, Any]] = {
     "sentiment_value": {"kind": "value", "reward": "sentiment", "method": "td-lambda",
@@ -1391,11 +1391,11 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
     "concise_value": {"kind": "value", "reward": "concise", "method": "td-lambda",
                       "hidden": 64, "weight_decay": 0.01},
     "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 4,
-                    "batch_size": 1024, "lr": 1e-3, "prompts": 416},
+                    "batch_size": 1024, "lr": 1e-3},
     "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 4,
-                    "batch_size": 1024, "lr": 1e-3, "prompts": 416},
+                    "batch_size": 1024, "lr": 1e-3},
     "concise_q": {"kind": "q", "reward": "concise", "rank": 64, "epochs": 4,
-                  "batch_size": 1024, "lr": 1e-3, "prompts": 416},
+                  "batch_size": 1024, "lr": 1e-3},
     "sentiment_arm": {"kind": "arm", "reward": "sentiment", "epochs": 3, "lr": 1e-3},
     "non_toxic_arm": {"kind": "arm", "reward": "non_toxic", "epochs": 3, "lr": 1e-3},
     "concise_arm": {"kind": "arm", "reward": "concise", "epochs": 3, "lr": 1e-3},
