@@ -269,3 +269,15 @@ def test_schemathesis_no_500(fuzzed):
     assert any((p, 200) in seen for p in posts), seen  # generation ran, not only rejections
     assert all((p, 400) in seen for p in posts), seen
     _wait_idle(url, within=5)
+
+
+def test_launcher_never_takes_another_server_for_its_own(guarded, monkeypatch):
+    """free_port is racy between processes: when the port it picked is already served by
+    another alignserve, the new server fails to bind and ServerProcess says so instead of
+    answering with the other server's /health."""
+    from alignserve.server import launch
+
+    monkeypatch.setattr(launch, "free_port", lambda host="127.0.0.1": guarded.port)
+    with pytest.raises(RuntimeError, match="exited|did not answer"):
+        launch.ServerProcess(["--slots", "2", "--max-len", "128"], timeout=120)
+    assert httpx.get(guarded.url + "/health", headers=_auth()).status_code == 200

@@ -3,6 +3,7 @@ browser playground at ``/``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -12,6 +13,7 @@ from ..decoders import STRATEGIES, strategy_info
 from .metrics import CONTENT_TYPE
 from .state import state_of
 
+LAUNCH_ENV = "ALIGNSERVE_LAUNCH_ID"  # echoed by /health (x-alignserve-launch) when set
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 router = APIRouter()
 
@@ -36,6 +38,9 @@ async def health(request: Request) -> JSONResponse:
     sending requests that could only end in 502s)."""
     srv = state_of(request)
     eng = srv.client.engine
+    headers = {}
+    if launch := os.environ.get(LAUNCH_ENV):  # set by ``ServerProcess``: which server answers
+        headers["x-alignserve-launch"] = launch
     body = {"status": "ok", "model": srv.model_name, "running": eng.running,
             "waiting": eng.queue_depth}
     deps = await srv.client.dependency_health()
@@ -43,8 +48,8 @@ async def health(request: Request) -> JSONResponse:
         body.update(deps)
         if not all(d.get("reachable", True) for d in deps.values()):
             body["status"] = "degraded"
-            return JSONResponse(body, status_code=503)
-    return JSONResponse(body)
+            return JSONResponse(body, status_code=503, headers=headers)
+    return JSONResponse(body, headers=headers)
 
 
 @router.get("/v1/models")

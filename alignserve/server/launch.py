@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,7 +49,11 @@ class ServerProcess:
                     "--port", str(self.port), "--log-level", "warning", *args]
         self._own_log = isinstance(log, str | Path)
         self.log: Any = open(log, "w") if self._own_log else log  # noqa: SIM115
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        # /health echoes this id, so a server of another process that happens to hold the
+        # same port (free_port is racy between processes) is never taken for ours
+        self.launch_id = uuid.uuid4().hex
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {}),
+                    "ALIGNSERVE_LAUNCH_ID": self.launch_id}
         out = self.log if self.log is not None else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=full_env, stdout=out,
                                      stderr=subprocess.STDOUT)
@@ -79,7 +84,8 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with code {self.proc.returncode} during "
                                    f"start-up: {self._log_tail()}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/health", timeout=2)
+                if r.status_code == 200 and r.headers.get("x-alignserve-launch") == self.launch_id:
                     return
             except httpx.HTTPError:
                 pass

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..server.errors import error_body
 from ..server.gate import GateMiddleware
+from ..server.info import LAUNCH_ENV
 from ..server.metrics import CONTENT_TYPE
 from ..server.state import ServerLimits
 from .work import NoReplicaAvailable, Router, Ticket, Work, request_work
@@ -195,7 +197,9 @@ class Ingress:
                 "replicas_up": len(up), "replicas": rows,
                 "running": sum(row["running"] or 0 for row in up),
                 "waiting": sum(row["waiting"] or 0 for row in up)}
-        await _send_json(send, 200 if up else 503, body)
+        launch = os.environ.get(LAUNCH_ENV)  # as the single-process /health does
+        await _send_json(send, 200 if up else 503, body,
+                         [(b"x-alignserve-launch", launch.encode())] if launch else ())
 
     async def metrics(self, send: Send) -> None:
         """Every live replica's page, labelled ``replica``, plus the router's own series."""
