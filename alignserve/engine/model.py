@@ -122,24 +122,19 @@ class AttnGroup:
 
 
 class KVCache:
-    """Per-layer key/value storage by slot: ``k[layer]`` is [slots, max_len + 1, kv_heads, D].
+    """Per-layer key/value storage by slot: ``k[layer]`` is [slots, max_len, kv_heads, D].
 
-    A sequence owns one slot; position ``p`` of that sequence lives at index ``p``. The extra
-    index is a scratch column that padded query rows write to, so padding never touches real
-    entries. Memory is allocated with ``torch.zeros`` lazily touched pages, so unused slots cost
-    little resident memory.
+    A sequence owns one slot; position ``p`` of that sequence lives at index ``p`` (a packed
+    forward writes only real tokens, so no column is reserved for padding). Memory is allocated
+    with ``torch.zeros`` lazily touched pages, so unused slots cost little resident memory.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.slots, self.max_len = slots, max_len
-        shape = (slots, max_len + 1, cfg.num_kv_heads, cfg.head_dim)
+        shape = (slots, max_len, cfg.num_kv_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-
-    @property
-    def scratch(self) -> int:
-        return self.max_len
 
     def copy_rows(self, src: int, dst: Tensor | list[int], length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into each slot of ``dst`` (fork)."""
