@@ -951,6 +951,29 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return g
 
 
+def _renamed(metrics: dict[str, Any], **names: str) -> dict[str, Any]:
+    """The entries ``names`` picks from ``metrics``, under their new names (new=old)."""
+    return {new: metrics[old] for new, old in names.items()}
+
+
+def _end_epoch(cfg: TrainConfig, head: torch.nn.Module, opt: torch.optim.Optimizer,
+               bar: Any, history: list[dict[str, Any]], epoch: int, train_loss: float,
+               val_metrics: Callable[[], dict[str, float]] | None,
+               shown: tuple[str, str]) -> None:
+    """Close an epoch of the value / Q-head loops: record the train loss and the held-out
+    metrics (``val_metrics``, None without a validation split), show the loss and the metric
+    ``shown = (label, key)`` on the progress bar, checkpoint."""
+    head.eval()
+    rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
+    if val_metrics is not None:
+        rec.update(val_metrics())
+    history.append(rec)
+    label, key = shown
+    bar.set_postfix({"loss": f"{train_loss:.4f}",
+                     label: f"{rec.get(key, float('nan')):.3f}"})
+    _save_ckpt(cfg, head, opt, epoch + 1, history)
+
+
 def train_value_head(cfg: TrainConfig, train: Split,
                      val: Split | None = None) -> tuple[ValueHead, list[dict[str, Any]]]:
     """Fit a ValueHead on the cached states with the configured target (see module doc)."""
@@ -962,10 +985,9 @@ def train_value_head(cfg: TrainConfig, train: Split,
     head.sigma.copy_(x.std(0).clamp_min(1e-4))
     # auxiliary target: the reward of the partial text, read from the head's hidden layer by a
     # second output that is trained alongside and dropped (it shapes the features only)
-    aux_w = cfg.aux_partial if train.partial is not None else 0.0
-    aux = torch.nn.Linear(cfg.hidden, 1).to(dev)
-    part = train.partial.to(dev) if aux_w else None
-    params = [*head.parameters(), *aux.parameters()] if aux_w else list(head.parameters())
+    part = train.partial.to(dev) if cfg.aux_partial and train.partial is not None else None
+    aux = torch.nn.Linear(cfg.hidden, 1).to(dev) if part is not None else None
+    params = [*head.parameters(), *(aux.parameters() if aux is not None else ())]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
     assert cfg.epochs is not None and cfg.batch_size is not None
@@ -984,27 +1006,22 @@ def train_value_head(cfg: TrainConfig, train: Split,
                                         cfg.lam).to(dev)
             idx = perm[b:b + cfg.batch_size]
             loss = F.mse_loss(head(x[idx]), targets[idx])
-            if part is not None:
+            if aux is not None and part is not None:
                 tgt = part[idx]
                 has = ~torch.isnan(tgt)
                 if bool(has.any()):
                     feat = torch.tanh(head.fc1((x[idx][has] - head.mu) / head.sigma))
-                    loss = loss + aux_w * F.mse_loss(aux(feat).squeeze(-1), tgt[has])
+                    loss = loss + cfg.aux_partial * F.mse_loss(aux(feat).squeeze(-1), tgt[has])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             total += loss.item() * len(idx)
             count += len(idx)
-        head.eval()
-        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
-        if val is not None:
-            m = value_metrics(head, val)
-            rec.update({"val_mse": m["mse"], "val_spearman_50": m["spearman_50"]})
-        history.append(rec)
-        bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
-                        rho50=f"{rec.get('val_spearman_50', float('nan')):.3f}")
-        _save_ckpt(cfg, head, opt, epoch + 1, history)
+        _end_epoch(cfg, head, opt, bar, history, epoch, total / max(count, 1),
+                   None if val is None else lambda: _renamed(
+                       value_metrics(head, val), val_mse="mse", val_spearman_50="spearman_50"),
+                   ("rho50", "val_spearman_50"))
     bar.close()
     head.eval()
     return head, history
@@ -1142,16 +1159,11 @@ def train_q_head(cfg: TrainConfig, train: Split, value: torch.nn.Module, embed: 
             opt.step()
             total += loss.item() * len(idx)
             count += len(idx)
-        head.eval()
-        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
-        if val is not None:
-            m = q_metrics(head, value, val, embed)
-            rec.update({"val_spearman": m["spearman"],
-                        "val_first_token_accuracy": m["first_token_pairwise_accuracy"]})
-        history.append(rec)
-        bar.set_postfix(loss=f"{rec['train_loss']:.4f}",
-                        rho=f"{rec.get('val_spearman', float('nan')):.3f}")
-        _save_ckpt(cfg, head, opt, epoch + 1, history)
+        _end_epoch(cfg, head, opt, bar, history, epoch, total / max(count, 1),
+                   None if val is None else lambda: _renamed(
+                       q_metrics(head, value, val, embed), val_spearman="spearman",
+                       val_first_token_accuracy="first_token_pairwise_accuracy"),
+                   ("rho", "val_spearman"))
     bar.close()
     head.eval()
     return head, history
