@@ -198,11 +198,11 @@ def minilm_embed(texts: Sequence[str], model_dir: str | os.PathLike[str] | None 
 
     folder = str(model_dir or minilm_model_dir())
     tok, model = _cached(("encoder", folder), lambda: _load_encoder(folder))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     if not texts:
-        return np.zeros((0, 384), dtype=np.float32)
+        return out
     ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-    out = np.zeros((len(texts), 0), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         enc = tok.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
@@ -210,10 +210,7 @@ def minilm_embed(texts: Sequence[str], model_dir: str | os.PathLike[str] | None 
             hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        emb = torch.nn.functional.normalize(pooled, p=2, dim=-1).float().numpy()
-        if out.shape[1] == 0:
-            out = np.zeros((len(texts), emb.shape[1]), dtype=np.float32)
-        out[rows] = emb
+        out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=-1).float().numpy()
     return out
 
 
