@@ -146,6 +146,12 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                         "preference pairs per step, whole prompts at a time (default 32)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="Adam weight decay (default 0)")
+    p.add_argument("--pool", default="none", choices=["none", "mean"],
+                   help="what the head (value MLP, ARM adapter) reads: none = the state h_t; "
+                        "mean = [h_t, mean of the response's states h_0..h_t] (remembers what "
+                        "was said earlier) (default none). Not for a Q-head: it reads what "
+                        "its --value-head reads" if kind != "q" else
+                        "not for a Q-head: it reads what its --value-head reads (refused)")
     if kind != "q":
         p.add_argument("--backbone-layers", type=int, default=0,
                        help="0 (default): the head reads the base model's final hidden state (no "
@@ -301,6 +307,7 @@ def train(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
         weight_decay=args.weight_decay, hidden=getattr(args, "hidden", 128),
+        pool=args.pool,
         backbone_layers=getattr(args, "backbone_layers", 0),
         rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
         aux_partial=getattr(args, "aux_partial", 0.0), aux_every=getattr(args, "aux_every", 4),

@@ -40,10 +40,12 @@ def main(root: str | None = None) -> int:
                        f"{met.get('pairs', 0)} pairs)")
             target = "accuracy >= 0.75"
             ok = met.get("pairwise_accuracy", 0) >= 0.75
+        pool = m.get("arch", {}).get("pool", "none")
+        method = tr.get("method", "genarm") + (f", pool {pool}" if pool != "none" else "")
         size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "
-                    f"{tr.get('method', 'genarm')} | {quality} | "
+                    f"{method} | {quality} | "
                     f"{'—' if ok is None else f'{target}: ' + ('met' if ok else 'not met')} | "
                     f"{size:.0f} KB |")
     print("| head | kind | reward | data (suite prompts x samples x tokens) | method | "

@@ -136,9 +136,11 @@ def test_weight_is_monotone_args(engine, registry, prompts, plain):
 # so its effect saturates towards the ARM's own distribution as alpha grows past ~1)
 SLIDERS = {"vas": ("vas", {"top_k": 10, "values": "tree"}, "value", (0.0, 3.0, 8.0)),
            "cd": ("cd", {"top_k": 10, "values": "tree"}, "value", (0.0, 3.0, 8.0)),
-           # Q-head values: the reward rises up to beta ~8 and saturates past it (tested 0 / 4 / 8)
-           "vas_q": ("vas", {"top_k": 10, "values": "q"}, "q", (0.0, 4.0, 8.0)),
-           "cd_q": ("cd", {"top_k": 10, "values": "q"}, "q", (0.0, 4.0, 8.0)),
+           # Q-head values: the pooled heads' advantages change less per token than the
+           # last-state heads' did, so their useful betas are higher: the reward rises to
+           # beta ~12 (past ~8 the answers drift into praise, README frontier)
+           "vas_q": ("vas", {"top_k": 10, "values": "q"}, "q", (0.0, 6.0, 12.0)),
+           "cd_q": ("cd", {"top_k": 10, "values": "q"}, "q", (0.0, 6.0, 12.0)),
            "genarm": ("genarm", {}, "arm", (0.0, 0.3, 1.0))}
 
 
@@ -327,6 +329,10 @@ def test_heads_endpoint_lists_rewards_and_strategies(server):
         assert kinds.get(f"{reward}_q") == "q_head", kinds
     stats = next(r for r in body["data"] if r["name"] == "sentiment_value")["reward_stats"]
     assert stats["std"] > 0
+    # what each head reads: the shipped sentiment value / Q-heads are pooled, the ARMs are not
+    pool = {row["name"]: row.get("pool") for row in body["data"]}
+    assert pool["sentiment_value"] == pool["sentiment_q"] == "mean", pool
+    assert pool["sentiment_arm"] == "none", pool
     for row in body["data"]:
         lo, hi = row["weight_range"]
         assert lo < hi

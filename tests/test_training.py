@@ -252,3 +252,105 @@ def test_partial_text_auxiliary_target(run_dir: Path, tmp_path: Path, model_dir:
                 assert math.isnan(v)
         at += len(t) + 1
     assert at == len(partial) and checked > 0
+
+
+def test_prefix_mean_matches_the_training_features() -> None:
+    """Decoding's running mean (PrefixMean) builds exactly the features training reads."""
+    from alignserve.value_models.heads import PrefixMean
+    from alignserve.value_models.training import mean_pool_features
+
+    torch.manual_seed(0)
+    offsets = torch.tensor([0, 3, 4, 9])
+    hidden = torch.randn(9, 8)
+    feats = mean_pool_features(hidden, offsets, chunk=2)  # chunks split the samples
+    assert feats.shape == (9, 16)
+    for s in range(3):
+        a, b = int(offsets[s]), int(offsets[s + 1])
+        pool = PrefixMean(hidden[a])
+        torch.testing.assert_close(pool.current(hidden[a][None])[0], feats[a])
+        for t in range(a + 1, b):
+            # a candidate's extension, then the same state committed
+            torch.testing.assert_close(pool.extended(hidden[t][None])[0], feats[t])
+            pool.add(hidden[t])
+            torch.testing.assert_close(pool.current(hidden[t][None])[0], feats[t])
+    torch.testing.assert_close(feats[5, 8:], hidden[4:6].mean(0))
+
+
+def test_pooled_heads_read_the_answers_running_mean(run_dir: Path, tmp_path: Path,
+                                                     model_dir: Path) -> None:
+    """pool='mean' value heads, Q-heads and ARMs: trained on [h_t, mean(h_0..h_t)], and VAS /
+    GenARM feed them exactly those features of the answer being written (checked against a
+    teacher-forced forward of prompt + answer), with tree values, Q-head values and ARMs."""
+    from alignserve.decoders import build_decoder
+    from alignserve.engine.primitives import Extend
+    from alignserve.engine.sampling import SamplingParams
+    from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
+    from alignserve.value_models.heads import tokenizer_fingerprint
+    from alignserve.value_models.registry import Registry
+    from alignserve.value_models.training import mean_pool_features
+
+    heads = tmp_path / "heads"
+    v = run_training(_cfg(run_dir, heads / "concise=1_value", "value", method="fudge",
+                          epochs=3, pool="mean"))
+    q = run_training(_cfg(run_dir, heads / "concise_q", "q", epochs=3, rank=8))
+    a = run_training(_cfg(run_dir, heads / "concise_arm", "arm", epochs=2, rank=4,
+                          pool="mean"))
+    assert {h.manifest["arch"]["pool"] for h in (v, q, a)} == {"mean"}
+    assert q.manifest["training"]["pool"] == "mean"  # recorded as what it reads
+    assert v.module.mu.shape == (1152,) and q.module.mu.shape == (1152,)
+    assert a.module.down.weight.shape == (4, 1152)
+    assert a.manifest["training"]["history"][-1]["train_loss"] \
+        < a.manifest["training"]["history"][0]["train_loss"]
+    with pytest.raises(ValueError, match="--pool is for value heads"):
+        _cfg(run_dir, tmp_path / "x", "q", pool="mean").resolved()
+    eng = Engine(EngineConfig(model_dir=model_dir, slots=4, max_len=256))
+    cases = (  # (strategy options, head spied on, its method, what it reads)
+        ({"strategy": "vas", "values": "tree"}, "concise=1_value", "forward", "candidates"),
+        ({"strategy": "vas", "values": "q"}, "concise_q", "forward", "current"),
+        ({"strategy": "genarm"}, "concise_arm", "logprobs", "current"))
+    try:
+        reg = Registry.build(heads, tokenizer_fingerprint(eng.tokenizer), 576)
+        ids = eng.tokenizer("Tell me about the sea.").input_ids
+        for opts, name, method, reads in cases:
+            module, seen = reg.heads[name].module, []
+            orig = getattr(module, method)
+
+            def spy(x, *rest, orig=orig, seen=seen):  # type: ignore[no-untyped-def]
+                seen.append(x.detach().clone())
+                return orig(x, *rest)
+
+            setattr(module, method, spy)
+            try:
+                # top_k 3 at temperature 1: some tokens taken lie outside the candidates
+                dec = build_decoder({**opts, "top_k": 3, "weights": {"concise=1": 4.0}}
+                                    if opts["strategy"] == "vas" else
+                                    {**opts, "weights": {"concise=1": 2.0}}, registry=reg)
+                out = eng.generate(EngineRequest(
+                    prompt_ids=ids, decoder=dec, resources=reg,
+                    params=SamplingParams(temperature=1.0, max_tokens=6, seed=5,
+                                          ignore_eos=True)))
+            finally:
+                delattr(module, method)
+            assert out["info"].get("values", "arm") == opts.get("values", "arm")
+            toks = out["choices"][0]["tokens"]
+            runner = eng.base
+            seq = runner.new_seq()
+            try:
+                [o] = runner.run([Extend(seq, ids + toks, logits="all", hidden=True)])
+            finally:
+                runner.free(seq)
+            states = o.hidden[len(ids) - 1:].float().cpu()  # h_0 .. h_T
+            want = mean_pool_features(states, torch.tensor([0, len(states)]))
+            assert len(seen) == len(toks) == 6
+            for t, x in enumerate(seen):
+                if reads == "current":  # the current state s_t
+                    torch.testing.assert_close(x[0], want[t], atol=2e-3, rtol=1e-3)
+                else:  # candidates a: [h_a, (h_0 + .. + h_t + h_a) / (t + 2)], whether
+                    # the last token taken was a candidate (committed) or not (extended)
+                    d = x.shape[1] // 2
+                    before = x[:, d:] - x[:, :d] / (t + 2)
+                    torch.testing.assert_close(
+                        before, (want[t, d:] * (t + 1) / (t + 2)).expand_as(before),
+                        atol=2e-3, rtol=1e-3)
+    finally:
+        eng.shutdown()

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, HeadEval, Seq
+from ..value_models.heads import PrefixMean, head_input
 from .aligned import AlignedDecoder, CommonOptions, emit_one
 from .base import Run
 
@@ -46,10 +47,13 @@ class GenArm(AlignedDecoder):
         gen = ctx.generator(c)
         scale = 1.0 + float(alphas.sum()) if self.opt.normalize else 1.0
         vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
+        # ARMs with pool="mean" also read the mean of the answer's states so far
+        pool = PrefixMean(ctx.prompt_hidden) if any(
+            h.module.pool != "none" for h, _ in arms) else None
         while True:
             # every request's ARMs of this step run as one call per head (HeadEval)
-            dense = torch.stack([o[0] for o in (yield [self.arm_op(h, hidden, logits, embed)
-                                                       for h, _ in arms])])[None]  # [1, H, V]
+            dense = torch.stack([o[0] for o in (yield [
+                self.arm_op(h, hidden, logits, embed, pool) for h, _ in arms])])[None]  # [1,H,V]
             ctx.stats.guidance_forwards += 1
             base = torch.log_softmax(logits.float(), -1)[None]
             guided = (base + (alphas[:, :, None] * dense).sum(1)) / scale
@@ -67,6 +71,8 @@ class GenArm(AlignedDecoder):
                 Extend(v, [tok], logits="none", hidden=True) for v in vseqs.values()]
             logits = outs[0].logits[0]
             hidden = {"base": outs[0].hidden, **{r: o.hidden for r, o in zip(vseqs, outs[1:])}}
+            if pool is not None:
+                pool.add(outs[0].hidden[-1])
 
     def plain_info(self, info: dict, n: int) -> None:
         info["kl_per_token"] = 0.0  # all alphas 0: the guided distribution is the base's
@@ -82,10 +88,12 @@ class GenArm(AlignedDecoder):
         ctx.info["kl_per_token"] = round(total / n, 5)
 
     @staticmethod
-    def arm_op(head, hidden: dict, base_logits, embed) -> HeadEval:  # type: ignore[no-untyped-def]
+    def arm_op(head, hidden: dict, base_logits, embed,  # type: ignore[no-untyped-def]
+               pool: PrefixMean | None = None) -> HeadEval:
         """The op whose result is log pi_r over the vocabulary, [1, V]. A base-placed ARM
         adapts the base logits; a backbone ARM is its own small LM: the backbone's early-exit
-        logits h_L E^T plus its adapter."""
+        logits h_L E^T plus its adapter. A pooled ARM's adapter reads ``pool``'s features."""
         h = hidden[head.runner]
         prior = base_logits[None] if head.runner == "base" else h.float() @ embed.float().T
-        return HeadEval(head.module, (h, prior), "logprobs", (embed,))
+        return HeadEval(head.module, (head_input(head.module, h, pool, False), prior),
+                        "logprobs", (embed,))

@@ -31,6 +31,7 @@ from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, HeadEval, Seq, Tree
+from ..value_models.heads import PrefixMean, head_input
 from .aligned import (
     AlignedDecoder,
     AlignmentError,
@@ -130,6 +131,9 @@ class Vas(AlignedDecoder):
         # backbone-placed heads read their own small model, which follows the answer in step
         vseqs, _ = yield from self.backbone_seqs(ctx, [h for h, _ in heads])
         on_base = any(h.runner == "base" for h, _ in heads)
+        # heads with pool="mean" also read the mean of the answer's states so far
+        pool = PrefixMean(ctx.prompt_hidden) if any(
+            h.module.pool != "none" for h, _ in heads) else None
         while True:
             cands = topk_ids(ctx, logits, k, ctx.choices[c].tokens)
             if self.opt.batched:
@@ -143,8 +147,9 @@ class Vas(AlignedDecoder):
                 h_base, cand_logits = yield from self.one_by_one(ctx, seq, cands)
                 hidden = {"base": h_base}
             # the heads of every request in this step run as one call per head (HeadEval)
-            vals = torch.stack((yield [HeadEval(h.module, (hidden[h.runner],))
-                                       for h, _ in heads]))  # [H, k]
+            vals = torch.stack((yield [
+                HeadEval(h.module, (head_input(h.module, hidden[h.runner], pool, True),))
+                for h, _ in heads]))  # [H, k]
             tok, done = yield from self.pick(ctx, c, logits, gen, cands, vals, betas)
             if done:
                 return
@@ -153,10 +158,14 @@ class Vas(AlignedDecoder):
                 for s in (seq, *vseqs.values()):
                     ctx.commit(s, i, tok)
                 logits = cand_logits[i]
+                if pool is not None:
+                    pool.add(hidden["base"][i])
             else:
-                outs = yield [Extend(seq, [tok])] + [Extend(v, [tok], logits="none")
-                                                     for v in vseqs.values()]
+                outs = yield [Extend(seq, [tok], hidden=pool is not None)] + [
+                    Extend(v, [tok], logits="none") for v in vseqs.values()]
                 logits = outs[0].logits[0]
+                if pool is not None:
+                    pool.add(outs[0].hidden[-1])
 
     def run_choice_q(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
         """Values from Q-heads on the current state: one one-token forward per token."""
@@ -167,16 +176,20 @@ class Vas(AlignedDecoder):
         embed = ctx.runners["base"].model.head_weight
         gen = ctx.generator(c)
         hidden = ctx.prompt_hidden[None]  # [1, D] state of the prefix
+        pool = PrefixMean(hidden) if any(h.module.pool != "none" for h, _ in heads) else None
         while True:
             cands = topk_ids(ctx, logits, self.opt.top_k, ctx.choices[c].tokens)
             rows = embed[torch.tensor(cands, device=embed.device)][None]  # [1, k, D]
-            outs = yield [HeadEval(h.module, (hidden, rows)) for h, _ in heads]  # [1, k] each
+            outs = yield [HeadEval(h.module, (head_input(h.module, hidden, pool, False), rows))
+                          for h, _ in heads]  # [1, k] each
             vals = torch.stack([o[0] for o in outs]).float().cpu()  # [H, k]
             tok, done = yield from self.pick(ctx, c, logits, gen, cands, vals, betas)
             if done:
                 return
             [o] = yield [Extend(seq, [tok], hidden=True)]
             logits, hidden = o.logits[0], o.hidden
+            if pool is not None:
+                pool.add(hidden[-1])
 
     def pick(self, ctx: DecodeContext, c: int, logits, gen, cands: list[int], vals,
              betas) -> Run:

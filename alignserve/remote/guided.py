@@ -36,6 +36,7 @@ import torch
 from ..decoders.aligned import finish_state, sample_scored, topk_ids
 from ..decoders.deal import emit_best
 from ..engine.output import Detokenizer, TokenInfo
+from ..value_models.heads import PrefixMean, head_input
 from .backbone import LocalBackbone
 from .strategies import RemoteCtx, _stops, drive, next_top, sparse_logits
 
@@ -70,6 +71,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
         async def one(c: int) -> None:
             seq, gen, done = seqs[c], ctx.generator(c), []
             state = states[c:c + 1].float().cpu()  # [1, D] the backbone's current state
+            # heads with pool="mean" also read the mean of the answer's states so far
+            pool = PrefixMean(state) if any(h.module.pool != "none" for h, _ in heads) else None
             behind: int | None = None  # a sampled token the backbone has not read yet
             while True:
                 if behind is None:
@@ -79,6 +82,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                                                       backbone.extend(seq, behind))
                     state = state.float().cpu()
                     behind = None
+                    if pool is not None:
+                        pool.add(state[-1])
                 if not top:
                     ctx.finish(c, "stop")
                     return
@@ -88,11 +93,13 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                 if use_q:
                     ids = torch.tensor(cands, device=embed.device)  # type: ignore[union-attr]
                     rows = embed[ids].float().cpu()[None]  # type: ignore[index]  # [1, k, D]
-                    vals = torch.stack([h.module(state, rows)[0] for h, _ in heads])  # [H, k]
+                    vals = torch.stack([h.module(head_input(h.module, state, pool, False),
+                                                 rows)[0] for h, _ in heads])  # [H, k]
                 else:
                     hidden = (await backbone.tree_hidden(seq, cands)).float().cpu()
                     ctx.stats.guidance_forwards += 1
-                    vals = torch.stack([h.module(hidden) for h, _ in heads])  # [H, k]
+                    vals = torch.stack([h.module(head_input(h.module, hidden, pool, True))
+                                        for h, _ in heads])  # [H, k]
                 vals = vals - vals.mean(dim=1, keepdim=True)
                 out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
                                           restrict=dec.restrict))
@@ -103,6 +110,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                 done.append(tok)
                 if tok in cands and not use_q:
                     await backbone.commit(seq, cands.index(tok), tok)
+                    if pool is not None:
+                        pool.add(hidden[cands.index(tok)])
                 else:
                     behind = tok
 
@@ -130,6 +139,7 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
         async def one(c: int) -> None:
             seq, gen, done = seqs[c], ctx.generator(c), []
             h = hidden0[c:c + 1]
+            pool = PrefixMean(h) if any(hd.module.pool != "none" for hd, _ in arms) else None
             top = await next_top(ctx, done, k)
             while True:
                 if not top:
@@ -140,7 +150,8 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
                 emb = embed[torch.tensor(ids)]  # [k, D]
                 base = torch.log_softmax(lp, -1)
                 arm = torch.stack([torch.log_softmax(
-                    head.module.base_scale * lp + head.module.delta(h, emb)[0], -1)
+                    head.module.base_scale * lp
+                    + head.module.delta(head_input(head.module, h, pool, False), emb)[0], -1)
                     for head, _ in arms])  # [H, k]
                 ctx.stats.guidance_forwards += 1
                 guided = (base + (alphas[:, None] * arm).sum(0)) / scale
@@ -155,6 +166,8 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
                 done.append(tok)
                 top, hn = await asyncio.gather(next_top(ctx, done, k), backbone.extend(seq, tok))
                 h = hn.float().cpu()
+                if pool is not None:
+                    pool.add(h[-1])
 
         await asyncio.gather(*(one(c) for c in range(ctx.n)))
     finally:

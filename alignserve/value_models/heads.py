@@ -6,8 +6,10 @@ next tokens come out of the same forward that serves the step, so V([x, y<t, a])
 candidates is one small matmul. Heads are tiny (tens of thousands to a few hundred thousand
 parameters), train in minutes on cached hidden states, and are stored as safetensors.
 
-- ``ValueHead``: V(prefix) = MLP(h_t) -> scalar, trained to predict the final reward of a base
-  continuation (FUDGE / TD(lambda) / CD-Q targets, see ``training``).
+- ``ValueHead``: V(prefix) = MLP(x_t) -> scalar, trained to predict the final reward of a base
+  continuation (FUDGE / TD(lambda) / CD-Q targets, see ``training``). x_t is the state h_t, or
+  with ``pool="mean"`` [h_t, mean(h_0..h_t)]: the mean over the response's states so far
+  (``PrefixMean``), which carries what was said earlier in the answer, not only where it is now.
 - ``QHead``: Q(prefix, a) - V(prefix) for every next token a from ONE state,
   ``E_a . (B (A h_t) + u)`` through the tied embedding matrix E, trained to match a value
   head's V on the extended prefixes [prefix, a]. VAS / CD read the k candidates' values from it
@@ -52,8 +54,56 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return "vocab-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+POOLS = ("none", "mean")
+
+
+class PrefixMean:
+    """Running mean of one response's final hidden states, for heads with ``pool="mean"``.
+
+    Such a head reads x_t = [h_t, mean(h_0, ..., h_t)] ([2D]), where h_0 is the state at the
+    prompt's last token and h_i the state after the i-th response token: the same features
+    ``training.mean_pool_features`` builds from the sample cache. The sum is kept in float32
+    on the device of ``h0``.
+    """
+
+    def __init__(self, h0: Tensor) -> None:
+        """``h0``: [D] or [1, D], the prompt's last state."""
+        self.total = h0.detach().float().reshape(-1).clone()
+        self.count = 1
+
+    def current(self, h: Tensor) -> Tensor:
+        """[N, D] the current state (already ``add``-ed, or h_0) -> [N, 2D] features."""
+        h = h.float()
+        return torch.cat([h, (self.total / self.count).expand_as(h)], -1)
+
+    def extended(self, h: Tensor) -> Tensor:
+        """[k, D] states of k candidate next tokens -> [k, 2D] features of each extension."""
+        h = h.float()
+        return torch.cat([h, (self.total + h) / (self.count + 1)], -1)
+
+    def add(self, h: Tensor) -> None:
+        """Append the state [D] (or [1, D]) of the token just committed."""
+        self.total += h.detach().float().reshape(-1)
+        self.count += 1
+
+
+def head_input(module: nn.Module, h: Tensor, pool: PrefixMean | None,
+               extended: bool) -> Tensor:
+    """What a value head, Q-head or ARM adapter reads: ``h`` [N, D] itself, or for a head with
+    ``pool="mean"`` ``pool.extended(h)`` (``h`` are candidate extensions) /
+    ``pool.current(h)`` ([N, 2D]). Raises HeadError when a pooled head gets no ``pool``."""
+    if getattr(module, "pool", "none") == "none":
+        return h
+    if pool is None:
+        raise HeadError("a pool='mean' head needs the response's running mean (PrefixMean)")
+    return pool.extended(h) if extended else pool.current(h)
+
+
 class ValueHead(nn.Module):
-    """V(h) = w2 . tanh(W1 h + b1) + b2, with inputs standardised by stored statistics.
+    """V(x) = w2 . tanh(W1 x + b1) + b2, with inputs standardised by stored statistics.
+
+    x is the state h [D], or [h, running mean of the response's states] [2D] with
+    ``pool="mean"`` (``PrefixMean``, ``head_input``).
 
     ``forward`` returns the value in **reward standard deviations**: the head is trained on
     (r - r_mean) / r_std, where r_mean and r_std (buffers, also in the manifest's
@@ -63,8 +113,10 @@ class ValueHead(nn.Module):
     buffers existed load with mean 0 and std 1 (their outputs are raw rewards).
     """
 
-    def __init__(self, dim: int, hidden: int = 128) -> None:
+    def __init__(self, dim: int, hidden: int = 128, pool: str = "none") -> None:
         super().__init__()
+        self.pool = _check_pool(pool)
+        dim = dim * 2 if pool == "mean" else dim
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sigma", torch.ones(dim))
         self.register_buffer("r_mean", torch.zeros(()))
@@ -73,7 +125,8 @@ class ValueHead(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        """[..., D] hidden states -> [...] values in reward standard deviations (fp32)."""
+        """[..., D] hidden states ([..., 2D] features with ``pool="mean"``) -> [...] values in
+        reward standard deviations (fp32)."""
         x = (h.float() - self.mu) / self.sigma
         return self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
 
@@ -91,7 +144,8 @@ class ValueHead(nn.Module):
 class QHead(nn.Module):
     """Advantage over the vocabulary from one state: Q(s, a) - V(s) = E_a . (B (A x) + u).
 
-    ``x`` is the standardised final hidden state h_t of the prefix s, E [V, D] the base's tied
+    ``x`` is the standardised final hidden state h_t of the prefix s (with ``pool="mean"``:
+    [h_t, mean(h_0..h_t)], [2D], like ``ValueHead``), E [V, D] the base's tied
     embedding matrix, A [r, D] and B [D, r] a rank-r map and u [D] a state-free term (a token's
     own effect on the reward). Output in reward standard deviations, like ``ValueHead`` (it is
     distilled from one: the target is V([s, a]) - V(s) along the base's own samples). A
@@ -102,20 +156,23 @@ class QHead(nn.Module):
     V(s) is not modelled: VAS and CD centre the values over the candidates, where it cancels.
     """
 
-    def __init__(self, dim: int, rank: int = 64) -> None:
+    def __init__(self, dim: int, rank: int = 64, pool: str = "none") -> None:
         super().__init__()
-        self.register_buffer("mu", torch.zeros(dim))
-        self.register_buffer("sigma", torch.ones(dim))
+        self.pool = _check_pool(pool)
+        in_dim = dim * 2 if pool == "mean" else dim
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("sigma", torch.ones(in_dim))
         self.register_buffer("r_mean", torch.zeros(()))
         self.register_buffer("r_std", torch.ones(()))
         self.register_buffer("scale", torch.ones(()))
-        self.down = nn.Linear(dim, rank, bias=False)
+        self.down = nn.Linear(in_dim, rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
         self.token = nn.Parameter(torch.zeros(dim))
         nn.init.zeros_(self.up.weight)  # starts at zero advantage everywhere
 
     def query(self, h: Tensor) -> Tensor:
-        """[..., D] hidden states -> [..., D] query vectors (dot them with token embeddings)."""
+        """[..., D] hidden states ([..., 2D] with ``pool="mean"``) -> [..., D] query vectors
+        (dot them with token embeddings)."""
         x = (h.float() - self.mu) / self.sigma
         return self.up(self.down(x)) + self.token
 
@@ -123,7 +180,7 @@ class QHead(nn.Module):
         """Advantages in reward stds (fp32).
 
         Args:
-            h: [N, D] hidden states of N prefixes.
+            h: [N, D] hidden states of N prefixes ([N, 2D] features with ``pool="mean"``).
             embed_rows: [N, k, D] embeddings of each prefix's k candidate tokens (E[ids]).
         Returns:
             [N, k] Q(s, a) - V(s), times ``scale``.
@@ -136,7 +193,10 @@ class QHead(nn.Module):
 
 
 class ARMHead(nn.Module):
-    """Low-rank logit adapter on the base: log pi_r = log_softmax(s * l_base + E (B (A h))).
+    """Low-rank logit adapter on the base: log pi_r = log_softmax(s * l_base + E (B (A x))).
+
+    x is the state h, or with ``pool="mean"`` [h, mean of the answer's states] (``PrefixMean``),
+    so the ARM's next-token preferences can depend on what the answer already said.
 
     The learned prior scale ``s`` (starting at 1, i.e. the base model exactly) lets training
     discount the base model's own likelihood inside r(y) = sum_t log pi_r(y_t): with few
@@ -144,18 +204,27 @@ class ARMHead(nn.Module):
     two responses that have nothing to do with the reward.
     """
 
-    def __init__(self, dim: int, rank: int = 32) -> None:
+    def __init__(self, dim: int, rank: int = 32, pool: str = "none") -> None:
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
+        self.pool = _check_pool(pool)
+        self.down = nn.Linear(dim * 2 if pool == "mean" else dim, rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
         self.base_scale = nn.Parameter(torch.ones(()))
         nn.init.zeros_(self.up.weight)  # starts as the base model exactly
 
-    def delta(self, h: Tensor, embed: Tensor) -> Tensor:
-        return self.up(self.down(h.float())) @ embed.float().T
+    def shift(self, x: Tensor) -> Tensor:
+        """[N, D] states ([N, 2D] features with ``pool="mean"``) -> [N, D] adapter vectors u;
+        the adapter's logits are u E^T."""
+        return self.up(self.down(x.float()))
 
-    def logprobs(self, h: Tensor, base_logits: Tensor, embed: Tensor) -> Tensor:
-        return torch.log_softmax(self.base_scale * base_logits.float() + self.delta(h, embed),
+    def delta(self, x: Tensor, embed: Tensor) -> Tensor:
+        """[N, D or 2D] -> [N, V'] adapter logits over the rows of ``embed`` [V', D]."""
+        return self.shift(x) @ embed.float().T
+
+    def logprobs(self, x: Tensor, base_logits: Tensor, embed: Tensor) -> Tensor:
+        """log pi_r [N, V]: ``x`` the adapter's input (the state, or pooled features),
+        ``base_logits`` [N, V] the base's logits at the same prefixes."""
+        return torch.log_softmax(self.base_scale * base_logits.float() + self.delta(x, embed),
                                  dim=-1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -211,18 +280,28 @@ class Head:
         m = self.manifest
         return {"name": self.name, "kind": self.info.kind, "description": self.info.description,
                 "reward": m.get("reward"), "placement": m.get("placement", "base"),
-                "weight_range": list(self.info.weight_range), "metrics": m.get("metrics", {}),
+                "weight_range": list(self.info.weight_range),
+                "pool": m.get("arch", {}).get("pool", "none"), "metrics": m.get("metrics", {}),
                 "reward_stats": self.reward_stats,
                 "training": {k: v for k, v in m.get("training", {}).items() if k != "history"}}
 
 
+def _check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise HeadError(f"unknown pool {pool!r} (expected one of {POOLS})")
+    return pool
+
+
 def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
+    pool = arch.get("pool", "none")
+    if pool != "none" and arch.get("layers"):
+        raise HeadError(f"pool={pool!r} is for heads on the base's states only")
     if kind == "value":
-        return ValueHead(arch["dim"], arch.get("hidden", 128))
+        return ValueHead(arch["dim"], arch.get("hidden", 128), pool)
     if kind == "arm":
-        return ARMHead(arch["dim"], arch.get("rank", 32))
+        return ARMHead(arch["dim"], arch.get("rank", 32), pool)
     if kind == "q":
-        return QHead(arch["dim"], arch.get("rank", 64))
+        return QHead(arch["dim"], arch.get("rank", 64), pool)
     raise HeadError(f"unknown head kind {kind!r} (expected 'value', 'q' or 'arm')")
 
 

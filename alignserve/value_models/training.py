@@ -72,7 +72,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .heads import ARMHead, Head, QHead, ValueHead, save_head, tokenizer_fingerprint
+from .heads import (
+    POOLS,
+    ARMHead,
+    Head,
+    QHead,
+    ValueHead,
+    save_head,
+    tokenizer_fingerprint,
+)
 
 CACHE_VERSION = 2
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
@@ -107,6 +115,7 @@ class TrainConfig:
     batch_size: int | None = None  # None: 256 positions (value), 32 pairs (arm)
     weight_decay: float = 0.0
     hidden: int = 128
+    pool: str = "none"  # value heads, ARMs: "mean" reads [h_t, mean(h_0..h_t)] (Q: their V's)
     backbone_layers: int = 0  # 0: read the base's final states; L: a backbone of its first L
     rank: int = 32
     lam: float = 0.95
@@ -133,6 +142,11 @@ class TrainConfig:
             raise ValueError(f"--method must be one of {VALUE_METHODS}, got {self.method!r}")
         if self.aux_every < 1 or self.aux_partial < 0:
             raise ValueError("aux_every must be >= 1 and aux_partial >= 0")
+        if self.pool not in POOLS:
+            raise ValueError(f"--pool must be one of {POOLS}, got {self.pool!r}")
+        if self.pool != "none" and (self.kind == "q" or self.backbone_layers):
+            raise ValueError("--pool is for value heads and ARMs on the base's states (a "
+                             "Q-head takes its value head's)")
         out = TrainConfig(**asdict(self))
         out.name = self.name or Path(self.out).name
         out.epochs = self.epochs if self.epochs is not None else (10 if value else 2)
@@ -657,6 +671,15 @@ class Split:
     cand_ids: Tensor | None = None  # [sum_s T_s, TOPK] the base's top token ids at s_0..s_{T-1}
     cand_lp: Tensor | None = None  # [sum_s T_s, TOPK] their base log-probs (fp16)
     partial: Tensor | None = None  # [sum_s (T_s + 1)] partial-text reward per state, NaN = none
+    pooled: Tensor | None = None  # [sum_s (T_s + 1), 2D] [h_t, mean(h_0..h_t)]: a pooled ARM's
+
+    def adapter_input(self, head: Any, rows: Tensor) -> Tensor:
+        """What an ARM's adapter reads at state ``rows``: the states, or pooled features."""
+        if getattr(head, "pool", "none") == "none":
+            return self.hidden[rows]
+        if self.pooled is None:
+            raise ValueError("a pool='mean' ARM needs Split.pooled (mean_pool_features)")
+        return self.pooled[rows]
 
     @property
     def num_samples(self) -> int:
@@ -689,6 +712,26 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
 # --------------------------------------------------------------------------------------------
 # value heads
 # --------------------------------------------------------------------------------------------
+
+def mean_pool_features(hidden: Tensor, offsets: Tensor, chunk: int = 1024) -> Tensor:
+    """[sum_s (T_s + 1), D] states -> [same, 2D] features [h_t, mean(h_0..h_t)] per sample
+    (the inputs of a ``pool="mean"`` head; ``heads.PrefixMean`` builds the same ones while
+    decoding). Sums run in float64 over ``chunk`` samples at a time; output float32."""
+    out = torch.empty(len(hidden), 2 * hidden.shape[1], dtype=torch.float32)
+    for a in range(0, len(offsets) - 1, chunk):
+        lo, hi = int(offsets[a]), int(offsets[min(a + chunk, len(offsets) - 1)])
+        h = hidden[lo:hi].double()
+        c = torch.cumsum(h, 0)
+        starts = offsets[a:a + chunk + 1] - lo
+        lengths = starts[1:] - starts[:-1]
+        first = torch.repeat_interleave(starts[:-1], lengths)  # each row's sample start
+        step = torch.arange(hi - lo) - first
+        before = torch.where((first > 0)[:, None], c[(first - 1).clamp_min(0)],
+                             torch.zeros_like(c[:1]))
+        out[lo:hi, :h.shape[1]] = h.float()
+        out[lo:hi, h.shape[1]:] = ((c - before) / (step + 1)[:, None].double()).float()
+    return out
+
 
 def _position_index(split: Split) -> tuple[Tensor, Tensor, Tensor]:
     """Per state row: its sample, its step t, and whether it is the terminal state s_T."""
@@ -807,7 +850,7 @@ def arm_sequence_logprobs(head: ARMHead | None, split: Split, samples: Sequence[
     if head is None:
         lp = torch.log_softmax(base_logits, dim=-1)
     else:
-        lp = head.logprobs(h, base_logits, embed)
+        lp = head.logprobs(split.adapter_input(head, rows).to(dev), base_logits, embed)
     picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
 
@@ -840,7 +883,7 @@ def arm_sequence_logprobs_topk(head: ARMHead | None, split: Split, samples: Sequ
         top_lp = split.cand_lp[tok_rows].to(dev).float()
         lse_base = (h * embed[ids[:, 0]]).sum(-1) - top_lp[:, 0]
         tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6)) + lse_base
-        g = head.base_scale * h + head.up(head.down(h))  # [N, D]
+        g = head.base_scale * h + head.shift(split.adapter_input(head, rows).to(dev))  # [N, D]
         cand = torch.einsum("nd,nkd->nk", g, embed[ids])  # [N, K]
         inside = (ids == y[:, None]).any(-1)
         ly = (g * e_y).sum(-1)
@@ -868,7 +911,7 @@ def arm_sequence_logprobs_exact(head: ARMHead, split: Split, samples: Sequence[i
     rows, tgt, own = _arm_rows(split, samples)
     dev = embed.device
     h = split.hidden[rows].to(dev).float()
-    g = head.base_scale * h + head.up(head.down(h))
+    g = head.base_scale * h + head.shift(split.adapter_input(head, rows).to(dev))
     lp = torch.log_softmax(g @ embed.T, dim=-1)
     picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
@@ -980,7 +1023,8 @@ def train_value_head(cfg: TrainConfig, train: Split,
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
     x = train.hidden.to(dev)
-    head = ValueHead(x.shape[1], cfg.hidden).to(dev)
+    head = ValueHead(x.shape[1] // 2 if cfg.pool == "mean" else x.shape[1], cfg.hidden,
+                     cfg.pool).to(dev)
     head.mu.copy_(x.mean(0))
     head.sigma.copy_(x.std(0).clamp_min(1e-4))
     # auxiliary target: the reward of the partial text, read from the head's hidden layer by a
@@ -1132,7 +1176,8 @@ def train_q_head(cfg: TrainConfig, train: Split, value: torch.nn.Module, embed: 
     transition of the base's own samples."""
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
-    head = QHead(train.hidden.shape[1], cfg.rank).to(dev)
+    pool = getattr(value, "pool", "none")
+    head = QHead(embed.shape[1], cfg.rank, pool).to(dev)
     head.mu.copy_(train.hidden.mean(0))
     head.sigma.copy_(train.hidden.std(0).clamp_min(1e-4))
     rows, ids, target, tok = q_targets(value, train)
@@ -1197,7 +1242,7 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     """Fit an ARMHead with GenARM's pairwise loss on reward-ranked base samples."""
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
-    head = ARMHead(train.hidden.shape[1], cfg.rank).to(dev)
+    head = ARMHead(train.hidden.shape[1], cfg.rank, cfg.pool).to(dev)
     if train.cand_ids is not None:  # top-K training normalises the tail at the base's scale
         head.base_scale.requires_grad_(False)
     opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
@@ -1298,8 +1343,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    pool = cfg.pool
     if cfg.kind == "q":  # fail before an hour of sampling, not after
-        _value_head_for(cfg, None, None)
+        pool = _value_head_for(cfg, None, None).manifest["arch"].get("pool", "none")
     base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
     try:
         train = load_split(base, cfg, "train", cfg.prompts, weights)
@@ -1310,6 +1356,15 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         rrange = _reward_range(weights, base)
     finally:
         base.close()
+    dim = int(train.hidden.shape[1])  # the base's hidden size
+    if pool == "mean":  # the head reads [h_t, mean(h_0..h_t)]
+        for sp in (train, val):
+            if sp is None:
+                continue
+            if cfg.kind == "arm":  # base logits still come from the states themselves
+                sp.pooled = mean_pool_features(sp.hidden, sp.offsets)
+            else:
+                sp.hidden = mean_pool_features(sp.hidden, sp.offsets)
     r_mean, r_std = float(train.rewards.mean()), float(train.rewards.std())
     log(f"[{cfg.name}] {train.num_samples} train samples ({len(train.hidden)} states), "
         f"{val.num_samples if val else 0} validation samples; reward mean "
@@ -1322,7 +1377,6 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         train.partial = (train.partial - r_mean) / r_std
     if val is not None:
         val.rewards = (val.rewards - r_mean) / r_std
-    dim = int(train.hidden.shape[1])
     data_info = {"train_samples": train.num_samples, "train_states": len(train.hidden),
                  "val_samples": val.num_samples if val else 0,
                  "train_reward_mean": r_mean, "train_reward_std": r_std,
@@ -1333,13 +1387,14 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         vhead = _value_head_for(cfg, fingerprint, dim)
         data_info["value_head"] = str(vhead.path)
         data_info["value_head_sha256"] = vhead.weights_sha256
+        data_info["pool"] = pool  # the value head's, which the Q-head reads too
         module, history = train_q_head(cfg, train, vhead.module, embed, val)
         module.scale.fill_(q_calibration(module, vhead.module, train, embed))
         data_info["calibration_scale"] = float(module.scale)
         module.r_mean.fill_(r_mean)
         module.r_std.fill_(r_std)
         metrics = q_metrics(module, vhead.module, val, embed) if val else {}
-        arch = {"dim": dim, "rank": cfg.rank}
+        arch = {"dim": dim, "rank": cfg.rank, "pool": pool}
         desc = (f"Q-head: advantage Q(prefix, a) - V(prefix) of every next token for "
                 f"{cfg.reward}, in reward standard deviations, distilled from "
                 f"{vhead.name}; for VAS / controlled decoding without a tree forward")
@@ -1349,7 +1404,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         module.r_mean.fill_(r_mean)
         module.r_std.fill_(r_std)
         metrics = value_metrics(module, val) if val else {}
-        arch = {"dim": dim, "hidden": cfg.hidden}
+        arch = {"dim": dim, "hidden": cfg.hidden, "pool": cfg.pool}
         if cfg.backbone_layers:
             arch["layers"] = cfg.backbone_layers
         desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation, in "
@@ -1362,7 +1417,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         metrics = arm_metrics(module, val, preference_pairs(val, margin), embed) if val else {}
         metrics["margin"] = margin
         data_info["train_pairs"] = len(preference_pairs(train, margin))
-        arch = {"dim": dim, "rank": cfg.rank}
+        arch = {"dim": dim, "rank": cfg.rank, "pool": cfg.pool}
         if cfg.backbone_layers:  # its "base logits" are then the backbone's early-exit logits
             arch["layers"] = cfg.backbone_layers
         desc = (f"autoregressive reward model (GenARM) for {cfg.reward}: low-rank logit "
@@ -1397,11 +1452,11 @@ SHIPPED_DATA: dict[str, Any] = {"suite": "all", "prompts": 1024, "val_prompts": 
                                 "samples": 8, "max_new_tokens": 48, "seed": 0}
 SHIPPED_HEADS: dict[str, dict[str, Any]] = {
     "sentiment_value": {"kind": "value", "reward": "sentiment", "method": "td-lambda",
-                        "hidden": 64, "weight_decay": 0.01},
+                        "hidden": 64, "weight_decay": 0.01, "pool": "mean"},
     "non_toxic_value": {"kind": "value", "reward": "non_toxic", "method": "td-lambda",
                         "hidden": 64, "weight_decay": 0.01},
     "concise_value": {"kind": "value", "reward": "concise", "method": "td-lambda",
-                      "hidden": 64, "weight_decay": 0.01},
+                      "hidden": 64, "weight_decay": 0.01, "pool": "mean"},
     "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 4,
                     "batch_size": 1024, "lr": 1e-3},
     "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 4,
