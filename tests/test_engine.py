@@ -168,3 +168,22 @@ def test_max_tokens_and_stop(engine):
     r = engine.generate(_req(engine, "1, 2, 3,", temperature=0, max_tokens=3, ignore_eos=True))
     assert r["choices"][0]["finish_reason"] == "length"
     assert len(r["choices"][0]["tokens"]) == 3
+
+
+def test_repeated_ngram_bans() -> None:
+    """The tokens that would complete an n-gram already generated (HF no_repeat_ngram_size)."""
+    from alignserve.engine.sampling import SamplingParams, build_adjust, repeated_ngram_bans
+
+    h = [5, 6, 7, 5, 6]
+    assert repeated_ngram_bans(h, 3) == {7}  # "5 6" was followed by 7
+    assert repeated_ngram_bans(h, 2) == {7}  # "6" was followed by 7
+    assert repeated_ngram_bans([5, 6, 5, 8, 5], 2) == {6, 8}
+    assert repeated_ngram_bans(h, 1) == {5, 6, 7}
+    assert repeated_ngram_bans(h, 4) == set() and repeated_ngram_bans(h, 0) == set()
+    assert repeated_ngram_bans([], 2) == set()
+    adj = build_adjust(SamplingParams(no_repeat_ngram_size=3), [h, [1, 2]], [], [0])
+    assert adj is not None
+    row = {int(t): float(b) for t, b in zip(adj.ids[0], adj.bias[0]) if t >= 0}
+    assert row[7] == float("-inf") and all(b == 0 for t, b in row.items() if t != 7)
+    assert not torch.isinf(adj.bias[1]).any()
+    assert build_adjust(SamplingParams(), [h], [], [0]) is None

@@ -24,7 +24,7 @@ def tok(model_dir):
 def _complete(oai, prompt: str = REPEAT, **kw):
     args = {**GREEDY, **kw}
     extra = {k: args.pop(k) for k in ("repetition_penalty", "min_tokens", "stop_token_ids",
-                                      "alignment") if k in args}
+                                      "no_repeat_ngram_size", "alignment") if k in args}
     return oai.completions.create(prompt=prompt, logprobs=0, extra_body=extra or None, **args)
 
 
@@ -37,6 +37,22 @@ def test_penalty_changes_repetitive_greedy_output(oai, field):
     penalised = _complete(oai, **{field: 2.0}).choices[0].text
     assert penalised != plain
     assert penalised.count("red") < plain.count("red"), penalised
+
+
+@pytest.mark.parametrize("alignment", [
+    None, {"strategy": "vas", "top_k": 8, "values": "q", "weights": {"sentiment": 4}}])
+def test_no_repeat_ngram_size_stops_greedy_loops(oai, tok, alignment):
+    """Greedy on a repetitive prompt loops; with no_repeat_ngram_size 2 no token bigram of the
+    answer occurs twice (plain and guided: the ban acts in the one sampler every strategy
+    uses), and 0 changes nothing."""
+    kw = {"max_tokens": 24} if alignment is None else {"max_tokens": 24, "alignment": alignment}
+    plain = _complete(oai, **kw).choices[0].logprobs.tokens
+    bigrams = list(zip(plain, plain[1:]))
+    assert len(set(bigrams)) < len(bigrams), plain  # the precondition: it repeats
+    assert _complete(oai, no_repeat_ngram_size=0, **kw).choices[0].logprobs.tokens == plain
+    toks = _complete(oai, no_repeat_ngram_size=2, **kw).choices[0].logprobs.tokens
+    assert len(toks) >= 8, toks  # may end early (EOS) once the loop is banned
+    assert len(set(zip(toks, toks[1:]))) == len(toks) - 1, toks
 
 
 def test_plus_100_bias_forces_its_token(oai, tok):
@@ -82,6 +98,8 @@ def test_min_tokens_and_stop_token_ids(oai, tok):
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+    ({"no_repeat_ngram_size": 65}, "no_repeat_ngram_size"),
     ({"suffix": "end"}, "suffix"),
     ({"best_of": 3}, "best_of"),
     ({"frobnicate": 1}, "frobnicate"),

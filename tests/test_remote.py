@@ -199,6 +199,10 @@ def test_remote_limits_are_400(proxy):
     with pytest.raises(APIStatusError) as ei:
         chat(proxy, {"strategy": "best_of_n", "n": 8, "keep": 0.5, "weights": {"sentiment": 1}})
     assert ei.value.status_code == 400 and ei.value.body["param"] == "alignment.keep"
+    with pytest.raises(APIStatusError) as ei:  # the remote samples: it cannot honour the ban
+        client(proxy).chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=4,
+                                              extra_body={"no_repeat_ngram_size": 3})
+    assert ei.value.status_code == 400 and ei.value.body["param"] == "no_repeat_ngram_size"
 
 
 @pytest.mark.parametrize("alignment", [

@@ -39,6 +39,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
     min_tokens: int = 0  # vLLM: EOS and stop_token_ids are banned before this many tokens
     stop_token_ids: list[int] = field(default_factory=list)  # end a choice like EOS (vLLM)
+    no_repeat_ngram_size: int = 0  # HF generate: a generated n-gram never occurs twice; 0 = off
 
     def __post_init__(self) -> None:
         if self.seed is None:
@@ -48,7 +49,8 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether any SPEC step-0 processing (penalties, bias, min_tokens) is active."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or self.repetition_penalty != 1.0 or self.min_tokens > 0)
+                    or self.repetition_penalty != 1.0 or self.min_tokens > 0
+                    or self.no_repeat_ngram_size > 0)
 
 
 def row_generator(seed: int, *key: int) -> torch.Generator:
@@ -63,11 +65,25 @@ def draw_noise_seeds(gens: list[torch.Generator]) -> Tensor:
     return torch.cat([torch.randint(0, 2**31 - 1, (1,), generator=g) for g in gens])
 
 
+def repeated_ngram_bans(history: Sequence[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already in ``history`` (a row's generated tokens,
+    prompt excluded): the tokens that followed each earlier occurrence of the last n - 1
+    tokens (n = 1: every token generated so far). Hugging Face ``no_repeat_ngram_size``."""
+    if n <= 0 or len(history) < n - 1:
+        return set()
+    if n == 1:
+        return set(history)
+    tail = tuple(history[len(history) - n + 1:])
+    return {int(history[i + n - 1]) for i in range(len(history) - n + 1)
+            if tuple(history[i:i + n - 1]) == tail}
+
+
 def build_adjust(params: SamplingParams, histories: Sequence[Sequence[int]],
                  prompt_ids: Sequence[int], stop_ids: Iterable[int],
                  device: torch.device | str = "cpu") -> LogitAdjust | None:
     """The SPEC step-0 tensors for rows whose generated tokens are ``histories`` (one list per
-    row: the tokens of that choice or branch so far, prompt excluded). None when the request
+    row: the tokens of that choice or branch so far, prompt excluded); ``min_tokens`` and
+    ``no_repeat_ngram_size`` bans ride in the bias as ``-inf``. None when the request
     asks for no processing, so plain requests pay nothing. Only the tokens a row has seen or
     biased are listed: O(prompt + history) host work per row and step."""
     if not params.adjusts_logits:
@@ -81,6 +97,8 @@ def build_adjust(params: SamplingParams, histories: Sequence[Sequence[int]],
         if len(hist) < params.min_tokens:
             for t in stops:
                 bias[t] = float("-inf")
+        for t in repeated_ngram_bans(hist, params.no_repeat_ngram_size):
+            bias[t] = float("-inf")
         seen = prompt_seen | set(counts) if params.repetition_penalty != 1.0 else set(counts)
         ids = sorted(seen | set(bias))
         rows.append([(t, float(counts.get(t, 0)), t in seen, bias.get(t, 0.0)) for t in ids])

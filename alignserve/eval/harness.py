@@ -330,7 +330,10 @@ def _run_pool(fn: Callable[[Job], Response], jobs: Sequence[Job], concurrency: i
 
 
 class InProcessBackend:
-    """The engine in this process (what ``alignserve serve`` runs), fed from threads."""
+    """The engine in this process (what ``alignserve serve`` runs), fed from threads.
+    ``no_repeat_ngram_size`` (attribute, default 0 = off) goes into every request."""
+
+    no_repeat_ngram_size: int = 0
 
     def __init__(self, model: str | None = None, heads: Path | None = None, slots: int = 64,
                  max_len: int = 1024, threads: int | None = None, device: str = "cpu",
@@ -374,7 +377,8 @@ class InProcessBackend:
             res = self.engine.generate(EngineRequest(
                 prompt_ids=ids, prompt_text=text, decoder=dec, resources=self.registry,
                 params=SamplingParams(temperature=temperature, max_tokens=max_tokens,
-                                      seed=job.seed)))
+                                      seed=job.seed,
+                                      no_repeat_ngram_size=self.no_repeat_ngram_size)))
             wall = time.perf_counter() - t0
             ch = res["choices"][0]
             lps = [float(i.logprob) if i.logprob is not None else math.nan for i in ch["infos"]]
@@ -467,7 +471,10 @@ class _TeacherForced:
 
 
 class HttpBackend:
-    """A live server through the official ``openai`` client (chat completions)."""
+    """A live server through the official ``openai`` client (chat completions).
+    ``no_repeat_ngram_size`` (attribute, default 0 = off) goes into every request."""
+
+    no_repeat_ngram_size: int = 0
 
     def __init__(self, url: str, api_key: str = "unused", model: str | None = None) -> None:
         import httpx
@@ -505,7 +512,9 @@ class HttpBackend:
             r = self.client.chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": job.prompt}],
                 max_tokens=max_tokens, temperature=temperature, seed=job.seed, logprobs=True,
-                extra_body={"alignment": alignment} if alignment else None)
+                extra_body={**({"alignment": alignment} if alignment else {}),
+                            **({"no_repeat_ngram_size": self.no_repeat_ngram_size}
+                               if self.no_repeat_ngram_size else {})} or None)
             wall = time.perf_counter() - t0
             ch = r.choices[0]
             lps = [float(t.logprob) for t in (ch.logprobs.content or [])] if ch.logprobs else []

@@ -145,6 +145,10 @@ class RemoteEngineClient(TextClient):
             raise AlignmentError("alignment.keep", "early rejection (keep < 1) is not "
                                  "available in remote mode: the base server returns whole "
                                  "samples; set keep to 1 or leave it unset")
+        if inp.params.no_repeat_ngram_size:
+            raise AlignmentError("no_repeat_ngram_size", "no_repeat_ngram_size is not available "
+                                 "in remote mode: the base model server samples the tokens "
+                                 "and has no such option; leave it at 0")
         placed = getattr(dec, "backbones", [])
         if name in HEAD_GUIDED and placed:
             raise AlignmentError("alignment.weights", f"heads placed on a partial backbone "

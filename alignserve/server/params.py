@@ -127,4 +127,5 @@ def sampling(srv: ServerState, body: Any, max_tokens: int, n_top: int,
                           frequency_penalty=body.frequency_penalty,
                           repetition_penalty=body.repetition_penalty, logit_bias=bias,
                           min_tokens=body.min_tokens,
-                          stop_token_ids=list(body.stop_token_ids or []))
+                          stop_token_ids=list(body.stop_token_ids or []),
+                          no_repeat_ngram_size=body.no_repeat_ngram_size)

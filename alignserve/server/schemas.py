@@ -100,6 +100,8 @@ class _Common(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
+    # Hugging Face generate's: no n-gram of the answer occurs twice (0 = off)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=64)
     ignore_eos: bool = False
     alignment: dict[str, Any] | None = None
 
