@@ -97,6 +97,7 @@ class Config:
     device: str = "cpu"
     threads: int | None = None
     progress: bool = True
+    no_repeat_ngram_size: int = 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -131,6 +132,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     ap.add_argument("--quick", action="store_true",
                     help=f"small run: {QUICK['prompts']} prompts x {QUICK['seeds']} seed, "
                          f"{QUICK['max_tokens']} tokens, fewer weights")
+    ap.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                    help="every request of every setting (plain and Best-of-N included) bans "
+                         "repeating an N-gram of its answer (the request field of that name; "
+                         "N >= 4 makes the 'degenerate' column 0 by construction) (default 0)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -148,10 +153,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         sweeps=merge_sweeps(QUICK_SWEEPS if a.quick else SWEEPS, a.sweep, strategies),
         heads=a.heads if a.heads is not None else str(default_heads_dir()),
         out=a.out, quick=a.quick, device=a.device, threads=a.threads,
-        progress=not a.no_progress)
+        progress=not a.no_progress, no_repeat_ngram_size=a.no_repeat_ngram_size)
     problems = [f"--{k} must be >= {lo}" for k, v, lo in (
         ("prompts", cfg.prompts, 0), ("seeds", cfg.seeds, 1), ("max-tokens", cfg.max_tokens, 1),
-        ("clients", cfg.clients, 1)) if v < lo]
+        ("clients", cfg.clients, 1), ("no-repeat-ngram-size", cfg.no_repeat_ngram_size, 0))
+        if v < lo]
     if not cfg.temperature > 0:
         problems.append("--temperature must be > 0 (the KL needs a sampling distribution)")
     if not cfg.objectives:
@@ -295,6 +301,7 @@ def evaluate(plan: Plan, backend: Any, cfg: Config, bar: Any) -> list[dict[str, 
     """Measure one objective's settings at 1 and N clients and compute every column."""
     from alignserve.eval.harness import TOKENWISE, score_responses, summarize
     from alignserve.eval.metrics import degenerate_fraction
+    from alignserve.value_models.rewards import minilm_embed
 
     def status(s: str) -> None:
         bar.set_postfix_str(s, refresh=False)
@@ -317,9 +324,11 @@ def evaluate(plan: Plan, backend: Any, cfg: Config, bar: Any) -> list[dict[str, 
                 break
         texts = [r.text for r in resp]
         rewards = score_responses(backend.registry, plan.objectives, prompts, texts, {})
-        row = summarize(st, plan.jobs, resp, rewards, plan.objectives, None, one.wall_s, None)
+        # on-topic check: MiniLM cosine of prompt and answer (a fooled scorer shows up here)
+        row = summarize(st, plan.jobs, resp, rewards, plan.objectives, None, one.wall_s,
+                        minilm_embed)
         for k in ("win_rate", "win_rates", "kl_proxy", "kl_mc", "kl_bound", "kl", "kl_source",
-                  "coherence", "tokens_per_s", "batch_wall_s"):
+                  "tokens_per_s", "batch_wall_s"):
             row.pop(k, None)  # T=1 / not-measured figures of the generic harness
         tempered = None
         if st.strategy in TOKENWISE:
@@ -474,6 +483,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
              f"Settings: {cfg['max_tokens']} new tokens, temperature {cfg['temperature']:g}, "
              f"{cfg['seeds']} seed(s) per prompt, 1 client (one request after another) and {n} "
              f"concurrent clients in the same run; heads from `{cfg['heads']}`"
+             + (f"; every request with no_repeat_ngram_size {cfg['no_repeat_ngram_size']}"
+                if cfg.get("no_repeat_ngram_size") else "")
              + (" (quick run)" if cfg["quick"] else "") + ".", ""]
     for obj in doc["objectives"]:
         rows = obj["rows"]
@@ -486,8 +497,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
             "",
             f"| strategy | setting | reward [95% CI] | wall/answer ÷ plain, 1 client | "
             f"÷ plain, {n} clients | gen tok/tok | positions/tok | KL/tok (source) | "
-            f"distinct-2 | degenerate |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"distinct-2 | degenerate | on-topic |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             setting = "plain (Best-of-1)" if r["strategy"] == "sample" else r["setting"]
@@ -496,7 +507,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 f"{_f(r['reward_hi'], 3)}] | {_f(r['wall_rel_c1'])} | {_f(r['wall_rel_cn'])} | "
                 f"{_f(r['tokens_per_returned'], 1)} | {_f(r['positions_per_returned'], 1)} | "
                 f"{_f(r['kl_per_token'], 3)} ({r['kl_source']}) | {_f(r['distinct_2'])} | "
-                f"{r['degenerate']:.0%} |")
+                f"{r['degenerate']:.0%} | {_f(r.get('coherence', math.nan))} |")
         v = obj["verdict"]
         lines += ["", f"{v['line']}"] + [f"- {d}" for d in v["details"]] + [""]
     lines += [
@@ -509,7 +520,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         "KL/tok: KL from plain sampling at the same temperature per returned token — exact "
         "(Best-of-N `log N − (N−1)/N`), bound (blockwise CD) or mc (Monte-Carlo "
         "`Σ log π − log p_T`). distinct-2: whitespace bigrams pooled over all answers. "
-        "degenerate: answers with a model-token 4-gram occurring ≥ 3 times.",
+        "degenerate: answers with a model-token 4-gram occurring ≥ 3 times. on-topic: mean "
+        "MiniLM cosine between prompt and answer (informational, not part of the verdict).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -601,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"engine: {slots} KV slots x {max_len} positions; heads {cfg.heads}")
     backend = InProcessBackend(None, Path(cfg.heads) if cfg.heads else None, slots=slots,
                                max_len=max_len, threads=cfg.threads, device=cfg.device)
+    backend.no_repeat_ngram_size = cfg.no_repeat_ngram_size
     try:
         try:
             plans = make_plans(cfg, backend, warn=lambda m: log(f"warning: {m}"))

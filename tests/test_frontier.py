@@ -34,7 +34,10 @@ def test_flags_quick_and_overrides(frontier) -> None:
     # a --sweep replaces that strategy's default grid; grids of unselected strategies drop out
     cfg = frontier.parse_args(["--strategies", "best_of_n,vas", "--sweep", "vas.weight=9"])
     assert cfg.sweeps == ["best_of_n.n=2,4,8,16", "vas.weight=9"]
-    for bad in (["--temperature", "0"], ["--seeds", "0"], ["--objectives", ","]):
+    assert full.no_repeat_ngram_size == 0
+    assert frontier.parse_args(["--no-repeat-ngram-size", "4"]).no_repeat_ngram_size == 4
+    for bad in (["--temperature", "0"], ["--seeds", "0"], ["--objectives", ","],
+                ["--no-repeat-ngram-size", "-1"]):
         with pytest.raises(SystemExit):
             frontier.parse_args(bad)
 
@@ -104,7 +107,9 @@ def test_tiny_run(tmp_path: Path, frontier) -> None:
         assert r["errors"] == 0 and r["responses"] == 2
         assert r["reward_lo"] <= r["reward"] <= r["reward_hi"]
         assert r["s_per_answer_c1"] > 0 and r["s_per_answer_cn"] > 0
+        assert -1.0 <= r["coherence"] <= 1.0  # on-topic: prompt-answer MiniLM cosine
     assert set(obj["verdict"]["met"]) == {"vas", "cd", "genarm"}
     md = (out / "frontier.md").read_text()
     assert "| strategy | setting | reward [95% CI] |" in md and "Target sentiment" in md
+    assert "| degenerate | on-topic |" in md
     assert (out / "frontier.png").read_bytes()[:8] == PNG_SIGNATURE
