@@ -195,11 +195,16 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for slots. Read under the scheduler's lock, so a request being
+        admitted (off the queue, not yet in the batch) is never counted as neither."""
+        with self._cv:
+            return len(self._waiting)
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests in the running batch (under the lock, like ``queue_depth``)."""
+        with self._cv:
+            return len(self._running)
 
     def shutdown(self) -> None:
         with self._cv:
