@@ -48,8 +48,7 @@ class GenArm(AlignedDecoder):
         scale = 1.0 + float(alphas.sum()) if self.opt.normalize else 1.0
         vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
         # ARMs with pool="mean" also read the mean of the answer's states so far
-        pool = PrefixMean(ctx.prompt_hidden) if any(
-            h.module.pool != "none" for h, _ in arms) else None
+        pool = PrefixMean.for_heads(ctx.prompt_hidden, [h.module for h, _ in arms])
         while True:
             # every request's ARMs of this step run as one call per head (HeadEval)
             dense = torch.stack([o[0] for o in (yield [

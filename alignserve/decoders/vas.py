@@ -132,8 +132,7 @@ class Vas(AlignedDecoder):
         vseqs, _ = yield from self.backbone_seqs(ctx, [h for h, _ in heads])
         on_base = any(h.runner == "base" for h, _ in heads)
         # heads with pool="mean" also read the mean of the answer's states so far
-        pool = PrefixMean(ctx.prompt_hidden) if any(
-            h.module.pool != "none" for h, _ in heads) else None
+        pool = PrefixMean.for_heads(ctx.prompt_hidden, [h.module for h, _ in heads])
         while True:
             cands = topk_ids(ctx, logits, k, ctx.choices[c].tokens)
             if self.opt.batched:
@@ -176,7 +175,7 @@ class Vas(AlignedDecoder):
         embed = ctx.runners["base"].model.head_weight
         gen = ctx.generator(c)
         hidden = ctx.prompt_hidden[None]  # [1, D] state of the prefix
-        pool = PrefixMean(hidden) if any(h.module.pool != "none" for h, _ in heads) else None
+        pool = PrefixMean.for_heads(hidden, [h.module for h, _ in heads])
         while True:
             cands = topk_ids(ctx, logits, self.opt.top_k, ctx.choices[c].tokens)
             rows = embed[torch.tensor(cands, device=embed.device)][None]  # [1, k, D]

@@ -72,7 +72,7 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
             seq, gen, done = seqs[c], ctx.generator(c), []
             state = states[c:c + 1].float().cpu()  # [1, D] the backbone's current state
             # heads with pool="mean" also read the mean of the answer's states so far
-            pool = PrefixMean(state) if any(h.module.pool != "none" for h, _ in heads) else None
+            pool = PrefixMean.for_heads(state, [h.module for h, _ in heads])
             behind: int | None = None  # a sampled token the backbone has not read yet
             while True:
                 if behind is None:
@@ -139,7 +139,7 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
         async def one(c: int) -> None:
             seq, gen, done = seqs[c], ctx.generator(c), []
             h = hidden0[c:c + 1]
-            pool = PrefixMean(h) if any(hd.module.pool != "none" for hd, _ in arms) else None
+            pool = PrefixMean.for_heads(h, [hd.module for hd, _ in arms])
             top = await next_top(ctx, done, k)
             while True:
                 if not top:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,12 @@ class PrefixMean:
         """``h0``: [D] or [1, D], the prompt's last state."""
         self.total = h0.detach().float().reshape(-1).clone()
         self.count = 1
+
+    @classmethod
+    def for_heads(cls, h0: Tensor, modules: Iterable[nn.Module]) -> PrefixMean | None:
+        """A running mean started at ``h0`` when any of ``modules`` (head modules) reads
+        pooled inputs, else None (no head needs one)."""
+        return cls(h0) if any(getattr(m, "pool", "none") != "none" for m in modules) else None
 
     def current(self, h: Tensor) -> Tensor:
         """[N, D] the current state (already ``add``-ed, or h_0) -> [N, 2D] features."""
