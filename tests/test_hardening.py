@@ -133,12 +133,13 @@ def test_full_queue_answers_429_with_retry_after(guarded):
                 next(a.iter_lines())
                 with c.stream("POST", url + "/v1/chat/completions", json=LONG_STREAM) as b:
                     assert b.status_code == 200
+                    seen = httpx.get(url + "/health").json()  # for the failure message
                     r = c.post(url + "/v1/chat/completions",
                                json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
         _wait_idle(url, within=10)  # both streams left early: their slots and queue place free
         if r.status_code == 429:
             break
-    assert r is not None and r.status_code == 429, r.text
+    assert r is not None and r.status_code == 429, (r.text, "health before C:", seen)
     assert r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "queue_full"
 
