@@ -7,9 +7,10 @@ request timeout, so thousands of random inputs finish quickly and a slow one end
 
 from __future__ import annotations
 
+import gc
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -48,6 +49,17 @@ def fuzzed() -> Iterator[ServerProc]:
 
 def _auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def _wait_health(url: str, ok: Callable[[dict], bool], within: float) -> dict:
+    """Poll /health until ``ok(health)``; returns that health, fails after ``within`` s."""
+    t0 = time.monotonic()
+    while True:
+        h = httpx.get(url + "/health", timeout=5).json()
+        if ok(h):
+            return h
+        assert time.monotonic() - t0 < within, f"/health never reached the state: {h}"
+        time.sleep(0.02)
 
 
 def _wait_idle(url: str, within: float) -> float:
@@ -122,24 +134,29 @@ def test_at_the_cap_runs_and_counts_discarded_tokens(guarded):
 
 
 def test_full_queue_answers_429_with_retry_after(guarded):
-    """4 slots, 1 waiting place: a stream holding every slot, one waiting, the next is 429."""
+    """4 slots, 1 waiting place: a stream holding every slot, one waiting, the next is 429.
+
+    A stream's 200 and its first line (the role chunk) go out when it is queued, before the
+    engine admits it, so the test waits on /health for each state it needs: A running (else B
+    would find A still in the waiting place and be the 429), then B waiting. A's line iterator
+    is kept: dropping it (``next(a.iter_lines())``) closes the response, which hangs up the
+    connection, and the server rightly cancels A; the test used to race that cancel."""
     url, hdr = guarded.url, _auth()
-    r = None
-    for _ in range(3):  # on a fast, idle box the long stream might end before C arrives; retry
-        with httpx.Client(timeout=60, headers=hdr) as c:
-            with c.stream("POST", url + "/v1/chat/completions",
-                          json={**LONG_STREAM, "n": 4}) as a:
-                assert a.status_code == 200
-                next(a.iter_lines())
-                with c.stream("POST", url + "/v1/chat/completions", json=LONG_STREAM) as b:
-                    assert b.status_code == 200
-                    seen = httpx.get(url + "/health").json()  # for the failure message
-                    r = c.post(url + "/v1/chat/completions",
-                               json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
-        _wait_idle(url, within=10)  # both streams left early: their slots and queue place free
-        if r.status_code == 429:
-            break
-    assert r is not None and r.status_code == 429, (r.text, "health before C:", seen)
+    with httpx.Client(timeout=60, headers=hdr) as c:
+        with c.stream("POST", url + "/v1/chat/completions", json={**LONG_STREAM, "n": 4}) as a:
+            assert a.status_code == 200
+            lines = a.iter_lines()
+            next(lines)
+            gc.collect()  # nothing the test still holds may end A
+            _wait_health(url, lambda h: h["running"] == 1 and h["waiting"] == 0, within=30)
+            with c.stream("POST", url + "/v1/chat/completions", json=LONG_STREAM) as b:
+                assert b.status_code == 200
+                seen = _wait_health(url, lambda h: h["waiting"] == 1, within=30)
+                r = c.post(url + "/v1/chat/completions",
+                           json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
+            del lines
+    _wait_idle(url, within=10)  # both streams left early: their slots and queue place free
+    assert r.status_code == 429, (r.text, "health before C:", seen)
     assert r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "queue_full"
 
