@@ -1,0 +1,206 @@
+"""How far the shipped heads are from what their inputs allow (issue #12's head targets).
+
+The targets are value Spearman@50% >= 0.6 and ARM pairwise accuracy >= 0.75. This compares
+each shipped head with reference rankers on the same validation samples (the shipped sample
+cache: 80 validation prompts x 8 samples x 48 tokens; sampled first if missing, as
+``alignserve train all`` would), so a miss can be told apart from a ceiling:
+
+* value heads, Spearman rho against the final reward, at 50% of each response (the target's
+  metric) and at 100%:
+  - ``head``: the shipped value head on the frozen base's states (what VAS / CD use);
+  - ``text@50%``: the reward source itself on the decoded first half of the response. A
+    reference, not a head: it reads the words, which a head must infer from the states. Where
+    it is far above the head, the missing signal is in the text but not in the states.
+* ARMs, pairwise accuracy on within-prompt pairs whose rewards differ by more than ``margin``
+  reward standard deviations (0.1 is the shipped heads' margin; 1.0 keeps clear pairs only):
+  - ``ARM``: the shipped ARM's sum_t log pi_r(y_t) (exact, full vocabulary);
+  - ``value head at the end``: the shipped value head at the last state, which has read the
+    whole answer: how well one head on these states ranks the pairs at all;
+  - ``text@50%``: the reward on the first half of each response.
+
+    python bench/head_ceiling.py --run-dir /work/runs/train     # the cache `train all` made
+    python bench/head_ceiling.py --rewards sentiment --out runs/head_ceiling
+
+Writes ``head_ceiling.json``, ``head_ceiling.md`` and ``head_ceiling.png`` (grouped bars with
+the target lines) to ``--out`` (default ``runs/head_ceiling``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REWARDS = ("sentiment", "non_toxic", "concise")
+MARGINS = (0.1, 1.0)
+
+
+def partial_texts(tokenizer: Any, split: Any, frac: float) -> list[str]:
+    """The decoded first ``frac`` of every sample's response tokens (the value metric's cut)."""
+    out = []
+    for s in range(split.num_samples):
+        a = int(split.offsets[s]) - s  # token rows: one fewer per sample than state rows
+        t_len = int(split.lengths[s]) - 1
+        cut = round(t_len * frac)
+        out.append(tokenizer.decode(split.tokens[a:a + cut].tolist(), skip_special_tokens=True))
+    return out
+
+
+def pair_accuracy(score: np.ndarray, pairs: list[tuple[int, int]]) -> float:
+    """Fraction of (winner, loser) pairs that ``score`` orders the same way (ties count 0.5)."""
+    w = score[[p[0] for p in pairs]]
+    lo = score[[p[1] for p in pairs]]
+    return float(np.mean((w > lo) + 0.5 * (w == lo)))
+
+
+def one_reward(reward: str, run_dir: str, device: str, threads: int | None,
+               progress: bool) -> dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    from alignserve.value_models import training as T
+    from alignserve.value_models.heads import default_heads_dir, load_head
+    from alignserve.value_models.rewards import default_rewards
+
+    cfg = T.TrainConfig(kind="value", reward=reward, out=str(Path(run_dir) / "unused"),
+                        run_dir=run_dir, device=device, threads=threads, progress=progress,
+                        **T.SHIPPED_DATA).resolved()
+    weights = T.parse_reward_spec(reward)
+    base = T.BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
+    try:
+        val = T.load_split(base, cfg, "validation", cfg.val_prompts, weights)
+        embed, tokenizer = base.embed, base.tokenizer
+        sources = default_rewards(base.model_dir)
+        prompts = [p["text"] for p in T.sample_responses(base, cfg, T.select_prompts(
+            "validation", cfg.suite, cfg.val_prompts), T.cache_dir(cfg, "validation"))["prompts"]
+            for _ in p["responses"]]
+    finally:
+        base.close()
+    heads = default_heads_dir()
+    vhead = load_head(heads / f"{reward}_value")
+    arm = load_head(heads / f"{reward}_arm")
+    stats = vhead.manifest["reward_stats"]
+    val.rewards = (val.rewards - stats["mean"]) / stats["std"]  # margins in reward stds
+    r = val.rewards.numpy()
+
+    # value head: the metric the target uses, on the features the head reads
+    pooled = vhead.manifest["arch"].get("pool", "none") != "none"
+    states = val.hidden
+    feats = T.mean_pool_features(states, val.offsets) if pooled else states
+    vm = T.value_metrics(vhead.module, T.Split(feats, val.offsets, val.group, val.tokens,
+                                               val.rewards, val.folder))
+    v_all = T._predict(vhead.module, feats).numpy()
+    v_end = v_all[val.offsets[1:].numpy() - 1]
+
+    # the reward itself on the first half of each response
+    half = partial_texts(tokenizer, val, 0.5)
+    text50 = np.zeros(len(half))
+    for name, w in weights.items():
+        text50 += w * np.asarray(sources[name].score(prompts, half), dtype=np.float64)
+    rho_text = float(spearmanr(text50, r).statistic)
+
+    # ARM: exact accuracies at each margin, beside the references on the same pairs
+    arms = []
+    for margin in MARGINS:
+        pairs = T.preference_pairs(val, margin)
+        am = T.arm_metrics(arm.module, val, pairs, embed)
+        arms.append({"margin": margin, "pairs": len(pairs),
+                     "arm": am.get("pairwise_accuracy", float("nan")),
+                     "base_alone": am.get("base_pairwise_accuracy", float("nan")),
+                     "value_head_at_end": pair_accuracy(v_end, pairs),
+                     "text_at_50": pair_accuracy(text50, pairs)})
+    return {"reward": reward, "samples": val.num_samples,
+            "value": {"head_50": vm["spearman_50"], "head_100": vm["spearman_100"],
+                      "text_50": rho_text, "head_pool": vhead.manifest["arch"].get("pool")},
+            "arm": arms}
+
+
+def to_markdown(rows: list[dict[str, Any]], machine: str) -> str:
+    out = [f"Machine: {machine}. Validation split of the shipped sample cache "
+           f"({rows[0]['samples']} samples).", "",
+           "| reward | value head rho@50% (target 0.6) | value head rho@100% | reward on "
+           "the text @50% |", "|---|---|---|---|"]
+    for row in rows:
+        v = row["value"]
+        out.append(f"| {row['reward']} | **{v['head_50']:.2f}** | {v['head_100']:.2f} | "
+                   f"{v['text_50']:.2f} |")
+    out += ["", "| reward | margin (reward stds) | pairs | ARM acc (target 0.75) | base alone | "
+            "value head at the end | reward on the text @50% |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for a in row["arm"]:
+            out.append(f"| {row['reward']} | {a['margin']:g} | {a['pairs']} | **{a['arm']:.2f}** "
+                       f"| {a['base_alone']:.2f} | {a['value_head_at_end']:.2f} | "
+                       f"{a['text_at_50']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(rows))
+    ax1.bar(x - 0.2, [r["value"]["head_50"] for r in rows], 0.4, label="value head @50%")
+    ax1.bar(x + 0.2, [r["value"]["text_50"] for r in rows], 0.4, label="reward on text @50%")
+    ax1.axhline(0.6, color="k", ls="--", lw=1, label="target 0.6")
+    ax1.set_xticks(x, [r["reward"] for r in rows])
+    ax1.set_ylabel("Spearman rho vs final reward")
+    ax1.set_title("value heads")
+    ax1.legend(fontsize=8)
+    first = [next(a for a in r["arm"] if a["margin"] == MARGINS[0]) for r in rows]
+    ax2.bar(x - 0.27, [a["arm"] for a in first], 0.27, label="ARM")
+    ax2.bar(x, [a["value_head_at_end"] for a in first], 0.27, label="value head at the end")
+    ax2.bar(x + 0.27, [a["text_at_50"] for a in first], 0.27, label="reward on text @50%")
+    ax2.axhline(0.75, color="k", ls="--", lw=1, label="target 0.75")
+    ax2.set_ylim(0.3, 1.0)
+    ax2.set_xticks(x, [r["reward"] for r in rows])
+    ax2.set_ylabel(f"pairwise accuracy (margin {MARGINS[0]:g} std)")
+    ax2.set_title("ARMs")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=REWARDS)
+    ap.add_argument("--run-dir", default="runs", help="where the sample cache lives (default "
+                    "runs, as `alignserve train all`)")
+    ap.add_argument("--out", default="runs/head_ceiling")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from strategies import machine  # the same machine line as the other benches
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for reward in args.rewards:
+        print(f"[head_ceiling] {reward} ...", file=sys.stderr, flush=True)
+        rows.append(one_reward(reward, args.run_dir, args.device, args.threads,
+                               not args.no_progress))
+    mach = machine(args.device, torch.get_num_threads())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(rows, mach)
+    (out / "head_ceiling.json").write_text(json.dumps({"machine": mach, "rows": rows}, indent=1))
+    (out / "head_ceiling.md").write_text(md)
+    plot(rows, out / "head_ceiling.png")
+    print(md)
+    print(f"wrote {out}/head_ceiling.{{json,md,png}}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
