@@ -225,3 +225,35 @@ def test_engine_does_not_import_the_strategies():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_cancelled_non_streamed_request_counts_what_it_generated(beating):
+    """A non-streamed ARGS request whose client hangs up (a 3 s read timeout) mid-generation:
+    the tokens generated up to the cancel and its reward calls are on /metrics, as generated
+    and discarded tokens; none counts as returned, since no answer went out."""
+    url = beating.url
+    lab = '{strategy="args"}'
+    before = _samples(url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", timeout=3, json={
+            "model": MODEL, "prompt": "Once upon a time", "max_tokens": 60, "seed": 2,
+            "ignore_eos": True,
+            "alignment": {"strategy": "args", "top_k": 3, "weights": {"vader": 1}}})
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        s = _samples(url)
+        if s.get(f"alignserve_tokens_generated_total{lab}", 0) > \
+                before.get(f"alignserve_tokens_generated_total{lab}", 0):
+            break
+        time.sleep(0.2)
+
+    def delta(name: str) -> float:
+        return s.get(f"{name}{lab}", 0) - before.get(f"{name}{lab}", 0)
+
+    gen = delta("alignserve_tokens_generated_total")
+    assert 1 <= gen < 60, gen
+    assert delta("alignserve_tokens_returned_total") == 0
+    assert delta("alignserve_tokens_discarded_total") == gen
+    assert delta("alignserve_guidance_forwards_total") >= 3  # 3 candidates scored per token
+    assert s["alignserve_client_disconnects_total"] > before.get(
+        "alignserve_client_disconnects_total", 0)

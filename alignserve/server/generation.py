@@ -55,13 +55,31 @@ def build(srv: ServerState, inp: GenerationInput) -> GenerationInput:
 
 
 async def _result(srv: ServerState, inp: GenerationInput, tm: RequestTimer) -> dict[str, Any]:
-    async for ev in srv.client.stream(inp):
-        tm.event(ev)
-        if ev[0] == "done":
-            tm.finish(ev[1])
-            return ev[1]
-        if ev[0] == "error":
-            raise ev[1]
+    """The engine result of a non-streamed request. Cancelled before it (the client hung up),
+    it still counts what was generated up to the cancel, none of it returned: the tokens its
+    choices produced and, where its strategy keeps them (``ctx.stats``), every token generated
+    and the guidance forwards, as a cancelled stream does."""
+    req, q = srv.client.start(inp)
+    events = srv.client.events(req, q)
+    produced, ended = 0, False
+    try:
+        async for ev in events:
+            tm.event(ev)
+            if ev[0] == "delta" and ev[3] is not None:
+                produced += 1
+            elif ev[0] == "done":
+                ended = True
+                tm.finish(ev[1])
+                return ev[1]
+            elif ev[0] == "error":
+                ended = True
+                raise ev[1]
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+        if not ended:
+            stats = getattr(getattr(req, "ctx", None), "stats", None)
+            srv.metrics.observe_cancelled(strategy_of(inp.alignment), produced, stats,
+                                          returned=0)
     raise EngineError("generation ended without a result")
 
 

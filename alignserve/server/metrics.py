@@ -128,15 +128,19 @@ class Metrics:
         if returned:
             self.guidance_cost.labels(strategy).observe(generated / returned)
 
-    def observe_cancelled(self, strategy: str, streamed: int, stats: Any) -> None:
-        """Account a streamed generation cancelled before its result (client gone): the
-        ``streamed`` tokens it returned, and from its strategy's ``stats`` (None when unknown)
-        the tokens generated up to the cancel (at least those streamed) and the guidance
-        forwards. No per-request histogram: the request has no end-to-end result."""
-        generated = max(int(getattr(stats, "tokens_generated", 0) or 0), streamed)
+    def observe_cancelled(self, strategy: str, produced: int, stats: Any,
+                          returned: int | None = None) -> None:
+        """Account a generation cancelled before its result (client gone): ``produced``, the
+        tokens its choices emitted up to the cancel; ``returned``, those that reached the
+        client (a stream's, the default: all of them; a non-streamed request's: 0); and from
+        its strategy's ``stats`` (None when unknown) the tokens generated (at least
+        ``produced``) and the guidance forwards. No per-request histogram: the request has no
+        end-to-end result."""
+        returned = produced if returned is None else returned
+        generated = max(int(getattr(stats, "tokens_generated", 0) or 0), produced)
         self.tokens_generated.labels(strategy).inc(generated)
-        self.tokens_returned.labels(strategy).inc(streamed)
-        self.tokens_discarded.labels(strategy).inc(generated - streamed)
+        self.tokens_returned.labels(strategy).inc(returned)
+        self.tokens_discarded.labels(strategy).inc(generated - returned)
         self.guidance_forwards.labels(strategy).inc(int(getattr(stats, "guidance_forwards", 0)
                                                         or 0))
 
