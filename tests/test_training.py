@@ -140,6 +140,35 @@ def test_q_head_distils_the_value_head_and_is_deterministic(run_dir: Path,
         run_training(_cfg(run_dir, tmp_path / "bad_q", "q", value_head=str(a.path), **kw))
 
 
+def test_backbone_features_batch_prompts_to_the_slots(run_dir: Path, tmp_path: Path) -> None:
+    """Featurising a prompt holds 1 + K sequences (its prefix, one fork per sample), so a runner
+    with few slots takes fewer prompts at a time (it used to fork past its slots with K = 8 and
+    64 slots), the features do not depend on the batching, and too few slots for even one
+    prompt is a clear error."""
+    from alignserve.value_models import training as T
+
+    cfg = _cfg(run_dir, tmp_path / "unused", "value").resolved()
+    few, many, two = (T.BaseModel(cfg.model, cfg.device, n, None) for n in (3, 64, 2))
+    try:
+        data = T.sample_responses(many, cfg, T.select_prompts("train", cfg.suite, cfg.prompts),
+                                  T.cache_dir(cfg, "train"))
+        assert {len(p["tokens"]) for p in data["prompts"]} == {2}  # K = 2 samples per prompt
+        out = {}
+        for name, base in (("few", few), ("many", many)):
+            (tmp_path / name).mkdir()
+            out[name] = T.extract_features(base, data, tmp_path / name, progress=False,
+                                           backbone_layers=2)
+        (tmp_path / "two").mkdir()
+        with pytest.raises(ValueError, match="too few"):
+            T.extract_features(two, data, tmp_path / "two", progress=False, backbone_layers=2)
+    finally:
+        for b in (few, many, two):
+            b.close()
+    a, b = out["few"], out["many"]
+    assert torch.equal(a["offsets"], b["offsets"]) and torch.equal(a["tokens"], b["tokens"])
+    torch.testing.assert_close(a["hidden"], b["hidden"], atol=1e-4, rtol=1e-4)
+
+
 def test_backbone_value_head_trains_and_steers_vas(run_dir: Path, tmp_path: Path,
                                                     model_dir: Path) -> None:
     """Placement 'backbone': a head on the base's first 4 layers, served on its own KV cache."""

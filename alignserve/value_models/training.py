@@ -546,6 +546,13 @@ def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
                         for p in data["prompts"]) + 1)
     # the engine loop is idle (no request is running), so its runner can be driven directly
     runner = base.backbone(backbone_layers) if backbone_layers else base.engine.base
+    # a prompt holds 1 + K sequences at once (its prefix and a fork per sample): never batch
+    # more prompts than the runner's slots hold
+    per_prompt = 1 + max((len(p["tokens"]) for p in data["prompts"]), default=0)
+    if per_prompt > runner.cache.slots:
+        raise ValueError(f"--slots {runner.cache.slots} is too few to featurise {per_prompt - 1} "
+                         f"samples per prompt (needs at least {per_prompt})")
+    chunk = max(1, min(chunk, runner.cache.slots // per_prompt))
     rows: list[Tensor] = []
     lengths: list[int] = []
     group: list[int] = []
