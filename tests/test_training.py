@@ -6,6 +6,7 @@ Runs the real base model, so it is kept tiny (4 prompts x 2 samples x 12 tokens,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,20 @@ def test_pooled_heads_read_the_answers_running_mean(run_dir: Path, tmp_path: Pat
                         atol=2e-3, rtol=1e-3)
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"slots": 2}, "--slots 2 is too few for --samples 2"), ({"samples": 0}, "--samples"),
+    ({"max_new_tokens": 0}, "--max-new-tokens"), ({"val_prompts": -1}, "--val-prompts"),
+    ({"backbone_layers": -1}, "--backbone-layers"),
+])
+def test_bad_sizes_are_refused_before_sampling(tmp_path: Path, kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _cfg(tmp_path, tmp_path / "h", "value", **kw).resolved()
+
+
+def test_backbone_deeper_than_the_base_is_refused_before_sampling(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--backbone-layers must be from 0 .* to 30 .* got 31"):
+        run_training(_cfg(run, tmp_path / "h", "value", backbone_layers=31))
+    assert not list(run.rglob("*.pt"))  # nothing was sampled

@@ -147,6 +147,17 @@ class TrainConfig:
         if self.pool != "none" and (self.kind == "q" or self.backbone_layers):
             raise ValueError("--pool is for value heads and ARMs on the base's states (a "
                              "Q-head takes its value head's)")
+        # checked here, before any sampling: each would otherwise fail minutes (or an hour) in
+        for flag, v, lo in (("--samples", self.samples, 1), ("--max-new-tokens",
+                            self.max_new_tokens, 1), ("--prompts", self.prompts, 1),
+                            ("--val-prompts", self.val_prompts, 0),
+                            ("--backbone-layers", self.backbone_layers, 0)):
+            if v is not None and v < lo:
+                raise ValueError(f"{flag} must be >= {lo}, got {v}")
+        if self.slots < self.samples + 1:
+            raise ValueError(f"--slots {self.slots} is too few for --samples {self.samples}: "
+                             "sampling and featurising hold a prompt's prefix and its samples "
+                             f"at once; use --slots >= {self.samples + 1} (default 64)")
         out = TrainConfig(**asdict(self))
         out.name = self.name or Path(self.out).name
         out.epochs = self.epochs if self.epochs is not None else (10 if value else 2)
@@ -263,6 +274,14 @@ class BaseModel:
         ids = self.engine.eos_ids
         tid = self.tokenizer.eos_token_id
         return int(tid) if tid in ids or not ids else int(min(ids))
+
+    def check_backbone_layers(self, layers: int) -> None:
+        """Raise ValueError naming ``--backbone-layers`` unless 0 <= layers <= the base's."""
+        cfg = json.loads((Path(self.model_dir) / "config.json").read_text())
+        n = int(cfg.get("num_hidden_layers", 0))
+        if not 0 <= layers <= n:
+            raise ValueError(f"--backbone-layers must be from 0 (the base's final states) to "
+                             f"{n} (its layers), got {layers}")
 
     def backbone(self, layers: int) -> Any:
         """A runner over the base's first ``layers`` layers (own KV cache), for backbone heads."""
@@ -1355,6 +1374,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         pool = _value_head_for(cfg, None, None).manifest["arch"].get("pool", "none")
     base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
     try:
+        base.check_backbone_layers(cfg.backbone_layers)
         train = load_split(base, cfg, "train", cfg.prompts, weights)
         val = load_split(base, cfg, "validation", cfg.val_prompts, weights) \
             if cfg.val_prompts != 0 else None
