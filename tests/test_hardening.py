@@ -182,13 +182,26 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(guard
     _wait_idle(url, within=5)  # the server noticed the hang-up and cancelled the request
 
 
+def _counter(url: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_tiny_timeout_is_a_clean_408_or_error_chunk(fuzzed):
+    """A request past --request-timeout ends in a 408 (or, streamed, an error chunk), and the
+    tokens its rollouts generated before it are on /metrics (as discarded, none returned)."""
     slow = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True,
             "alignment": {"strategy": "transfer_qstar", "top_k": 16, "rollout": 128,
                           "weights": {"vader": 1}}}
+    lab = '{strategy="transfer_qstar"}'
+    before = {k: _counter(fuzzed.url, f"alignserve_tokens_{k}_total{lab}")
+              for k in ("generated", "returned")}
     r = httpx.post(fuzzed.url + "/v1/completions", json=slow, timeout=60)
     assert r.status_code == 408, r.text
     assert r.json()["error"]["code"] == "timeout"
+    _wait_idle(fuzzed.url, within=10)
+    assert _counter(fuzzed.url, f"alignserve_tokens_generated_total{lab}") > before["generated"]
+    assert _counter(fuzzed.url, f"alignserve_tokens_returned_total{lab}") == before["returned"]
     with httpx.stream("POST", fuzzed.url + "/v1/completions", json={**slow, "stream": True},
                       timeout=60) as s:
         lines = [ln for ln in s.iter_lines() if ln]

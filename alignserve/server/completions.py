@@ -80,8 +80,22 @@ async def completions(body: CompletionRequest, request: Request):
     for inp in inputs:  # validate every prompt's strategy before running any
         gen.build(srv, inp)
     # several prompts run side by side, so the engine batches them
-    results = list(await asyncio.gather(*(gen.run(srv, inp, request, gen.timer(srv, request, inp))
-                                          for inp in inputs)))
+    tasks = [asyncio.ensure_future(gen.run(srv, inp, request, gen.timer(srv, request, inp)))
+             for inp in inputs]
+    try:
+        results = list(await asyncio.gather(*tasks))
+    except BaseException:
+        # one prompt failed or the client left: stop the others, and count the prompts that
+        # had finished as generated but not returned (this response never goes out)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for t in tasks:
+            if not t.cancelled() and t.exception() is None:
+                res = t.result()
+                srv.metrics.observe_cancelled(strategy_of(alignment), res["completion_tokens"],
+                                              res.get("stats"), returned=0)
+        raise
     for res in results:
         srv.metrics.observe_result(strategy_of(alignment), res)
     choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}

@@ -55,10 +55,10 @@ def build(srv: ServerState, inp: GenerationInput) -> GenerationInput:
 
 
 async def _result(srv: ServerState, inp: GenerationInput, tm: RequestTimer) -> dict[str, Any]:
-    """The engine result of a non-streamed request. Cancelled before it (the client hung up),
-    it still counts what was generated up to the cancel, none of it returned: the tokens its
-    choices produced and, where its strategy keeps them (``ctx.stats``), every token generated
-    and the guidance forwards, as a cancelled stream does."""
+    """The engine result of a non-streamed request. Ended before it (the client hung up, the
+    request timed out or failed), it still counts what was generated up to then, none of it
+    returned: the tokens its choices produced and, where its strategy keeps them
+    (``ctx.stats``), every token generated and the guidance forwards, as a stream does."""
     req, q = srv.client.start(inp)
     events = srv.client.events(req, q)
     produced, ended = 0, False
@@ -71,8 +71,7 @@ async def _result(srv: ServerState, inp: GenerationInput, tm: RequestTimer) -> d
                 ended = True
                 tm.finish(ev[1])
                 return ev[1]
-            elif ev[0] == "error":
-                ended = True
+            elif ev[0] == "error":  # counted below with what it generated
                 raise ev[1]
     finally:
         await events.aclose()  # type: ignore[attr-defined]
@@ -169,9 +168,10 @@ async def watched(srv: ServerState, events: AsyncIterator[tuple], strategy: str,
     """A started request's engine ``events``, accounting its result or a mid-stream error.
     Closing this (disconnect) closes the client's event generator, whose ``finally`` cancels the
     engine request; ``sse``'s ``on_close`` counts the disconnect (and cancels a request whose
-    stream never reached this generator). A stream closed before its result still counts what
-    was generated up to the cancel: its streamed tokens, and the engine request ``req``'s
-    strategy counts (``ctx.stats``: tokens generated, guidance forwards) where it has them."""
+    stream never reached this generator). A stream that ends before its result (closed, timed
+    out, failed) still counts what was generated up to then: its streamed tokens, and the
+    engine request ``req``'s strategy counts (``ctx.stats``: tokens generated, guidance
+    forwards) where it has them."""
     streamed, ended = 0, False
     try:
         async for ev in events:
@@ -180,8 +180,7 @@ async def watched(srv: ServerState, events: AsyncIterator[tuple], strategy: str,
                 ended = True
                 srv.metrics.observe_result(strategy, ev[1])
                 tm.finish(ev[1])
-            elif ev[0] == "error":
-                ended = True
+            elif ev[0] == "error":  # its tokens are counted below, as a cancelled stream's
                 err = to_api_error(ev[1])
                 srv.metrics.stream_error(err.code or err.err_type)
             elif ev[0] == "delta" and ev[3] is not None:
@@ -189,7 +188,7 @@ async def watched(srv: ServerState, events: AsyncIterator[tuple], strategy: str,
             yield ev
     finally:
         await events.aclose()  # type: ignore[attr-defined]
-        if not ended:  # cancelled (client gone): the engine request has stopped by now
+        if not ended:  # cancelled or failed: the engine request has stopped by now
             ctx = getattr(req, "ctx", None)
             srv.metrics.observe_cancelled(strategy, streamed, getattr(ctx, "stats", None))
 

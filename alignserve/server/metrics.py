@@ -130,12 +130,13 @@ class Metrics:
 
     def observe_cancelled(self, strategy: str, produced: int, stats: Any,
                           returned: int | None = None) -> None:
-        """Account a generation cancelled before its result (client gone): ``produced``, the
-        tokens its choices emitted up to the cancel; ``returned``, those that reached the
-        client (a stream's, the default: all of them; a non-streamed request's: 0); and from
-        its strategy's ``stats`` (None when unknown) the tokens generated (at least
-        ``produced``) and the guidance forwards. No per-request histogram: the request has no
-        end-to-end result."""
+        """Account a generation ended before its result (client gone, timed out, failed).
+
+        ``produced``: the tokens its choices emitted up to then; ``returned``: those that
+        reached the client (a stream's, the default: all of them; a non-streamed request's: 0);
+        ``stats``: its strategy's counts (None when unknown), for the tokens generated (at
+        least ``produced``) and the guidance forwards. No per-request histogram: the request
+        has no end-to-end result."""
         returned = produced if returned is None else returned
         generated = max(int(getattr(stats, "tokens_generated", 0) or 0), produced)
         self.tokens_generated.labels(strategy).inc(generated)
