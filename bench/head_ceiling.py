@@ -18,8 +18,11 @@ cache: 80 validation prompts x 8 samples x 48 tokens; sampled first if missing, 
     whole answer: how well one head on these states ranks the pairs at all;
   - ``text@50%``: the reward on the first half of each response.
 
-    python bench/head_ceiling.py --run-dir /work/runs/train     # the cache `train all` made
-    python bench/head_ceiling.py --rewards sentiment --out runs/head_ceiling
+    python bench/head_ceiling.py                      # the cache `alignserve train all` made
+    python bench/head_ceiling.py --run-dir DIR --rewards sentiment --out runs/head_ceiling
+
+Without the validation samples under ``--run-dir`` it stops and says so; ``--sample`` samples
+them first (80 prompts x 8 x 48 tokens: 10-30 min on 2 CPU cores).
 
 Writes ``head_ceiling.json``, ``head_ceiling.md`` and ``head_ceiling.png`` (grouped bars with
 the target lines) to ``--out`` (default ``runs/head_ceiling``).
@@ -59,6 +62,16 @@ def pair_accuracy(score: np.ndarray, pairs: list[tuple[int, int]]) -> float:
     return float(np.mean((w > lo) + 0.5 * (w == lo)))
 
 
+def shipped_cfg(reward: str, run_dir: str, device: str = "cpu", threads: int | None = None,
+                progress: bool = False) -> Any:
+    """The shipped heads' data settings (their sample cache) for one reward."""
+    from alignserve.value_models import training as T
+
+    return T.TrainConfig(kind="value", reward=reward, out=str(Path(run_dir) / "unused"),
+                         run_dir=run_dir, device=device, threads=threads, progress=progress,
+                         **T.SHIPPED_DATA).resolved()
+
+
 def one_reward(reward: str, run_dir: str, device: str, threads: int | None,
                progress: bool) -> dict[str, Any]:
     from scipy.stats import spearmanr
@@ -67,9 +80,7 @@ def one_reward(reward: str, run_dir: str, device: str, threads: int | None,
     from alignserve.value_models.heads import default_heads_dir, load_head
     from alignserve.value_models.rewards import default_rewards
 
-    cfg = T.TrainConfig(kind="value", reward=reward, out=str(Path(run_dir) / "unused"),
-                        run_dir=run_dir, device=device, threads=threads, progress=progress,
-                        **T.SHIPPED_DATA).resolved()
+    cfg = shipped_cfg(reward, run_dir, device, threads, progress)
     weights = T.parse_reward_spec(reward)
     base = T.BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
     try:
@@ -169,16 +180,35 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=REWARDS)
-    ap.add_argument("--run-dir", default="runs", help="where the sample cache lives (default "
-                    "runs, as `alignserve train all`)")
-    ap.add_argument("--out", default="runs/head_ceiling")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=REWARDS,
+                    help="rewards whose shipped value head and ARM are compared (default all)")
+    ap.add_argument("--run-dir", default="runs/train",
+                    help="the sample cache's run dir (default runs/train, as `alignserve train "
+                         "all`)")
+    ap.add_argument("--sample", action="store_true",
+                    help="sample the validation split first when it is not cached (10-30 min)")
+    ap.add_argument("--out", default="runs/head_ceiling",
+                    help="output folder for head_ceiling.{json,md,png} (default "
+                         "runs/head_ceiling)")
+    ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = ap.parse_args(argv)
+    from alignserve.value_models.training import cache_dir
+
+    missing = [str(cache_dir(shipped_cfg(r, args.run_dir), "validation"))
+               for r in args.rewards]
+    missing = [m for m in dict.fromkeys(missing) if not (Path(m) / "samples.pt").is_file()]
+    if missing and not args.sample:
+        ap.error(f"no cached validation samples in {missing[0]}: point --run-dir at the run "
+                 "dir `alignserve train all` used, or pass --sample to sample them (10-30 min)")
+    out = Path(args.out)
+    try:  # fail now rather than after the work
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--out {args.out}: {exc}")
     torch.manual_seed(0)
     sys.path.insert(0, str(Path(__file__).parent))
     from strategies import machine  # the same machine line as the other benches
@@ -191,8 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(one_reward(reward, args.run_dir, args.device, args.threads,
                                not args.no_progress))
     mach = machine(args.device, torch.get_num_threads())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows, mach)
     (out / "head_ceiling.json").write_text(json.dumps({"machine": mach, "rows": rows}, indent=1))
     (out / "head_ceiling.md").write_text(md)
