@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -257,3 +258,44 @@ def test_cancelled_non_streamed_request_counts_what_it_generated(beating):
     assert delta("alignserve_guidance_forwards_total") >= 3  # 3 candidates scored per token
     assert s["alignserve_client_disconnects_total"] > before.get(
         "alignserve_client_disconnects_total", 0)
+
+
+def test_several_prompts_ended_early_count_the_finished_prompt(beating):
+    """Two prompts in one non-streamed ARGS completion; the first stops early (greedy counting
+    reaches the stop string "9"), and the client hangs up as soon as /metrics shows it finished,
+    while the second still runs. No answer went out, so the finished prompt's tokens count as
+    generated (and discarded), beside the second prompt's one token per engine step; they used
+    to be lost."""
+    url = beating.url
+    lab = '{strategy="args"}'
+    hist = '{endpoint="/v1/completions",strategy="args"}'
+    before = _samples(url)
+    body = json.dumps({
+        "model": MODEL, "prompt": ["1, 2, 3, 4,", "Once upon a time"], "max_tokens": 64,
+        "temperature": 0, "stop": ["9"], "ignore_eos": True,
+        "alignment": {"strategy": "args", "top_k": 3, "weights": {"vader": 1}}}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:  # a raw client: it
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: "  # can hang
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.time() + 120  # up the moment we choose
+        while _samples(url).get(f"alignserve_generation_tokens_count{hist}", 0) \
+                == before.get(f"alignserve_generation_tokens_count{hist}", 0):
+            assert time.time() < deadline, "the first prompt never finished"
+            time.sleep(0.02)
+    deadline = time.time() + 60
+    while (h := httpx.get(url + "/health").json())["running"] or h["waiting"]:
+        assert time.time() < deadline, h
+        time.sleep(0.1)
+    s = _samples(url)
+    first = s[f"alignserve_generation_tokens_sum{hist}"] - before.get(
+        f"alignserve_generation_tokens_sum{hist}", 0)  # the finished prompt's tokens
+    steps = s["alignserve_engine_steps_total"] - before["alignserve_engine_steps_total"]
+    gen = (s[f"alignserve_tokens_generated_total{lab}"]
+           - before.get(f"alignserve_tokens_generated_total{lab}", 0))
+    assert first >= 6, first  # " 5, 6, 7, 8," at least
+    assert steps < 64 + 4  # the second prompt was cut short
+    # the second prompt made one token per step (its prefill step included) until the cancel
+    assert gen >= steps + first - 4, (gen, steps, first)
+    assert s[f"alignserve_tokens_returned_total{lab}"] == before.get(
+        f"alignserve_tokens_returned_total{lab}", 0)
