@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -228,31 +228,44 @@ def test_engine_does_not_import_the_strategies():
     assert out == "[]"
 
 
+def _hang_up_when(url: str, body: dict, ready: Callable[[dict[str, float]], bool]) -> None:
+    """POST ``body`` to /v1/completions from a raw socket and close it (the client hangs up)
+    as soon as ``ready(/metrics samples)``: a hang-up at a chosen point, not after a timeout
+    that a fast machine might beat."""
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        deadline = time.time() + 120
+        while not ready(_samples(url)):
+            assert time.time() < deadline, "the request never reached the hang-up point"
+            time.sleep(0.02)
+    deadline = time.time() + 60
+    while (h := httpx.get(url + "/health").json())["running"] or h["waiting"]:
+        assert time.time() < deadline, h
+        time.sleep(0.1)
+
+
 def test_cancelled_non_streamed_request_counts_what_it_generated(beating):
-    """A non-streamed ARGS request whose client hangs up (a 3 s read timeout) mid-generation:
-    the tokens generated up to the cancel and its reward calls are on /metrics, as generated
-    and discarded tokens; none counts as returned, since no answer went out."""
+    """A non-streamed ARGS request whose client hangs up mid-generation (after a few engine
+    steps): the tokens generated up to the cancel and its reward calls are on /metrics, as
+    generated and discarded tokens; none counts as returned, since no answer went out."""
     url = beating.url
     lab = '{strategy="args"}'
     before = _samples(url)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/completions", timeout=3, json={
-            "model": MODEL, "prompt": "Once upon a time", "max_tokens": 60, "seed": 2,
-            "ignore_eos": True,
-            "alignment": {"strategy": "args", "top_k": 3, "weights": {"vader": 1}}})
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        s = _samples(url)
-        if s.get(f"alignserve_tokens_generated_total{lab}", 0) > \
-                before.get(f"alignserve_tokens_generated_total{lab}", 0):
-            break
-        time.sleep(0.2)
+    steps0 = before["alignserve_engine_steps_total"]
+    _hang_up_when(url, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 64,
+                        "seed": 2, "ignore_eos": True,
+                        "alignment": {"strategy": "args", "top_k": 3, "weights": {"vader": 1}}},
+                  lambda s: s["alignserve_engine_steps_total"] >= steps0 + 4)
+    s = _samples(url)
 
     def delta(name: str) -> float:
         return s.get(f"{name}{lab}", 0) - before.get(f"{name}{lab}", 0)
 
     gen = delta("alignserve_tokens_generated_total")
-    assert 1 <= gen < 60, gen
+    assert 1 <= gen < 64, gen
     assert delta("alignserve_tokens_returned_total") == 0
     assert delta("alignserve_tokens_discarded_total") == gen
     assert delta("alignserve_guidance_forwards_total") >= 3  # 3 candidates scored per token
@@ -270,23 +283,12 @@ def test_several_prompts_ended_early_count_the_finished_prompt(beating):
     lab = '{strategy="args"}'
     hist = '{endpoint="/v1/completions",strategy="args"}'
     before = _samples(url)
-    body = json.dumps({
+    count = f"alignserve_generation_tokens_count{hist}"
+    _hang_up_when(url, {
         "model": MODEL, "prompt": ["1, 2, 3, 4,", "Once upon a time"], "max_tokens": 64,
         "temperature": 0, "stop": ["9"], "ignore_eos": True,
-        "alignment": {"strategy": "args", "top_k": 3, "weights": {"vader": 1}}}).encode()
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=60) as sock:  # a raw client: it
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: "  # can hang
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        deadline = time.time() + 120  # up the moment we choose
-        while _samples(url).get(f"alignserve_generation_tokens_count{hist}", 0) \
-                == before.get(f"alignserve_generation_tokens_count{hist}", 0):
-            assert time.time() < deadline, "the first prompt never finished"
-            time.sleep(0.02)
-    deadline = time.time() + 60
-    while (h := httpx.get(url + "/health").json())["running"] or h["waiting"]:
-        assert time.time() < deadline, h
-        time.sleep(0.1)
+        "alignment": {"strategy": "args", "top_k": 3, "weights": {"vader": 1}}},
+        lambda s: s.get(count, 0) > before.get(count, 0))  # the first prompt finished
     s = _samples(url)
     first = s[f"alignserve_generation_tokens_sum{hist}"] - before.get(
         f"alignserve_generation_tokens_sum{hist}", 0)  # the finished prompt's tokens
