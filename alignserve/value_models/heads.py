@@ -58,6 +58,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 POOLS = ("none", "mean")
 
 
+def pool_width(dim: int, pool: str) -> int:
+    """Width of a head's input over base states of size ``dim``: D, or 2D with
+    ``pool="mean"`` ([h_t, mean(h_0..h_t)])."""
+    return 2 * dim if _check_pool(pool) == "mean" else dim
+
+
 class PrefixMean:
     """Running mean of one response's final hidden states, for heads with ``pool="mean"``.
 
@@ -123,7 +129,7 @@ class ValueHead(nn.Module):
     def __init__(self, dim: int, hidden: int = 128, pool: str = "none") -> None:
         super().__init__()
         self.pool = _check_pool(pool)
-        dim = dim * 2 if pool == "mean" else dim
+        dim = pool_width(dim, pool)
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sigma", torch.ones(dim))
         self.register_buffer("r_mean", torch.zeros(()))
@@ -166,7 +172,7 @@ class QHead(nn.Module):
     def __init__(self, dim: int, rank: int = 64, pool: str = "none") -> None:
         super().__init__()
         self.pool = _check_pool(pool)
-        in_dim = dim * 2 if pool == "mean" else dim
+        in_dim = pool_width(dim, pool)
         self.register_buffer("mu", torch.zeros(in_dim))
         self.register_buffer("sigma", torch.ones(in_dim))
         self.register_buffer("r_mean", torch.zeros(()))
@@ -214,7 +220,7 @@ class ARMHead(nn.Module):
     def __init__(self, dim: int, rank: int = 32, pool: str = "none") -> None:
         super().__init__()
         self.pool = _check_pool(pool)
-        self.down = nn.Linear(dim * 2 if pool == "mean" else dim, rank, bias=False)
+        self.down = nn.Linear(pool_width(dim, pool), rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
         self.base_scale = nn.Parameter(torch.ones(()))
         nn.init.zeros_(self.up.weight)  # starts as the base model exactly
