@@ -277,8 +277,10 @@ class BaseModel:
 
     def check_backbone_layers(self, layers: int) -> None:
         """Raise ValueError naming ``--backbone-layers`` unless 0 <= layers <= the base's."""
-        cfg = json.loads((Path(self.model_dir) / "config.json").read_text())
-        n = int(cfg.get("num_hidden_layers", 0))
+        from alignserve.engine.model import ModelConfig
+
+        n = ModelConfig.from_hf(json.loads((Path(self.model_dir) / "config.json").read_text())
+                                ).num_layers
         if not 0 <= layers <= n:
             raise ValueError(f"--backbone-layers must be from 0 (the base's final states) to "
                              f"{n} (its layers), got {layers}")
