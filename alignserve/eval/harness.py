@@ -476,6 +476,15 @@ class HttpBackend:
 
     no_repeat_ngram_size: int = 0
 
+    def _extra_body(self, alignment: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The non-OpenAI request fields: ``alignment`` and ``no_repeat_ngram_size`` when set."""
+        extra: dict[str, Any] = {}
+        if alignment:
+            extra["alignment"] = alignment
+        if self.no_repeat_ngram_size:
+            extra["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return extra or None
+
     def __init__(self, url: str, api_key: str = "unused", model: str | None = None) -> None:
         import httpx
         from openai import OpenAI
@@ -512,9 +521,7 @@ class HttpBackend:
             r = self.client.chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": job.prompt}],
                 max_tokens=max_tokens, temperature=temperature, seed=job.seed, logprobs=True,
-                extra_body={**({"alignment": alignment} if alignment else {}),
-                            **({"no_repeat_ngram_size": self.no_repeat_ngram_size}
-                               if self.no_repeat_ngram_size else {})} or None)
+                extra_body=self._extra_body(alignment))
             wall = time.perf_counter() - t0
             ch = r.choices[0]
             lps = [float(t.logprob) for t in (ch.logprobs.content or [])] if ch.logprobs else []
