@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from alignserve.server.launch import ServerProcess
@@ -28,6 +30,18 @@ class ServerProc(ServerProcess):
         (ROOT / ".pytest_cache").mkdir(exist_ok=True)
         log = ROOT / ".pytest_cache" / f"server-{uuid.uuid4().hex[:8]}.log"
         super().__init__(extra, log=log, cwd=ROOT, timeout=180)
+
+
+def wait_idle(url: str, within: float) -> None:
+    """Wait until the server's /health shows nothing running or waiting; fails after
+    ``within`` seconds."""
+    t0 = time.monotonic()
+    while True:
+        h = httpx.get(url + "/health", timeout=10).json()
+        if h["running"] == 0 and h["waiting"] == 0:
+            return
+        assert time.monotonic() - t0 < within, f"still busy after {within} s: {h}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

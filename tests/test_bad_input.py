@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MODEL, ROOT, ServerProc
+from conftest import MODEL, ROOT, ServerProc, wait_idle
 
 HOLD_TOKENS = 2000  # the slot holder's length: far longer than any test below takes
 
@@ -68,15 +68,6 @@ def _next_on_same_connection(c: httpx.Client, r: httpx.Response) -> None:
     assert h.status_code == 200, h.text
     assert _local_port(h) == _local_port(r), "the server dropped the keep-alive connection"
 
-
-def _wait_idle(url: str, within: float) -> None:
-    t0 = time.monotonic()
-    while True:
-        h = httpx.get(url + "/health", timeout=10).json()
-        if h["running"] == 0 and h["waiting"] == 0:
-            return
-        assert time.monotonic() - t0 < within, f"still busy after {within} s: {h}"
-        time.sleep(0.05)
 
 
 def _wait_health(url: str, within: float, **want: int) -> dict:
@@ -320,7 +311,7 @@ def test_a_fault_inside_a_stream_ends_it_cleanly_and_keeps_the_connection(inproc
             assert _local_port(ok) == port
     finally:
         metrics.__dict__.pop("observe_result", None)
-    _wait_idle(url, within=10)
+    wait_idle(url, within=10)
 
 
 # ---- streams that end before their generator runs: the ASGI app driven directly ----------------
@@ -582,7 +573,7 @@ def test_fuzz_surrogates_and_wrong_types_anywhere(small):
         wrong_type()
     finally:
         c.close()
-    _wait_idle(small.url, within=30)
+    wait_idle(small.url, within=30)
 
 
 # ---- 3. abandoned requests ------------------------------------------------------------------
@@ -599,7 +590,7 @@ def _slot_holder(url: str) -> Iterator[None]:
                 pass
             _wait_health(url, 30, running=1)
             yield
-    _wait_idle(url, within=15)
+    wait_idle(url, within=15)
 
 
 def _abandon(url: str, i: int) -> str:
@@ -690,7 +681,7 @@ def test_stream_closed_before_the_response_starts_is_cancelled_and_counted(small
     """The client hangs up right after sending: the handler still submits the request, and the
     SSE generator may never start. The request must be cancelled and counted all the same."""
     url = small.url
-    _wait_idle(url, within=15)
+    wait_idle(url, within=15)
     started = r'alignserve_requests_total\{code="\d+",endpoint="/v1/completions",[^}]*\}'
     before, runs = _metric(url, DISCONNECTS), _metric(url, started)
     for _ in range(3):
@@ -700,7 +691,7 @@ def test_stream_closed_before_the_response_starts_is_cancelled_and_counted(small
     while _metric(url, started) - runs < 3 and time.monotonic() - t0 < 10:
         time.sleep(0.05)
     assert _metric(url, started) - runs == 3  # all three reached the engine
-    _wait_idle(url, within=10)  # each would otherwise generate HOLD_TOKENS tokens
+    wait_idle(url, within=10)  # each would otherwise generate HOLD_TOKENS tokens
     assert _metric(url, DISCONNECTS) - before == 3
 
 
@@ -711,5 +702,5 @@ def test_stream_closed_right_after_the_headers_frees_its_slot(small):
     assert s.recv(12).startswith(b"HTTP/1.1 200")
     _wait_health(url, 10, running=1)
     s.close()
-    _wait_idle(url, within=10)
+    wait_idle(url, within=10)
     assert _metric(url, DISCONNECTS) - before == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MODEL, ROOT, ServerProc
+from conftest import MODEL, ROOT, ServerProc, wait_idle
 
 KEY, FILE_KEY = "k-one", "k-from-file"
 CHAT = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
@@ -61,16 +61,6 @@ def _wait_health(url: str, ok: Callable[[dict], bool], within: float) -> dict:
         assert time.monotonic() - t0 < within, f"/health never reached the state: {h}"
         time.sleep(0.02)
 
-
-def _wait_idle(url: str, within: float) -> float:
-    """Seconds until /health shows nothing running or waiting; fails after ``within``."""
-    t0 = time.monotonic()
-    while True:
-        h = httpx.get(url + "/health", timeout=5).json()
-        if h["running"] == 0 and h["waiting"] == 0:
-            return time.monotonic() - t0
-        assert time.monotonic() - t0 < within, f"still busy after {within} s: {h}"
-        time.sleep(0.05)
 
 
 # ---- API keys -------------------------------------------------------------------------------
@@ -155,7 +145,7 @@ def test_full_queue_answers_429_with_retry_after(guarded):
                 r = c.post(url + "/v1/chat/completions",
                            json={"model": MODEL, "messages": CHAT, "max_tokens": 2})
             del lines
-    _wait_idle(url, within=10)  # both streams left early: their slots and queue place free
+    wait_idle(url, within=10)  # both streams left early: their slots and queue place free
     assert r.status_code == 429, (r.text, "health before C:", seen)
     assert r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "queue_full"
@@ -169,7 +159,7 @@ def test_disconnect_mid_stream_frees_the_slot_at_once(guarded):
             got = [ln for ln in (next(lines) for _ in range(6)) if ln.startswith("data: ")]
             assert len(got) >= 3
             assert httpx.get(url + "/health").json()["running"] == 1
-    _wait_idle(url, within=5)  # one engine step (~0.1 s idle; seconds on a loaded 2-core box)
+    wait_idle(url, within=5)  # one engine step (~0.1 s idle; seconds on a loaded 2-core box)
     text = httpx.get(url + "/metrics", headers=_auth()).text
     assert re.search(r"^alignserve_client_disconnects_total [1-9]", text, re.M), text
 
@@ -179,7 +169,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(guard
     body = {k: v for k, v in LONG_STREAM.items() if k not in ("stream", "stream_options")}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/chat/completions", json=body, headers=_auth(), timeout=3)
-    _wait_idle(url, within=5)  # the server noticed the hang-up and cancelled the request
+    wait_idle(url, within=5)  # the server noticed the hang-up and cancelled the request
 
 
 def _counter(url: str, name: str) -> float:
@@ -199,14 +189,14 @@ def test_tiny_timeout_is_a_clean_408_or_error_chunk(fuzzed):
     r = httpx.post(fuzzed.url + "/v1/completions", json=slow, timeout=60)
     assert r.status_code == 408, r.text
     assert r.json()["error"]["code"] == "timeout"
-    _wait_idle(fuzzed.url, within=10)
+    wait_idle(fuzzed.url, within=10)
     assert _counter(fuzzed.url, f"alignserve_tokens_returned_total{lab}") == before["returned"]
     with httpx.stream("POST", fuzzed.url + "/v1/completions", json={**slow, "stream": True},
                       timeout=60) as s:
         lines = [ln for ln in s.iter_lines() if ln]
     assert s.status_code == 200 and lines[-1] == "data: [DONE]"
     assert '"code": "timeout"' in lines[-2]
-    _wait_idle(fuzzed.url, within=10)
+    wait_idle(fuzzed.url, within=10)
     # 2 x 2 s of rollouts: their tokens are counted though neither request got an answer
     assert _counter(fuzzed.url, f"alignserve_tokens_generated_total{lab}") > before["generated"]
 
@@ -300,7 +290,7 @@ def test_schemathesis_no_500(fuzzed):
     posts = ("/v1/completions", "/v1/chat/completions")
     assert any((p, 200) in seen for p in posts), seen  # generation ran, not only rejections
     assert all((p, 400) in seen for p in posts), seen
-    _wait_idle(url, within=5)
+    wait_idle(url, within=5)
 
 
 def test_launcher_never_takes_another_server_for_its_own(guarded, monkeypatch):

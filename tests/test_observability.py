@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from conftest import MODEL, ROOT, ServerProc
+from conftest import MODEL, ROOT, ServerProc, wait_idle
 
 from alignserve.server.sse import HEARTBEAT, with_heartbeat
 
@@ -241,10 +241,7 @@ def _hang_up_when(url: str, body: dict, ready: Callable[[dict[str, float]], bool
         while not ready(_samples(url)):
             assert time.time() < deadline, "the request never reached the hang-up point"
             time.sleep(0.02)
-    deadline = time.time() + 60
-    while (h := httpx.get(url + "/health").json())["running"] or h["waiting"]:
-        assert time.time() < deadline, h
-        time.sleep(0.1)
+    wait_idle(url, within=60)
 
 
 def test_cancelled_non_streamed_request_counts_what_it_generated(beating):
