@@ -187,3 +187,20 @@ def test_repeated_ngram_bans() -> None:
     assert row[7] == float("-inf") and all(b == 0 for t, b in row.items() if t != 7)
     assert not torch.isinf(adj.bias[1]).any()
     assert build_adjust(SamplingParams(), [h], [], [0]) is None
+
+
+def test_heads_follow_their_inputs_device() -> None:
+    """Heads load on the CPU; on an engine on another device (``--device cuda``) the first
+    batched head call moves the head there instead of failing on mixed devices. Shown with
+    PyTorch's ``meta`` device, which CI has (no GPU there)."""
+    from alignserve.engine.primitives import HeadEval
+    from alignserve.engine.scheduler import run_heads
+    from alignserve.value_models.heads import ValueHead
+
+    torch.manual_seed(0)
+    head = ValueHead(16)
+    x = torch.randn(3, 16, device="meta")
+    outs = run_heads([HeadEval(head, (x[:2],)), HeadEval(head, (x[2:],))])
+    assert [tuple(o.shape) for o in outs] == [(2,), (1,)]
+    assert all(o.device.type == "meta" for o in outs)
+    assert {t.device.type for t in (*head.parameters(), *head.buffers())} == {"meta"}

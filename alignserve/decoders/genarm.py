@@ -42,10 +42,10 @@ class GenArm(AlignedDecoder):
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
         reg = ctx.resources
         arms = [(reg.heads_for(n, "arm"), w) for n, w in self.weights.items() if w]
-        alphas = torch.tensor([[w for _, w in arms]], dtype=torch.float32)
         embed = ctx.runners["base"].model.head_weight
+        alphas = torch.tensor([[w for _, w in arms]], dtype=torch.float32, device=logits.device)
         gen = ctx.generator(c)
-        scale = 1.0 + float(alphas.sum()) if self.opt.normalize else 1.0
+        scale = 1.0 + sum(w for _, w in arms) if self.opt.normalize else 1.0
         vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
         # ARMs with pool="mean" also read the mean of the answer's states so far
         pool = PrefixMean.for_heads(ctx.prompt_hidden, [h.module for h, _ in arms])

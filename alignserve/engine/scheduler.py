@@ -470,12 +470,24 @@ def eos_ids_from_config(model_dir: Path) -> set[int]:
     return ids
 
 
+def module_to_device(module: torch.nn.Module, device: torch.device) -> None:
+    """Move a head's parameters and buffers to ``device`` when they are elsewhere.
+
+    Heads load on the CPU (the registry knows no engine); the first step that runs one on an
+    engine on another device (``--device cuda``) moves it there, once: a module already on
+    ``device`` is left alone, so the check costs one attribute read per call."""
+    t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if t is not None and t.device != device:
+        module.to(device)
+
+
 def run_heads(ops: list[HeadEval]) -> list[torch.Tensor]:
     """All ``HeadEval`` ops of one step with the same ``group`` (module, method, shared
     arguments) as one call on their rows concatenated; split back per op."""
     first = ops[0]
     inputs = [torch.cat([op.inputs[j] for op in ops]) if len(ops) > 1 else first.inputs[j]
               for j in range(len(first.inputs))]
+    module_to_device(first.module, inputs[0].device)
     out = getattr(first.module, first.method)(*inputs, *first.shared)
     total = sum(op.rows for op in ops)
     if out.shape[0] != total:
