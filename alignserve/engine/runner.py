@@ -29,6 +29,11 @@ class ModelRunner:
         random-weight models of ``bench/gpu_check.py``)."""
         self.name = name
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # cuDNN's attention builds a graph for every new key length: 3 ms per call on an
+            # H200 (bench/gpu_check.py --profile), and decoding changes the length each step.
+            # Flash / memory-efficient attention have no per-shape setup.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.model: CausalLM
         self.config: ModelConfig
         if module is not None:
