@@ -10,15 +10,25 @@ Prints three tables:
    forward path, random-weight Llama shapes of about 1B and 8B parameters in bf16) at batch
    1 / 32 / 128, against Hugging Face ``generate()`` on the same random model;
 3. per-token cost of VAS (a 20-candidate tree forward) and GenARM (one extra low-rank ARM
-   matmul over the vocabulary) relative to a plain decode step, at batch 1 and 32.
+   matmul over the vocabulary) relative to a plain decode step, at batch 1 and 32;
+4. correctness of the compiled Triton sampler against the torch reference on the same device
+   (tokens must be identical, log-probabilities within 1e-4);
+5. the serving engine on the device (``alignserve serve --device cuda``'s path): every strategy
+   with the shipped ``concise`` heads (value, Q-head, ARM; its reward needs no model download)
+   on a SmolLM2-shaped model (random weights unless the folder has some), requests in
+   parallel; weight 0 must reproduce plain sampling token for token.
 Random weights: throughput does not depend on them. Numbers go into the README's GPU table.
+Each section reports its own failure (with a traceback) and the script goes on to the next.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
+import json
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,14 +64,36 @@ def timed(fn: Callable[[], object], dev: torch.device, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def kernel_table(dev: torch.device, v: int, batches: list[int]) -> None:
+def profile(name: str, fn: Callable[[], object], dev: torch.device, calls: int = 5) -> None:
+    """torch.profiler over ``calls`` calls of ``fn``: the top operators by device time and by
+    host time, to tell kernel time from launch and Python overhead."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    ka = prof.key_averages()
+    print(f"\n### Profile: {name}, {calls} calls\n\n```")
+    if dev.type == "cuda":
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=50))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=50))
+    print("```")
+
+
+def kernel_table(dev: torch.device, v: int, batches: list[int], prof: bool = False) -> None:
     from alignserve.kernels.guided_sample import guided_sample
 
     backend = "triton" if dev.type == "cuda" else "torch"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = next((p for k, p in HBM_PEAK.items() if k in name), None)
     print(f"\n## Fused guided sampler, V={v}, backend {backend}, {name} (HBM peak "
-          f"{peak or '?'} GB/s)\n\n| B | µs/call | GB/s | of peak |\n|---|---|---|---|")
+          f"{peak or '?'} GB/s); the torch reference on the same device beside it\n\n"
+          "| B | µs/call | GB/s | of peak | torch reference µs/call |\n|---|---|---|---|---|")
     for b in batches:
         g = torch.Generator().manual_seed(b)
         x = dict(logits=(torch.randn(b, v, generator=g) * 4).to(dev),
@@ -72,9 +104,13 @@ def kernel_table(dev: torch.device, v: int, batches: list[int]) -> None:
                  top_p=torch.full((b,), 0.9, device=dev),
                  noise_seed=torch.randint(0, 2**31, (b,), generator=g).to(dev))
         s = timed(lambda x=x: guided_sample(**x, backend=backend), dev, 20)
+        s_ref = timed(lambda x=x: guided_sample(**x, backend="torch"), dev, 20)
         gbs = (2 * b * v * 4) / s / 1e9  # logits + dense read once: the traffic floor
         print(f"| {b} | {s * 1e6:.0f} | {gbs:.0f} | "
-              f"{f'{gbs / peak:.0%}' if peak else '?'} |")
+              f"{f'{gbs / peak:.0%}' if peak else '?'} | {s_ref * 1e6:.0f} |")
+        if prof and b == batches[0]:
+            profile(f"guided_sample B={b} V={v}",
+                    lambda x=x: guided_sample(**x, backend=backend), dev)
 
 
 def build(shape: str, dev: torch.device, dtype: torch.dtype, max_len: int) -> tuple:
@@ -104,7 +140,7 @@ def hf_model(cfg: ModelConfig, dev: torch.device, dtype: torch.dtype):  # type: 
 
 
 def decode_tables(shape: str, dev: torch.device, dtype: torch.dtype, batches: list[int],
-                  prompt: int, new: int) -> None:
+                  prompt: int, new: int, prof: bool = False) -> None:
     max_len = prompt + new + 32
     model, cfg = build(shape, dev, dtype, max_len)
     runner = ModelRunner("base", None, slots=max(batches), max_len=max_len, dtype=dtype,
@@ -134,6 +170,9 @@ def decode_tables(shape: str, dev: torch.device, dtype: torch.dtype, batches: li
 
         t_plain = timed(step, dev, new // 3)
         t_vas, t_arm = timed(vas, dev, new // 3), timed(genarm, dev, new // 3)
+        if prof and b == batches[0]:
+            profile(f"{shape} decode step, batch {b}", step, dev)
+            profile(f"{shape} VAS tree step (20 candidates), batch {b}", vas, dev)
         for s in seqs:
             runner.free(s)
         inp = ids.to(dev)
@@ -153,22 +192,191 @@ def decode_tables(shape: str, dev: torch.device, dtype: torch.dtype, batches: li
         torch.cuda.empty_cache()
 
 
+def sampler_contract(dev: torch.device, v: int, seeds: int) -> bool:
+    """Triton (compiled) vs torch reference on ``dev``: identical tokens, logprobs to 1e-4."""
+    from alignserve.kernels.guided_sample import LogitAdjust, guided_sample
+
+    print(f"\n## Triton sampler vs torch reference on {dev}, V={v}\n\n"
+          "| case | rows | token mismatches | max abs logprob diff |\n|---|---|---|---|")
+    ok = True
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+        b, h, k = 48, 2, 9
+        logits = torch.randn(b, v, generator=g) * 3
+        logits[torch.rand(b, v, generator=g) < 0.05] = float("-inf")
+        temp = torch.rand(b, generator=g) * 1.3 + 0.2
+        temp[::4] = 0.0  # greedy rows mixed in
+        cand = torch.randint(0, v, (b, k), generator=g)
+        cand[:, -2:] = -1
+        j = 6
+        adjust = LogitAdjust(ids=torch.randperm(v, generator=g)[: b * j].view(b, j),
+                             counts=torch.randint(0, 3, (b, j), generator=g).float(),
+                             seen=torch.rand(b, j, generator=g) < 0.5,
+                             bias=torch.randn(b, j, generator=g),
+                             presence=torch.rand(b, generator=g),
+                             frequency=torch.rand(b, generator=g),
+                             repetition=torch.rand(b, generator=g) + 0.8)
+        restrict = torch.rand(b, generator=g) < 0.3
+        half = torch.rand(b, generator=g) < 0.5
+        case = dict(logits=logits, weights=torch.rand(b, h, generator=g) * 2 - 0.5,
+                    dense=torch.randn(b, h, v, generator=g),
+                    cand_scores=torch.randn(b, h, k, generator=g),
+                    cand_ids=cand, temperature=temp,
+                    top_k=torch.where(half, torch.randint(2, 200, (b,), generator=g),
+                                      torch.zeros(b, dtype=torch.long)),
+                    top_p=torch.where(~half, torch.rand(b, generator=g) * 0.7 + 0.25,
+                                      torch.ones(b)),
+                    noise_seed=torch.randint(0, 2**31, (b,), generator=g))
+        variants = {"dense+cands": {}, "+adjust+restrict": {"adjust": adjust, "restrict": restrict}}
+        for name, extra in variants.items():
+            moved = {key: (val.to(dev) if isinstance(val, torch.Tensor) else val)
+                     for key, val in {**case, **extra}.items()}
+            if "adjust" in moved:
+                a = moved["adjust"]
+                moved["adjust"] = LogitAdjust(**{f: getattr(a, f).to(dev) for f in (
+                    "ids", "counts", "seen", "bias", "presence", "frequency", "repetition")})
+            ref = guided_sample(**moved, n_top=5, backend="torch")
+            out = guided_sample(**moved, n_top=5, backend="triton")
+            bad = int((ref.tokens != out.tokens).sum()) + int((ref.top_ids != out.top_ids).sum())
+            diff = max(float((ref.logprobs - out.logprobs).abs().max()),
+                       float((ref.base_logprobs - out.base_logprobs).abs().max()))
+            ok &= bad == 0 and diff <= 1e-4
+            print(f"| seed {seed} {name} | {b} | {bad} | {diff:.1e} |")
+    print(f"\ncontract {'HOLDS' if ok else 'BROKEN'}")
+    return ok
+
+
+def engine_check(dev: torch.device, model_dir: Path, tokens: int) -> bool:
+    """Every strategy through the real Engine on ``dev`` with the package's default heads."""
+    from safetensors.torch import save_file
+
+    from alignserve.decoders import build_decoder
+    from alignserve.engine.model import CausalLM, ModelConfig
+    from alignserve.engine.sampling import SamplingParams
+    from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
+    from alignserve.value_models.heads import tokenizer_fingerprint
+    from alignserve.value_models.registry import Registry
+
+    if not any(model_dir.glob("*.safetensors")):  # random weights in the model's own shapes
+        cfg = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        torch.manual_seed(0)
+        m = CausalLM(cfg, rope_len=16)
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        save_file({k: t.contiguous() for k, t in m.state_dict().items()},
+                  str(model_dir / "model.safetensors"))
+    t0 = time.perf_counter()
+    eng = Engine(EngineConfig(model_dir=model_dir, slots=96, max_len=256, device=str(dev)))
+    reg = Registry.build(None, tokenizer_fingerprint(eng.tokenizer),
+                         eng.base.config.hidden_size, default_heads=True)
+    print(f"\n## Engine on {dev}: {model_dir.name}, heads {sorted(reg.heads)}, "
+          f"loaded in {time.perf_counter() - t0:.1f} s\n\n"
+          "| request | tokens | s | ok |\n|---|---|---|---|")
+    specs: dict[str, dict | None] = {
+        "plain": None,
+        "best_of_n concise n4": {"strategy": "best_of_n", "n": 4, "weights": {"concise": 1}},
+        "args concise": {"strategy": "args", "top_k": 5, "weights": {"concise": 1}},
+        "vas tree concise": {"strategy": "vas", "top_k": 8, "values": "tree",
+                             "weights": {"concise": 3}},
+        "vas q concise": {"strategy": "vas", "values": "q", "weights": {"concise": 3}},
+        "cd q concise": {"strategy": "cd", "values": "q", "weights": {"concise": 3}},
+        "cd tree concise": {"strategy": "cd", "top_k": 8, "values": "tree",
+                            "weights": {"concise": 3}},
+        "cd_block concise": {"strategy": "cd_block", "weights": {"concise": 1}},
+        "genarm concise": {"strategy": "genarm", "weights": {"concise": 1}},
+        "genarm concise unnormalised": {"strategy": "genarm", "weights": {"concise": 1},
+                                        "normalize": False},
+        "transfer_qstar concise": {"strategy": "transfer_qstar", "weights": {"concise": 1}},
+        "deal concise": {"strategy": "deal", "weights": {"concise": 1}},
+        "vas weight 0": {"strategy": "vas", "top_k": 8, "values": "tree",
+                         "weights": {"concise": 0}},
+        "genarm weight 0": {"strategy": "genarm", "weights": {"concise": 0}},
+    }
+    text = eng.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Describe a kitchen table in one sentence."}],
+        add_generation_prompt=True, tokenize=False)
+    ids = eng.tokenizer(text, add_special_tokens=False).input_ids
+
+    def one(item: tuple[str, dict | None]) -> tuple[str, dict | str, float]:
+        name, spec = item
+        t1 = time.perf_counter()
+        try:
+            res = eng.generate(EngineRequest(
+                prompt_ids=ids, prompt_text=text, resources=reg,
+                decoder=build_decoder(spec, registry=reg),
+                params=SamplingParams(temperature=1.0, max_tokens=tokens, seed=7,
+                                      ignore_eos=True)), timeout=300)
+            return name, res, time.perf_counter() - t1
+        except Exception:  # noqa: BLE001 - reported in the table, traceback below it
+            return name, traceback.format_exc(), time.perf_counter() - t1
+
+    ok = True
+    with cf.ThreadPoolExecutor(len(specs)) as ex:
+        results = list(ex.map(one, specs.items()))
+    texts = {}
+    for name, res, secs in results:
+        good = isinstance(res, dict)
+        ok &= good
+        n_tok = res["completion_tokens"] if good else 0
+        texts[name] = res["choices"][0]["tokens"] if good else None
+        print(f"| {name} | {n_tok} | {secs:.1f} | {'yes' if good else 'FAILED'} |")
+    for name, res, _ in results:
+        if not isinstance(res, dict):
+            print(f"\n{name} failed:\n{res}")
+    for zero in ("vas weight 0", "genarm weight 0"):
+        same = texts[zero] is not None and texts[zero] == texts["plain"]
+        ok &= same
+        print(f"{zero} reproduces plain: {'yes' if same else 'NO'}")
+    eng.shutdown()
+    print(f"\nengine check {'PASSED' if ok else 'FAILED'}")
+    return ok
+
+
+def section(name: str, fn: Callable[[], object]) -> bool:
+    """Run one table; a failure prints its traceback and the script goes on."""
+    t0 = time.perf_counter()
+    try:
+        res = fn()
+    except Exception:  # noqa: BLE001 - the other sections still run
+        print(f"\n## {name}: FAILED\n\n```\n{traceback.format_exc()}```")
+        return False
+    print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    return res is not False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke run")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="model folder for the engine check (config.json + tokenizer; random "
+                         "weights are written there when it has no *.safetensors); "
+                         "default: skip that check")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler tables for the sampler at B=1 and the 1B "
+                         "model's decode and VAS steps at batch 1")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     t0 = time.perf_counter()
+    ok = []
     if args.tiny:
-        kernel_table(dev, 4096, [1, 8])
-        decode_tables("tiny", dev, torch.float32, [1, 4], prompt=16, new=6)
+        ok.append(section("kernel", lambda: kernel_table(dev, 4096, [1, 8], prof=args.profile)))
+        ok.append(section("decode tiny", lambda: decode_tables(
+            "tiny", dev, torch.float32, [1, 4], prompt=16, new=6, prof=args.profile)))
     else:
-        kernel_table(dev, 128256, [1, 64, 256])
+        ok.append(section("contract", lambda: sampler_contract(dev, 128256, 3)))
+        ok.append(section("kernel", lambda: kernel_table(dev, 128256, [1, 8, 64, 256],
+                                                         prof=args.profile)))
+        if args.model_dir:
+            ok.append(section("engine", lambda: engine_check(dev, args.model_dir, 24)))
         for shape in ("1b", "8b"):
-            decode_tables(shape, dev, torch.bfloat16, [1, 32, 128], prompt=128, new=48)
-    print(f"\n(total {time.perf_counter() - t0:.0f} s)")
-    return 0
+            ok.append(section(f"decode {shape}", lambda shape=shape: decode_tables(
+                shape, dev, torch.bfloat16, [1, 32, 128], prompt=128, new=48,
+                prof=args.profile and shape == "1b")))
+    if args.tiny and args.model_dir:
+        ok.append(section("engine", lambda: engine_check(dev, args.model_dir, 8)))
+    print(f"\n(total {time.perf_counter() - t0:.0f} s; {sum(ok)} of {len(ok)} sections passed)")
+    return 0 if all(ok) else 1
 
 
 if __name__ == "__main__":
