@@ -16,7 +16,9 @@ Prints three tables:
 5. the serving engine on the device (``alignserve serve --device cuda``'s path): every strategy
    with the shipped ``concise`` heads (value, Q-head, ARM; its reward needs no model download)
    on a SmolLM2-shaped model (random weights unless the folder has some), requests in
-   parallel; weight 0 must reproduce plain sampling token for token.
+   parallel; weight 0 must reproduce plain sampling token for token;
+6. ``alignserve train`` on the device (value head pooled and on an 8-layer backbone, Q-head,
+   ARM; tiny sizes) on the same model folder.
 Random weights: throughput does not depend on them. Numbers go into the README's GPU table.
 Each section reports its own failure (with a traceback) and the script goes on to the next.
 """
@@ -246,25 +248,30 @@ def sampler_contract(dev: torch.device, v: int, seeds: int) -> bool:
     return ok
 
 
-def engine_check(dev: torch.device, model_dir: Path, tokens: int) -> bool:
-    """Every strategy through the real Engine on ``dev`` with the package's default heads."""
+def ensure_weights(model_dir: Path) -> None:
+    """Write seeded random weights in the model's own shapes when ``model_dir`` has none."""
     from safetensors.torch import save_file
 
+    if any(model_dir.glob("*.safetensors")):
+        return
+    cfg = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    torch.manual_seed(0)
+    m = CausalLM(cfg, rope_len=16)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_file({k: t.contiguous() for k, t in m.state_dict().items()},
+              str(model_dir / "model.safetensors"))
+
+
+def engine_check(dev: torch.device, model_dir: Path, tokens: int) -> bool:
+    """Every strategy through the real Engine on ``dev`` with the package's default heads."""
     from alignserve.decoders import build_decoder
-    from alignserve.engine.model import CausalLM, ModelConfig
     from alignserve.engine.sampling import SamplingParams
     from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
     from alignserve.value_models.heads import tokenizer_fingerprint
     from alignserve.value_models.registry import Registry
 
-    if not any(model_dir.glob("*.safetensors")):  # random weights in the model's own shapes
-        cfg = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
-        torch.manual_seed(0)
-        m = CausalLM(cfg, rope_len=16)
-        for p in m.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-        save_file({k: t.contiguous() for k, t in m.state_dict().items()},
-                  str(model_dir / "model.safetensors"))
+    ensure_weights(model_dir)
     t0 = time.perf_counter()
     eng = Engine(EngineConfig(model_dir=model_dir, slots=96, max_len=256, device=str(dev)))
     reg = Registry.build(None, tokenizer_fingerprint(eng.tokenizer),
@@ -332,6 +339,40 @@ def engine_check(dev: torch.device, model_dir: Path, tokens: int) -> bool:
     return ok
 
 
+def train_check(dev: torch.device, model_dir: Path, work: Path) -> bool:
+    """``alignserve train`` value (pooled), value on an 8-layer backbone, Q-head and ARM for
+    ``concise`` on ``dev``, tiny sizes, through the CLI; each must exit 0 and write a head."""
+    import subprocess
+
+    ensure_weights(model_dir)
+    common = ["--reward", "concise", "--model", str(model_dir), "--prompts", "16",
+              "--val-prompts", "8", "--samples", "4", "--max-new-tokens", "12", "--epochs", "2",
+              "--run-dir", str(work / "run"), "--device", dev.type, "--slots", "16",
+              "--no-progress"]
+    runs = {
+        "value pooled": ["value", "--pool", "mean", "--out", str(work / "concise_value")],
+        "value backbone 8": ["value", "--backbone-layers", "8",
+                             "--out", str(work / "concise_bb_value")],
+        "q": ["q", "--value-head", str(work / "concise_value"), "--out", str(work / "concise_q")],
+        "arm": ["arm", "--out", str(work / "concise_arm")],
+    }
+    print(f"\n## alignserve train on {dev}\n\n| head | s | result |\n|---|---|---|")
+    ok = True
+    for name, argv in runs.items():
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "alignserve.cli", "train", *argv, *common],
+                             capture_output=True, text=True)
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        good = out.returncode == 0 and (Path(argv[-1]) / "manifest.json").is_file()
+        ok &= good
+        last = next((x for x in reversed(lines) if "saved" in x), lines[-1] if lines else "")
+        print(f"| {name} | {time.perf_counter() - t0:.0f} | "
+              f"{last[:160] if good else 'FAILED rc=' + str(out.returncode)} |")
+        if not good:
+            print("\n```\n" + "\n".join(lines[-25:]) + "\n```\n")
+    return ok
+
+
 def section(name: str, fn: Callable[[], object]) -> bool:
     """Run one table; a failure prints its traceback and the script goes on."""
     t0 = time.perf_counter()
@@ -355,26 +396,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler tables for the sampler at B=1 and the 1B "
                          "model's decode and VAS steps at batch 1")
+    ap.add_argument("--sections", default="",
+                    help="comma-separated subset to run: contract, kernel, engine, train, "
+                         "decode (default: all)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     t0 = time.perf_counter()
-    ok = []
+    want = set(args.sections.split(",")) if args.sections else None
+
+    def run(name: str, fn: Callable[[], object]) -> None:
+        if want is None or name.split()[0] in want:
+            ok.append(section(name, fn))
+
+    ok: list[bool] = []
     if args.tiny:
-        ok.append(section("kernel", lambda: kernel_table(dev, 4096, [1, 8], prof=args.profile)))
-        ok.append(section("decode tiny", lambda: decode_tables(
-            "tiny", dev, torch.float32, [1, 4], prompt=16, new=6, prof=args.profile)))
+        run("kernel", lambda: kernel_table(dev, 4096, [1, 8], prof=args.profile))
+        run("decode tiny", lambda: decode_tables("tiny", dev, torch.float32, [1, 4], prompt=16,
+                                                 new=6, prof=args.profile))
     else:
-        ok.append(section("contract", lambda: sampler_contract(dev, 128256, 3)))
-        ok.append(section("kernel", lambda: kernel_table(dev, 128256, [1, 8, 64, 256],
-                                                         prof=args.profile)))
-        if args.model_dir:
-            ok.append(section("engine", lambda: engine_check(dev, args.model_dir, 24)))
+        run("contract", lambda: sampler_contract(dev, 128256, 3))
+        run("kernel", lambda: kernel_table(dev, 128256, [1, 8, 64, 256], prof=args.profile))
+    if args.model_dir:
+        run("engine", lambda: engine_check(dev, args.model_dir, 8 if args.tiny else 24))
+        run("train", lambda: train_check(dev, args.model_dir, args.model_dir / "train"))
+    if not args.tiny:
         for shape in ("1b", "8b"):
-            ok.append(section(f"decode {shape}", lambda shape=shape: decode_tables(
+            run(f"decode {shape}", lambda shape=shape: decode_tables(
                 shape, dev, torch.bfloat16, [1, 32, 128], prompt=128, new=48,
-                prof=args.profile and shape == "1b")))
-    if args.tiny and args.model_dir:
-        ok.append(section("engine", lambda: engine_check(dev, args.model_dir, 8)))
+                prof=args.profile and shape == "1b"))
     print(f"\n(total {time.perf_counter() - t0:.0f} s; {sum(ok)} of {len(ok)} sections passed)")
     return 0 if all(ok) else 1
 
