@@ -17,6 +17,7 @@ from conftest import MODEL, ROOT
 
 from alignserve.data.prompts import load_prompts
 from alignserve.decoders import build_decoder
+from alignserve.decoders.aligned import AlignmentError
 from alignserve.engine.sampling import SamplingParams
 from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
 from alignserve.value_models.heads import tokenizer_fingerprint
@@ -227,6 +228,20 @@ def test_genarm_reports_kl_and_stays_near_base_when_normalised(engine, registry,
     assert all(k >= 0 for k in kl)
     # the unnormalised sum also sharpens the base (temperature / 2): more KL per token
     assert np.mean(kl) < np.mean(kl_raw), (kl, kl_raw)
+
+
+@pytest.mark.parametrize("weights", [{"sentiment": -1.0}, {"sentiment": 0.5, "concise": -1.5},
+                                     {"sentiment": -0.2}])
+def test_genarm_refuses_negative_weights(registry, weights):
+    """A negative GenARM weight cancels the base out of the guided logits: at sum alpha = -1
+    the normalised formula divided by 0 (a 500 over HTTP), elsewhere it sampled noise. It is
+    refused with the field named; the same weights work for VAS (value heads)."""
+    needs_head(registry, "sentiment", "arm")
+    neg = next(n for n, w in weights.items() if w < 0)
+    with pytest.raises(AlignmentError) as exc:
+        build_decoder({"strategy": "genarm", "weights": weights}, registry=registry)
+    assert exc.value.field == f"alignment.weights.{neg}" and "[0, " in str(exc.value)
+    build_decoder({"strategy": "vas", "weights": weights}, registry=registry)
 
 
 @pytest.mark.parametrize("strategy", ["best_of_n", "args", "vas", "cd", "cd_block", "genarm",

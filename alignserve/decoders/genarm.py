@@ -6,8 +6,15 @@ no extra transformer forward.
 
 Normalisation (default ``normalize: true``, the reference code's choice): the guided logits are
 ``(log pi_base + sum_i alpha_i log pi_r_i) / (1 + sum_i alpha_i)``, a geometric mixture of the
-base and the ARMs that keeps the base's sharpness. An ARM that equals the base then gives the base
-exactly at every alpha, so any change is guidance, not a temperature drop. ``normalize: false``
+base and the ARMs that keeps the base's sharpness. An ARM that equals the base then gives the
+base exactly at every alpha, so any change is guidance, not a temperature drop.
+
+Weights must be >= 0: an ARM's weight range starts at 0 (``Head.info``), so a negative one is a
+400. A negative weight does not steer away: an ARM's log-probs contain the base's, so a negative
+weight subtracts the base from itself (entirely at alpha = -1, where the normalised formula
+also divides by 0), leaving the ARM's untrained tail (it is trained on the base's top-64
+tokens only); the samples were noise. To steer away from a reward, use a negative weight with
+VAS / CD (value heads) or Best-of-N / ARGS (rewards). ``normalize: false``
 samples ``log pi_base + sum_i alpha_i log pi_r_i`` unscaled (the paper's formula read literally):
 with an ARM close to the base that is about ``(1 + alpha) log pi_base``, i.e. sampling at
 temperature / (1 + alpha), which lowers diversity and inflates KL without steering. Either way
@@ -28,6 +35,16 @@ from .aligned import AlignedDecoder, CommonOptions, emit_one
 from .base import Run
 
 
+def mixture(base: torch.Tensor, arms: torch.Tensor, alphas: list[float],
+            normalize: bool) -> torch.Tensor:
+    """Guided log-weights from ``base`` [..., V] base log-probs, ``arms`` [..., H, V] ARM
+    log-probs and weights ``alphas`` (>= 0): ``(base + sum_i alpha_i arm_i) / (1 + sum_i
+    alpha_i)`` with ``normalize``, else the unscaled numerator."""
+    a = torch.tensor(alphas, dtype=torch.float32, device=base.device)
+    guided = base + (a[:, None] * arms).sum(-2)
+    return guided / (1.0 + sum(alphas)) if normalize else guided
+
+
 class GenArmOptions(CommonOptions):
     normalize: bool = Field(True, description="divide guided logits by (1 + sum alpha), the "
                             "reference normalisation that keeps the base's sharpness; false = "
@@ -45,7 +62,6 @@ class GenArm(AlignedDecoder):
         embed = ctx.runners["base"].model.head_weight
         alphas = torch.tensor([[w for _, w in arms]], dtype=torch.float32, device=logits.device)
         gen = ctx.generator(c)
-        scale = 1.0 + sum(w for _, w in arms) if self.opt.normalize else 1.0
         vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
         # ARMs with pool="mean" also read the mean of the answer's states so far
         pool = PrefixMean.for_heads(ctx.prompt_hidden, [h.module for h, _ in arms])
@@ -55,7 +71,7 @@ class GenArm(AlignedDecoder):
                 self.arm_op(h, hidden, logits, embed, pool) for h, _ in arms])])[None]  # [1,H,V]
             ctx.stats.guidance_forwards += 1
             base = torch.log_softmax(logits.float(), -1)[None]
-            guided = (base + (alphas[:, :, None] * dense).sum(1)) / scale
+            guided = mixture(base, dense, [w for _, w in arms], self.opt.normalize)
             if self.opt.normalize:
                 out = yield from ctx.sample(guided, [gen], [ctx.choices[c].tokens])
             else:

@@ -35,6 +35,7 @@ import torch
 
 from ..decoders.aligned import finish_state, sample_scored, topk_ids
 from ..decoders.deal import emit_best
+from ..decoders.genarm import mixture
 from ..engine.output import Detokenizer, TokenInfo
 from ..value_models.heads import PrefixMean, head_input
 from .backbone import LocalBackbone
@@ -129,7 +130,6 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
     reg = ctx.resources
     arms = [(reg.heads_for(n, "arm"), w) for n, w in dec.weights.items() if w]
     alphas = torch.tensor([w for _, w in arms], dtype=torch.float32)
-    scale = 1.0 + float(alphas.sum()) if dec.opt.normalize else 1.0
     embed = backbone.embed.detach().float().cpu()
     k = max(ctx.caps.max_logprobs, ctx.params.top_logprobs)
     seqs = await backbone.acquire(ctx.n)
@@ -154,7 +154,7 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
                     + head.module.delta(head_input(head.module, h, pool, False), emb)[0], -1)
                     for head, _ in arms])  # [H, k]
                 ctx.stats.guidance_forwards += 1
-                guided = (base + (alphas[:, None] * arm).sum(0)) / scale
+                guided = mixture(base, arm, alphas.tolist(), dec.opt.normalize)
                 dec.track_kl(ctx, guided, base)
                 full = torch.full((vocab,), float("-inf"))
                 full[torch.tensor(ids)] = guided

@@ -266,7 +266,9 @@ class Head:
     def info(self) -> RewardInfo:
         m = self.manifest
         desc = m.get("description") or f"{self.kind} head approximating {m.get('reward', '?')}"
-        wr = tuple(m.get("weight_range", (-5.0, 5.0) if self.kind == "arm" else (-20.0, 20.0)))
+        wr = tuple(m.get("weight_range", (0.0, 5.0) if self.kind == "arm" else (-20.0, 20.0)))
+        if self.kind == "arm":  # GenARM refuses negative weights (decoders/genarm.py)
+            wr = (max(0.0, wr[0]), wr[1])
         kind = {"value": "value_head", "q": "q_head"}.get(self.kind, "arm")
         return RewardInfo(name=self.name, kind=kind,
                           description=desc, range=tuple(m.get("range", (-1e9, 1e9))),

@@ -1451,7 +1451,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
             arch["layers"] = cfg.backbone_layers
         desc = (f"autoregressive reward model (GenARM) for {cfg.reward}: low-rank logit "
                 "adapter on the base's hidden state")
-        wrange = [-5.0, 5.0]
+        wrange = [0.0, 5.0]  # GenARM refuses negative weights (decoders/genarm.py)
     training = {**asdict(cfg), **data_info, "history": history,
                 "seconds": round(time.perf_counter() - t0, 1)}
     manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,
