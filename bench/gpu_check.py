@@ -1,26 +1,30 @@
-"""One GPU check for issue #13, in under 8 minutes on one H100/H200, downloading nothing.
+"""The GPU check: correctness and speed on one CUDA device, downloading nothing.
 
-    python bench/gpu_check.py                 # CUDA machine: everything below
-    python bench/gpu_check.py --device cpu --tiny   # a smoke run of the same code on CPU
+    python bench/gpu_check.py --model-dir DIR        # a CUDA machine: every section
+    python bench/gpu_check.py --device cpu --tiny    # a smoke run of the same code on a CPU
 
-Prints three tables:
-1. fused guided sampler (Triton) at V = 128k for B in {1, 64, 256}: microseconds per call and
-   achieved GB/s against the memory-traffic floor, next to the device's HBM peak;
-2. decode tokens/s of our model runner (``ModelRunner`` on its slot KV cache, the engine's
-   forward path, random-weight Llama shapes of about 1B and 8B parameters in bf16) at batch
-   1 / 32 / 128, against Hugging Face ``generate()`` on the same random model;
-3. per-token cost of VAS (a 20-candidate tree forward) and GenARM (one extra low-rank ARM
-   matmul over the vocabulary) relative to a plain decode step, at batch 1 and 32;
-4. correctness of the compiled Triton sampler against the torch reference on the same device
-   (tokens must be identical, log-probabilities within 1e-4);
-5. the serving engine on the device (``alignserve serve --device cuda``'s path): every strategy
-   with the shipped ``concise`` heads (value, Q-head, ARM; its reward needs no model download)
-   on a SmolLM2-shaped model (random weights unless the folder has some), requests in
-   parallel; weight 0 must reproduce plain sampling token for token;
-6. ``alignserve train`` on the device (value head pooled and on an 8-layer backbone, Q-head,
-   ARM; tiny sizes) on the same model folder.
-Random weights: throughput does not depend on them. Numbers go into the README's GPU table.
-Each section reports its own failure (with a traceback) and the script goes on to the next.
+Sections (``--sections`` picks some; each reports its own failure with a traceback and the
+script goes on; the exit code is 0 only if every section that ran passed):
+- ``contract``: the compiled Triton sampler against the torch reference on the device, 288
+  rows at V = 128k with guidance, candidates, penalties and restriction (tokens and top-5 ids
+  identical, log-probabilities within 1e-4). Not with ``--tiny``.
+- ``kernel``: the sampler's microseconds per call and GB/s against the traffic floor and the
+  HBM peak, V = 128k (4096 with ``--tiny``), B = 1 / 8 / 64 / 256 (1 / 8), the torch reference
+  beside it.
+- ``engine`` (needs ``--model-dir``): ``alignserve serve --device cuda``'s path: every strategy
+  with the shipped ``concise`` heads (value, Q-head, ARM; that reward needs no download), 14
+  requests in parallel on the model of DIR; weight 0 must reproduce plain sampling token for
+  token.
+- ``train`` (needs ``--model-dir``): ``alignserve train`` on the device, tiny sizes: a pooled
+  value head, one on an 8-layer backbone, a Q-head and an ARM, in a fresh temporary folder.
+- ``decode``: our runner's decode tokens/s against Hugging Face ``generate()`` on random Llama
+  shapes of about 1B and 8B parameters in bf16 at batch 1 / 32 / 128 (a 2-layer model at batch
+  1 / 4 with ``--tiny``), with the per-token cost of a VAS step (20-candidate tree forward) and
+  a GenARM step (one low-rank ARM matmul over the vocabulary) against a plain step.
+
+DIR holds a SmolLM2-style ``config.json`` and tokenizer files; when it has no
+``*.safetensors``, seeded random weights are written into it (throughput and these checks do
+not depend on the weights). On an H200 every section but ``train`` took 82 s together.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -108,8 +115,8 @@ def kernel_table(dev: torch.device, v: int, batches: list[int], prof: bool = Fal
         s = timed(lambda x=x: guided_sample(**x, backend=backend), dev, 20)
         s_ref = timed(lambda x=x: guided_sample(**x, backend="torch"), dev, 20)
         gbs = (2 * b * v * 4) / s / 1e9  # logits + dense read once: the traffic floor
-        print(f"| {b} | {s * 1e6:.0f} | {gbs:.0f} | "
-              f"{f'{gbs / peak:.0%}' if peak else '?'} | {s_ref * 1e6:.0f} |")
+        print(f"| {b} | {s * 1e6:.0f} | {gbs:.3g} | "
+              f"{f'{gbs / peak:.2%}' if peak else '?'} | {s_ref * 1e6:.0f} |")
         if prof and b == batches[0]:
             profile(f"guided_sample B={b} V={v}",
                     lambda x=x: guided_sample(**x, backend=backend), dev)
@@ -259,8 +266,9 @@ def ensure_weights(model_dir: Path) -> None:
     m = CausalLM(cfg, rope_len=16)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    save_file({k: t.contiguous() for k, t in m.state_dict().items()},
-              str(model_dir / "model.safetensors"))
+    tmp = model_dir / "model.safetensors.partial"  # renamed when complete: never half a file
+    save_file({k: t.contiguous() for k, t in m.state_dict().items()}, str(tmp))
+    tmp.replace(model_dir / "model.safetensors")
 
 
 def engine_check(dev: torch.device, model_dir: Path, tokens: int) -> bool:
@@ -339,12 +347,20 @@ def engine_check(dev: torch.device, model_dir: Path, tokens: int) -> bool:
     return ok
 
 
-def train_check(dev: torch.device, model_dir: Path, work: Path) -> bool:
+def train_check(dev: torch.device, model_dir: Path) -> bool:
     """``alignserve train`` value (pooled), value on an 8-layer backbone, Q-head and ARM for
-    ``concise`` on ``dev``, tiny sizes, through the CLI; each must exit 0 and write a head."""
-    import subprocess
-
+    ``concise`` on ``dev``, tiny sizes, through the CLI; each must exit 0 and write a head.
+    Samples and heads go to a fresh temporary folder, so nothing cached by an earlier run (on
+    another device) is reused."""
     ensure_weights(model_dir)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_train_"))
+    try:
+        return _train_runs(dev, model_dir, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_runs(dev: torch.device, model_dir: Path, work: Path) -> bool:
     common = ["--reward", "concise", "--model", str(model_dir), "--prompts", "16",
               "--val-prompts", "8", "--samples", "4", "--max-new-tokens", "12", "--epochs", "2",
               "--run-dir", str(work / "run"), "--device", dev.type, "--slots", "16",
@@ -385,24 +401,46 @@ def section(name: str, fn: Callable[[], object]) -> bool:
     return res is not False
 
 
+SECTIONS = ("contract", "kernel", "engine", "train", "decode")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda",
+                    help="torch device (default cuda; cpu for a smoke run with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke run")
     ap.add_argument("--model-dir", type=Path, default=None,
-                    help="model folder for the engine check (config.json + tokenizer; random "
-                         "weights are written there when it has no *.safetensors); "
-                         "default: skip that check")
+                    help="model folder for the engine and train sections (config.json + "
+                         "tokenizer; random weights are written there when it has no "
+                         "*.safetensors); default: skip those sections")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler tables for the sampler at B=1 and the 1B "
                          "model's decode and VAS steps at batch 1")
     ap.add_argument("--sections", default="",
-                    help="comma-separated subset to run: contract, kernel, engine, train, "
-                         "decode (default: all)")
+                    help=f"comma-separated subset to run, of {', '.join(SECTIONS)} (default: "
+                         "all that apply)")
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
+    want = {x.strip() for x in args.sections.split(",") if x.strip()} or None
+    if want and want - set(SECTIONS):
+        ap.error(f"--sections: unknown {sorted(want - set(SECTIONS))}; known: {list(SECTIONS)}")
+    if want and {"engine", "train"} & want and args.model_dir is None:
+        ap.error("--sections engine / train need --model-dir")
+    if want == {"contract"} and args.tiny:
+        ap.error("--sections contract does not run with --tiny (it needs the compiled kernel)")
+    if args.model_dir is not None:
+        md = args.model_dir
+        if not (md / "config.json").is_file():
+            ap.error(f"--model-dir {md}: no config.json there")
+        if not any((md / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            ap.error(f"--model-dir {md}: no tokenizer.json / tokenizer_config.json there")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device {args.device!r}: {exc}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here (for a CPU smoke run: --device cpu --tiny)")
     t0 = time.perf_counter()
-    want = set(args.sections.split(",")) if args.sections else None
 
     def run(name: str, fn: Callable[[], object]) -> None:
         if want is None or name.split()[0] in want:
@@ -418,14 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         run("kernel", lambda: kernel_table(dev, 128256, [1, 8, 64, 256], prof=args.profile))
     if args.model_dir:
         run("engine", lambda: engine_check(dev, args.model_dir, 8 if args.tiny else 24))
-        run("train", lambda: train_check(dev, args.model_dir, args.model_dir / "train"))
+        run("train", lambda: train_check(dev, args.model_dir))
     if not args.tiny:
         for shape in ("1b", "8b"):
             run(f"decode {shape}", lambda shape=shape: decode_tables(
                 shape, dev, torch.bfloat16, [1, 32, 128], prompt=128, new=48,
                 prof=args.profile and shape == "1b"))
     print(f"\n(total {time.perf_counter() - t0:.0f} s; {sum(ok)} of {len(ok)} sections passed)")
-    return 0 if all(ok) else 1
+    return 0 if ok and all(ok) else 1
 
 
 if __name__ == "__main__":

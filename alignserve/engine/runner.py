@@ -30,9 +30,10 @@ class ModelRunner:
         self.name = name
         self.device = torch.device(device)
         if self.device.type == "cuda":
-            # cuDNN's attention builds a graph for every new key length: 3 ms per call on an
-            # H200 (bench/gpu_check.py --profile), and decoding changes the length each step.
-            # Flash / memory-efficient attention have no per-shape setup.
+            # cuDNN's attention sets up every new key length anew: 3.1 ms of host time per call
+            # on an H200 (docs/gpu_check_h200_before_fix.txt; 0.12 ms at a repeated length),
+            # and decoding changes the length each step. Flash / memory-efficient attention
+            # have no per-shape setup. Process-wide: the README's GPU section says so.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model: CausalLM
         self.config: ModelConfig
