@@ -113,6 +113,11 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                             "head (VAS; gamma 1, --lam); fudge = final reward at every prefix "
                             "(CD-FUDGE); cd-q = V(next state) along the sampled path, r at the "
                             "end (CD-Q) (default td-lambda)")
+        p.add_argument("--lexical", action="store_true",
+                       help="a lexical value head: it reads per-token features of the answer "
+                            "so far (word starts for concise/length, per-token profanity for "
+                            "non_toxic), not model states, so VAS / CD value every candidate "
+                            "without a forward (README, Lexical value heads)")
     p.add_argument("--model", default="default",
                    help="base model: 'default' (SmolLM2-135M-Instruct) or a local folder; the "
                         "head only works with this model's tokenizer (default 'default')")
@@ -309,6 +314,7 @@ def train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, hidden=getattr(args, "hidden", 128),
         pool=args.pool,
         backbone_layers=getattr(args, "backbone_layers", 0),
+        lexical=getattr(args, "lexical", False),
         rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
         aux_partial=getattr(args, "aux_partial", 0.0), aux_every=getattr(args, "aux_every", 4),
         refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),

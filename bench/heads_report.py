@@ -42,6 +42,9 @@ def main(root: str | None = None) -> int:
             ok = met.get("pairwise_accuracy", 0) >= 0.75
         pool = m.get("arch", {}).get("pool", "none")
         method = tr.get("method", "genarm") + (f", pool {pool}" if pool != "none" else "")
+        lexical = m.get("arch", {}).get("lexical")
+        if lexical:  # reads per-token features of the answer, not model states
+            method += f", lexical ({lexical['featurizer']})"
         size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "

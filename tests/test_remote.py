@@ -145,7 +145,10 @@ def test_weight_zero_is_plain_through_proxy(remote, proxy, strategy):
     {"strategy": "cd", "top_k": 20, "weights": {"sentiment": 5}},
     {"strategy": "genarm", "weights": {"sentiment": 2}},
     {"strategy": "vas", "top_k": 20, "values": "q", "weights": {"sentiment": 8}},
-], ids=lambda a: a["strategy"] + ("_q" if a.get("values") == "q" else ""))
+    {"strategy": "vas", "top_k": 20, "weights": {"concise_lex": -20}},
+    {"strategy": "cd", "top_k": 20, "weights": {"sentiment": 5, "concise_lex": 10}},
+], ids=lambda a: a["strategy"] + ("_q" if a.get("values") == "q" else "")
+   + ("_lexical" if any(k.endswith("_lex") for k in a["weights"]) else ""))
 def test_greedy_guided_matches_in_process(remote, proxy, alignment):
     """Greedy, the proxy's guided choice is the in-process one token for token: the remote's
     top-20 logprobs differ from the logits by a constant, the local backbone's hidden states are
@@ -157,8 +160,10 @@ def test_greedy_guided_matches_in_process(remote, proxy, alignment):
     assert via.choices[0].message.content == direct.choices[0].message.content
     assert direct.choices[0].message.content != plain.choices[0].message.content
     values = via.model_extra["alignment"].get("values")
-    assert values == direct.model_extra["alignment"].get("values") == (
-        alignment.get("values", "tree") if alignment["strategy"] != "genarm" else None)
+    expect = None if alignment["strategy"] == "genarm" else alignment.get("values", "tree")
+    if all(k.endswith("_lex") for k in alignment["weights"]):
+        expect = "lexical"  # lexical heads only: values from token ids, no backbone forward
+    assert values == direct.model_extra["alignment"].get("values") == expect
 
 
 def test_remote_cd_restricts_to_candidates(proxy):

@@ -348,6 +348,10 @@ def test_heads_endpoint_lists_rewards_and_strategies(server):
     pool = {row["name"]: row.get("pool") for row in body["data"]}
     assert pool["sentiment_value"] == pool["sentiment_q"] == "mean", pool
     assert pool["sentiment_arm"] == "none", pool
+    # lexical value heads read token ids only
+    placement = {row["name"]: row.get("placement") for row in body["data"]}
+    assert placement["concise_lex"] == placement["non_toxic_lex"] == "tokens", placement
+    assert placement["concise_value"] == "base", placement
     for row in body["data"]:
         lo, hi = row["weight_range"]
         assert lo < hi

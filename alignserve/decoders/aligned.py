@@ -112,7 +112,7 @@ class AlignedDecoder(Decoder):
             infos = avail
             # heads placed on a backbone read their own small model: the request needs its slots
             self.backbones = sorted({registry.heads_for(n, self.head_kind).runner
-                                     for n in self.weights} - {"base"})
+                                     for n in self.weights} - {"base", "tokens"})
         else:
             infos = {n: i for n, i in infos.items() if n in registry.rewards}
         try:
@@ -145,7 +145,8 @@ class AlignedDecoder(Decoder):
     def backbone_seqs(self, ctx: DecodeContext, heads: list[Any]) -> Run:
         """One sequence per backbone the heads read, prefilled with the prompt; returns
         ({runner: seq}, {runner: hidden state at the prompt's last token})."""
-        vseqs = {r: ctx.new_seq(r) for r in sorted({h.runner for h in heads} - {"base"})}
+        runners = {h.runner for h in heads} - {"base", "tokens"}  # "tokens": lexical heads
+        vseqs = {r: ctx.new_seq(r) for r in sorted(runners)}
         hidden: dict[str, Tensor] = {"base": ctx.prompt_hidden[None]}
         if vseqs:
             outs = yield [Extend(v, list(ctx.prompt_ids), logits="none", hidden=True)

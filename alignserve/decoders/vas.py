@@ -19,6 +19,11 @@ Q-heads when every weighted reward has one on the base and ``batched`` is true, 
 The default is ``"tree"``: on the shipped heads the Q-head's values steer less per unit of KL
 than the exact ones (README, frontier table), so the cheap mode is opt-in. Both are in reward
 standard deviations, so beta means the same either way.
+
+Lexical value heads (``value_models/lexical.py``, placement ``"tokens"``) value each candidate
+exactly from the answer's token ids, with no forward: when every weighted head is lexical, the
+request takes the one-forward-per-token path whatever ``values`` says (reported as
+``"lexical"``); mixed with state heads, their values join the tree's or the Q-heads'.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pydantic import Field
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, HeadEval, Seq, Tree
 from ..value_models.heads import PrefixMean, head_input
+from ..value_models.lexical import is_lexical
 from .aligned import (
     AlignedDecoder,
     AlignmentError,
@@ -84,7 +90,14 @@ class Vas(AlignedDecoder):
             raise AlignmentError("alignment.batched", "batched=false (the benchmark baseline) "
                                  "supports heads on the base model's states only")
         self.q_heads = {}
-        if self.opt.values == "tree" or registry is None or self.plain:
+        if registry is None or self.plain:
+            return
+        weighted = {n: registry.heads_for(n, "value") for n, w in self.weights.items() if w}
+        if self.opt.batched and all(h.runner == "tokens" for h in weighted.values()):
+            # lexical heads value every candidate from token ids: no tree, no Q-head needed
+            self.q_heads = weighted
+            return
+        if self.opt.values == "tree":
             return
         if self.opt.values == "q" and not self.opt.batched:
             raise AlignmentError("alignment.values", "values='q' needs no candidate forwards; "
@@ -94,8 +107,8 @@ class Vas(AlignedDecoder):
             if not w:
                 continue
             value = registry.heads_for(name, "value")
-            q = distilled_from(registry, value)
-            if q is None or value.runner != "base":
+            q = value if value.runner == "tokens" else distilled_from(registry, value)
+            if q is None or value.runner not in ("base", "tokens"):
                 missing.append(name)
             else:
                 found[name] = q
@@ -147,6 +160,9 @@ class Vas(AlignedDecoder):
                 hidden = {"base": h_base}
             # the heads of every request in this step run as one call per head (HeadEval)
             vals = torch.stack((yield [
+                HeadEval(h.module, (h.module.candidate_inputs(ctx.choices[c].tokens, cands,
+                                                         logits.device),))
+                if is_lexical(h.module) else
                 HeadEval(h.module, (head_input(h.module, hidden[h.runner], pool, True),))
                 for h, _ in heads]))  # [H, k]
             tok, done = yield from self.pick(ctx, c, logits, gen, cands, vals, betas)
@@ -168,24 +184,33 @@ class Vas(AlignedDecoder):
 
     def run_choice_q(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
         """Values from Q-heads on the current state: one one-token forward per token."""
-        ctx.info["values"] = "q"
         heads = [(self.q_heads[n], w) for n, w in self.weights.items() if w]
-        ctx.info["q_heads"] = {n: h.name for n, h in self.q_heads.items()}
+        lexical = [is_lexical(h.module) for h, _ in heads]
+        if all(lexical):  # exact values from token ids alone (value_models/lexical.py)
+            ctx.info["values"] = "lexical"
+        else:
+            ctx.info["values"] = "q"
+            ctx.info["q_heads"] = {n: h.name for n, h in self.q_heads.items()}
         betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
         embed = ctx.runners["base"].model.head_weight
         gen = ctx.generator(c)
         hidden = ctx.prompt_hidden[None]  # [1, D] state of the prefix
         pool = PrefixMean.for_heads(hidden, [h.module for h, _ in heads])
         while True:
-            cands = topk_ids(ctx, logits, self.opt.top_k, ctx.choices[c].tokens)
-            rows = embed[torch.tensor(cands, device=embed.device)][None]  # [1, k, D]
-            outs = yield [HeadEval(h.module, (head_input(h.module, hidden, pool, False), rows))
-                          for h, _ in heads]  # [1, k] each
-            vals = torch.stack([o[0] for o in outs]).float().cpu()  # [H, k]
+            history = ctx.choices[c].tokens
+            cands = topk_ids(ctx, logits, self.opt.top_k, history)
+            rows = None if all(lexical) else embed[torch.tensor(cands, device=embed.device)][None]
+            outs = yield [  # Q-heads: [1, k] each; lexical value heads: [k]
+                HeadEval(h.module, (h.module.candidate_inputs(history, cands, logits.device),))
+                if lex else
+                HeadEval(h.module, (head_input(h.module, hidden, pool, False), rows))
+                for (h, _), lex in zip(heads, lexical)]
+            vals = torch.stack([o if lex else o[0] for o, lex in zip(outs, lexical)])
+            vals = vals.float().cpu()  # [H, k]
             tok, done = yield from self.pick(ctx, c, logits, gen, cands, vals, betas)
             if done:
                 return
-            [o] = yield [Extend(seq, [tok], hidden=True)]
+            [o] = yield [Extend(seq, [tok], hidden=not all(lexical))]
             logits, hidden = o.logits[0], o.hidden
             if pool is not None:
                 pool.add(hidden[-1])

@@ -38,6 +38,7 @@ from ..decoders.deal import emit_best
 from ..decoders.genarm import mixture
 from ..engine.output import Detokenizer, TokenInfo
 from ..value_models.heads import PrefixMean, head_input
+from ..value_models.lexical import is_lexical
 from .backbone import LocalBackbone
 from .strategies import RemoteCtx, _stops, drive, next_top, sparse_logits
 
@@ -58,8 +59,9 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
     heads = [(dec.q_heads[n] if use_q else reg.heads_for(n, "value"), w)
              for n, w in dec.weights.items() if w]
     betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
-    ctx.info["values"] = "q" if use_q else "tree"
-    if use_q:  # the Q-head read for each weighted reward, as in-process
+    lexical = [is_lexical(h.module) for h, _ in heads]
+    ctx.info["values"] = "lexical" if all(lexical) else "q" if use_q else "tree"
+    if use_q and not all(lexical):  # the Q-head read for each weighted reward, as in-process
         ctx.info["q_heads"] = {n: h.name for n, h in dec.q_heads.items()}
     embed = backbone.embed if use_q else None
     k = dec.opt.top_k
@@ -76,8 +78,9 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
             pool = PrefixMean.for_heads(state, [h.module for h, _ in heads])
             behind: int | None = None  # a sampled token the backbone has not read yet
             while True:
-                if behind is None:
+                if behind is None or all(lexical):  # lexical heads read no backbone state
                     top = await next_top(ctx, done, want)
+                    behind = None
                 else:
                     top, state = await asyncio.gather(next_top(ctx, done, want),
                                                       backbone.extend(seq, behind))
@@ -92,15 +95,21 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                 cands = topk_ids(ctx, logits, k, done)
                 ctx.stats.candidates_scored += len(cands)
                 if use_q:
-                    ids = torch.tensor(cands, device=embed.device)  # type: ignore[union-attr]
-                    rows = embed[ids].float().cpu()[None]  # type: ignore[index]  # [1, k, D]
-                    vals = torch.stack([h.module(head_input(h.module, state, pool, False),
-                                                 rows)[0] for h, _ in heads])  # [H, k]
+                    rows = None
+                    if not all(lexical):
+                        ids = torch.tensor(cands, device=embed.device)  # type: ignore[union-attr]
+                        rows = embed[ids].float().cpu()[None]  # type: ignore[index]  # [1, k, D]
+                    vals = torch.stack([
+                        h.module.candidate_values(done, cands).cpu() if lex else
+                        h.module(head_input(h.module, state, pool, False), rows)[0]
+                        for (h, _), lex in zip(heads, lexical)])  # [H, k]
                 else:
                     hidden = (await backbone.tree_hidden(seq, cands)).float().cpu()
                     ctx.stats.guidance_forwards += 1
-                    vals = torch.stack([h.module(head_input(h.module, hidden, pool, True))
-                                        for h, _ in heads])  # [H, k]
+                    vals = torch.stack([
+                        h.module.candidate_values(done, cands).cpu() if lex else
+                        h.module(head_input(h.module, hidden, pool, True))
+                        for (h, _), lex in zip(heads, lexical)])  # [H, k]
                 vals = vals - vals.mean(dim=1, keepdim=True)
                 out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
                                           restrict=dec.restrict))

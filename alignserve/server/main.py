@@ -141,7 +141,7 @@ def attach_backbones(engine: Engine, registry: Registry) -> None:
     cfg = engine.config
     for head in registry.heads.values():
         name = head.runner
-        if name != "base" and name not in engine.runners:
+        if name not in ("base", "tokens") and name not in engine.runners:
             layers = int(head.manifest["arch"]["layers"])
             engine.add_runner(name, ModelRunner(name, cfg.model_dir, cfg.slots, cfg.max_len,
                                                 getattr(torch, cfg.dtype), cfg.device,

@@ -258,9 +258,13 @@ class Head:
 
     @property
     def runner(self) -> str:
-        """Which model's hidden states the head reads: "base" or "backbone-L"."""
+        """Which model's hidden states the head reads: "base" or "backbone-L"; "tokens" for a
+        lexical value head, which reads the answer's token ids only (``lexical.py``)."""
+        placement = self.manifest.get("placement")
+        if placement == "tokens":
+            return "tokens"
         layers = self.manifest.get("arch", {}).get("layers")
-        return f"backbone-{layers}" if self.manifest.get("placement") == "backbone" else "base"
+        return f"backbone-{layers}" if placement == "backbone" else "base"
 
     @property
     def info(self) -> RewardInfo:
@@ -311,6 +315,11 @@ def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
     pool = arch.get("pool", "none")
     if pool != "none" and arch.get("layers"):
         raise HeadError(f"pool={pool!r} is for heads on the base's states only")
+    if kind == "value" and "lexical" in arch:
+        from .lexical import LexicalValueHead
+
+        lex = arch["lexical"]
+        return LexicalValueHead(lex["vocab"], lex["features"], arch.get("hidden", 64))
     if kind == "value":
         return ValueHead(arch["dim"], arch.get("hidden", 128), pool)
     if kind == "arm":

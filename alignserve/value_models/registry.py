@@ -60,9 +60,11 @@ class Registry:
         h = self.heads.get(reward)
         if h is not None and h.kind == kind:
             return h
+        h = self.heads.get(f"{reward}_{kind}")  # the conventional name wins over other heads
+        if h is not None and h.kind == kind:    # of the reward (e.g. a lexical concise_lex)
+            return h
         for h in self.heads.values():
-            if h.kind == kind and (h.manifest.get("reward") == reward
-                                   or h.name == f"{reward}_{kind}"):
+            if h.kind == kind and h.manifest.get("reward") == reward:
                 return h
         return None
 

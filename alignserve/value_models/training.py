@@ -117,6 +117,7 @@ class TrainConfig:
     hidden: int = 128
     pool: str = "none"  # value heads, ARMs: "mean" reads [h_t, mean(h_0..h_t)] (Q: their V's)
     backbone_layers: int = 0  # 0: read the base's final states; L: a backbone of its first L
+    lexical: bool = False  # value heads: read per-token features of the answer (lexical.py)
     rank: int = 32
     lam: float = 0.95
     aux_partial: float = 0.0  # value heads: weight of the partial-text reward auxiliary loss
@@ -147,6 +148,16 @@ class TrainConfig:
         if self.pool != "none" and (self.kind == "q" or self.backbone_layers):
             raise ValueError("--pool is for value heads and ARMs on the base's states (a "
                              "Q-head takes its value head's)")
+        if self.lexical:
+            from .lexical import featurizer_for
+
+            if self.kind != "value":
+                raise ValueError("--lexical is for value heads (a lexical head values every "
+                                 "candidate itself: it needs no Q-head)")
+            if self.pool != "none" or self.backbone_layers:
+                raise ValueError("--lexical reads token ids, not model states: it takes no "
+                                 "--pool or --backbone-layers")
+            featurizer_for(parse_reward_spec(self.reward))
         # checked here, before any sampling: each would otherwise fail minutes (or an hour) in
         for flag, v, lo in (("--samples", self.samples, 1), ("--max-new-tokens",
                             self.max_new_tokens, 1), ("--prompts", self.prompts, 1),
@@ -1373,7 +1384,11 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     t0 = time.perf_counter()
     pool = cfg.pool
     if cfg.kind == "q":  # fail before an hour of sampling, not after
-        pool = _value_head_for(cfg, None, None).manifest["arch"].get("pool", "none")
+        varch = _value_head_for(cfg, None, None).manifest["arch"]
+        if "lexical" in varch:
+            raise ValueError("--value-head is a lexical value head: it needs no Q-head (VAS / "
+                             "CD read its exact value of every candidate from the token ids)")
+        pool = varch.get("pool", "none")
     base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
     try:
         base.check_backbone_layers(cfg.backbone_layers)
@@ -1382,10 +1397,22 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
             if cfg.val_prompts != 0 else None
         embed = base.embed if cfg.kind in ("arm", "q") else None
         fingerprint = tokenizer_fingerprint(base.tokenizer)
+        lex_table = None
+        if cfg.lexical:
+            from .lexical import featurizer_for, lexical_table
+
+            lex_name = featurizer_for(weights)
+            lex_table = lexical_table(lex_name, base.tokenizer)
         rrange = _reward_range(weights, base)
     finally:
         base.close()
     dim = int(train.hidden.shape[1])  # the base's hidden size
+    if lex_table is not None:  # the head reads per-token features, not the states
+        from .lexical import lexical_features
+
+        for sp in (train, val):
+            if sp is not None:
+                sp.hidden = lexical_features(lex_table, sp.tokens, sp.offsets)
     if pool == "mean":  # the head reads [h_t, mean(h_0..h_t)]
         for sp in (train, val):
             if sp is None:
@@ -1434,10 +1461,23 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         module.r_std.fill_(r_std)
         metrics = value_metrics(module, val) if val else {}
         arch = {"dim": dim, "hidden": cfg.hidden, "pool": cfg.pool}
+        if lex_table is not None:
+            from .lexical import LexicalValueHead
+
+            lex = LexicalValueHead(*lex_table.shape, cfg.hidden)
+            lex.load_state_dict({**module.cpu().state_dict(), "table": lex_table})
+            module = lex
+            arch["lexical"] = {"featurizer": lex_name, "vocab": int(lex_table.shape[0]),
+                               "features": int(lex_table.shape[1])}
         if cfg.backbone_layers:
             arch["layers"] = cfg.backbone_layers
         desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation, in "
                 f"reward standard deviations ({cfg.method}); for VAS / controlled decoding")
+        if lex_table is not None:
+            desc = (f"lexical value head V(prefix) ~ expected {cfg.reward}, from per-token "
+                    f"{lex_name} features of the answer so far (no model states), in reward "
+                    f"standard deviations ({cfg.method}); VAS / CD value every candidate "
+                    "without a forward")
         wrange = [-20.0, 20.0]
     else:
         assert embed is not None
@@ -1459,7 +1499,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                 if cfg.kind != "arm" else [-1e9, 0.0],
                 "reward_stats": {"mean": r_mean, "std": r_std, "reward_range": rrange},
                 "tokenizer": fingerprint, "arch": arch,
-                "placement": "backbone" if arch.get("layers") else "base",
+                "placement": "tokens" if "lexical" in arch
+                else "backbone" if arch.get("layers") else "base",
                 "weight_range": wrange, "training": training, "metrics": metrics}
     module = module.cpu()
     head = Head(cfg.name or Path(cfg.out).name, cfg.kind, module, manifest)
@@ -1486,6 +1527,10 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
                         "hidden": 64, "weight_decay": 0.01},
     "concise_value": {"kind": "value", "reward": "concise", "method": "td-lambda",
                       "hidden": 64, "weight_decay": 0.01, "pool": "mean"},
+    "concise_lex": {"kind": "value", "reward": "concise", "method": "td-lambda",
+                    "hidden": 64, "weight_decay": 0.01, "lexical": True},
+    "non_toxic_lex": {"kind": "value", "reward": "non_toxic", "method": "td-lambda",
+                      "hidden": 64, "weight_decay": 0.01, "lexical": True},
     "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 4,
                     "batch_size": 1024, "lr": 1e-3},
     "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 4,

@@ -1,0 +1,161 @@
+"""Lexical value heads: features, training checks, and VAS / CD with the shipped ones on the real
+model (values from token ids alone, no guidance forward)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from alignserve.decoders import build_decoder
+from alignserve.engine.sampling import SamplingParams
+from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
+from alignserve.value_models.heads import load_head, tokenizer_fingerprint
+from alignserve.value_models.lexical import (
+    UNIT,
+    LexicalValueHead,
+    featurizer_for,
+    lexical_features,
+    word_starts,
+)
+from alignserve.value_models.registry import Registry
+from alignserve.value_models.training import TrainConfig
+
+HEADS = ROOT / "alignserve" / "value_models" / "default_heads"
+
+
+def _random_samples(seed: int, vocab: int = 50, n: int = 5) -> tuple[torch.Tensor, torch.Tensor,
+                                                                       list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    samples = [torch.randint(0, vocab, (int(torch.randint(0, 7, (1,), generator=g)),),
+                             generator=g).tolist() for _ in range(n)]
+    tokens = torch.tensor([t for s in samples for t in s], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(s) + 1 for s in samples]).cumsum(0)
+    return tokens, offsets, samples
+
+
+def test_training_features_are_the_prefix_sums_of_each_sample() -> None:
+    """State t of a sample reads its first t tokens: [s/32, s/max(t,1), t/32]; a loop over
+    every sample (empty ones included) says the same as the vectorised version."""
+    table = torch.rand(50, 2, generator=torch.Generator().manual_seed(0))
+    tokens, offsets, samples = _random_samples(1)
+    feats = lexical_features(table, tokens, offsets)
+    rows = []
+    for s in samples:
+        for t in range(len(s) + 1):
+            tot = table[s[:t]].sum(0) if t else torch.zeros(2)
+            rows.append(torch.cat([tot / UNIT, tot / max(t, 1), torch.tensor([t / UNIT])]))
+    torch.testing.assert_close(feats, torch.stack(rows))
+
+
+def test_decoding_features_equal_training_features() -> None:
+    """What VAS feeds the head for candidate a after history y<t is exactly the training
+    feature of state t + 1 of an answer that continued with a."""
+    torch.manual_seed(0)
+    head = LexicalValueHead(50, 2, hidden=8)
+    head.table.copy_(torch.rand(50, 2))
+    tokens, offsets, samples = _random_samples(2)
+    feats = lexical_features(head.table, tokens, offsets)
+    for i, s in enumerate(samples):
+        for t in range(len(s)):
+            got = head.candidate_inputs(s[:t], [s[t], 7])[0]
+            torch.testing.assert_close(got, feats[int(offsets[i]) + t + 1])
+            v = head.candidate_values(s[:t], [s[t]])
+            torch.testing.assert_close(v, head(feats[int(offsets[i]) + t + 1][None]))
+
+
+def test_word_start_feature_counts_words() -> None:
+    texts = [" the", "cat", "\n", " sat", ".", "  "]
+    assert word_starts(texts).squeeze(1).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(("kw", "needle"), [
+    ({"kind": "value", "reward": "sentiment"}, "--lexical needs exactly one reward"),
+    ({"kind": "value", "reward": "concise,non_toxic"}, "--lexical needs exactly one reward"),
+    ({"kind": "arm", "reward": "concise"}, "--lexical is for value heads"),
+    ({"kind": "value", "reward": "concise", "pool": "mean"}, "takes no --pool"),
+    ({"kind": "value", "reward": "concise", "backbone_layers": 4}, "takes no --pool"),
+])
+def test_lexical_training_settings_are_checked_before_sampling(kw, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(out="/tmp/x", lexical=True, **kw).resolved()
+
+
+def test_no_q_head_from_a_lexical_value_head(tmp_path: Path) -> None:
+    from alignserve.value_models.training import run_training
+
+    cfg = TrainConfig(kind="q", reward="concise", out=str(tmp_path / "q"),
+                      value_head=str(HEADS / "concise_lex"), run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="lexical value head: it needs no Q-head"):
+        run_training(cfg, log=lambda s: None)
+    assert not (tmp_path / "run").exists()  # refused before any sampling
+
+
+def test_featurizer_names_the_rewards_that_have_one() -> None:
+    assert featurizer_for({"concise": 1.0}) == "word_starts"
+    assert featurizer_for({"non_toxic": 2.0}) == "profanity"
+    with pytest.raises(ValueError, match="concise"):
+        featurizer_for({"vader": 1.0})
+
+
+# ---- the shipped lexical heads on the real model ---------------------------------------------
+@pytest.fixture(scope="module")
+def engine(model_dir: Path):
+    eng = Engine(EngineConfig(model_dir=model_dir, slots=16, max_len=256, max_waiting=16))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def registry(engine):
+    return Registry.build(None, tokenizer_fingerprint(engine.tokenizer),
+                          engine.base.config.hidden_size, default_heads=True)
+
+
+def _run(engine, registry, alignment, seed=3, max_tokens=12):
+    text = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me what you think of people who cut in line."}],
+        add_generation_prompt=True, tokenize=False)
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    return engine.generate(EngineRequest(
+        prompt_ids=ids, prompt_text=text, resources=registry,
+        decoder=build_decoder(alignment, registry=registry),
+        params=SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=seed,
+                              ignore_eos=True)))
+
+
+def test_shipped_lexical_heads_load_and_keep_the_conventional_names(engine, registry) -> None:
+    for name, featurizer in (("concise_lex", "word_starts"), ("non_toxic_lex", "profanity")):
+        h = registry.heads[name]
+        assert h.kind == "value" and h.runner == "tokens"
+        assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer
+        assert h.manifest["metrics"]["spearman_50"] > 0.45
+        assert load_head(HEADS / name).module.table.shape == (len(engine.tokenizer), 1)
+    # a weight named by the reward still reads its state-based value head
+    assert registry.heads_for("concise", "value").name == "concise_value"
+    assert registry.heads_for("non_toxic", "value").name == "non_toxic_value"
+
+
+@pytest.mark.parametrize("strategy", ["vas", "cd"])
+def test_lexical_vas_and_cd_need_no_guidance_forward(engine, registry, strategy) -> None:
+    plain = _run(engine, registry, None)
+    zero = _run(engine, registry, {"strategy": strategy, "weights": {"non_toxic_lex": 0}})
+    assert zero["choices"][0]["tokens"] == plain["choices"][0]["tokens"]
+    steered = _run(engine, registry, {"strategy": strategy, "weights": {"concise_lex": 20}})
+    assert steered["info"]["values"] == "lexical"
+    assert steered["stats"].guidance_forwards == 0  # no tree, no Q-head forward
+    assert steered["stats"].candidates_scored == 12 * 20  # top-k 20 valued per token
+    assert steered["choices"][0]["tokens"] != plain["choices"][0]["tokens"]
+
+
+@pytest.mark.parametrize("values", ["tree", "q"])
+def test_lexical_heads_mix_with_state_heads(engine, registry, values) -> None:
+    res = _run(engine, registry, {"strategy": "vas", "values": values, "top_k": 8,
+                                  "weights": {"sentiment": 2, "non_toxic_lex": 4}})
+    assert res["info"]["values"] == values
+    assert res["completion_tokens"] == 12
+    if values == "q":
+        assert res["info"]["q_heads"] == {"sentiment": "sentiment_q",
+                                          "non_toxic_lex": "non_toxic_lex"}
