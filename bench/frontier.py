@@ -124,7 +124,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                     help=f"besides plain sampling (default {STRATEGIES})")
     ap.add_argument("--sweep", action="append", default=[], metavar="STRATEGY.PARAM=v1,v2",
                     help="replaces the default grid of that strategy; 'weight' scales the "
-                         "objective weight (beta for vas/cd, alpha for genarm, w for args). "
+                         "objective weight (beta for vas/cd, alpha for genarm, w for args); "
+                         "'head' names the head to weight instead of the objective's default "
+                         "one (vas.head=non_toxic_lex). "
                          f"Defaults: {' '.join(SWEEPS)}; quick: {' '.join(QUICK_SWEEPS)}")
     ap.add_argument("--heads", default=None,
                     help="folder of guidance heads (default: the heads shipped in the package)")
@@ -219,7 +221,7 @@ def engine_size(cfg: Config, longest_prompt: int) -> tuple[int, int]:
         grids.setdefault(name, []).extend({p: v} for v in vals)
     for name in cfg.strategies:
         for params in grids.get(name, []) + [{}]:
-            dec = CLASSES[name]({k: v for k, v in params.items() if k != "weight"})
+            dec = CLASSES[name]({k: v for k, v in params.items() if k not in ("weight", "head")})
             need = max(need, dec.slots_needed(1)["base"])
             room = max(room, int(getattr(getattr(dec, "opt", None), "top_k", 0)) + 8)
     return need * cfg.clients, longest_prompt + cfg.max_tokens + room

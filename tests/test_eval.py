@@ -63,6 +63,24 @@ def test_settings_grid_skip_and_bon_curve(registry) -> None:
         build_settings(["best_of_n"], ["best_of_n.n=0"], objs, registry)
 
 
+def test_sweep_head_picks_the_head_to_weight() -> None:
+    """``vas.head=NAME`` weights that head instead of the objective's default value head (the
+    frontier's lexical-head runs); unknown heads fail before generating."""
+    from alignserve.decoders import AlignmentError
+    from alignserve.value_models.registry import Registry
+
+    reg = Registry.build(None, default_heads=True)
+    objs = resolve_objectives("non_toxic", reg)
+    settings = build_settings(["vas"], ["vas.head=non_toxic_lex", "vas.weight=4,8"], objs, reg)
+    got = [s.alignment["weights"] for s in settings if s.strategy == "vas"]
+    assert got == [{"non_toxic_lex": 4.0}, {"non_toxic_lex": 8.0}]
+    assert all("head" not in s.alignment for s in settings if s.alignment)
+    default = build_settings(["vas"], ["vas.weight=4"], objs, reg)
+    assert default[-1].alignment["weights"] == {"non_toxic": 4.0}  # -> non_toxic_value
+    with pytest.raises(AlignmentError):
+        build_settings(["vas"], ["vas.head=no_such_head"], objs, reg)
+
+
 def test_tiny_eval_run(tmp_path: Path, model_dir: Path) -> None:
     """2 prompts x 8 tokens: sample, Best-of-N n=1,2 and a small cd_block, through the CLI."""
     from alignserve.eval.cli import main

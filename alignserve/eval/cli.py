@@ -99,7 +99,7 @@ def _engine_size(args: argparse.Namespace) -> tuple[int, int]:
             continue
         for params in grids.get(name, []) + [{}]:
             try:
-                dec = cls({k: v for k, v in params.items() if k != "weight"})
+                dec = cls({k: v for k, v in params.items() if k not in ("weight", "head")})
             except Exception:  # noqa: BLE001 - reported properly when settings are built
                 continue
             need = max(need, sum(dec.slots_needed(1).values()))

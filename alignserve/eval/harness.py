@@ -224,7 +224,9 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
                    warn: Callable[[str], None] = log.warning) -> list[Setting]:
     """Expand strategies x sweeps into settings; plain sampling first, always present.
 
-    Sweeps over the same strategy form a Cartesian grid. A strategy whose head is not loaded is
+    Sweeps over the same strategy form a Cartesian grid; ``weight`` scales the objective's
+    weight and ``head`` (VAS / CD / GenARM) names the head to weight instead of the objective's
+    default one (``vas.head=non_toxic_lex``). A strategy whose head is not loaded is
     skipped through ``warn``. Parameters are validated by building each decoder here, so a bad
     sweep fails before any generation.
     """
@@ -254,13 +256,17 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
         for params in combos:
             scale = float(params.get("weight", 1.0))
             weights = strategy_weights(name, objectives, registry, scale)
+            if "head" in params and weights is not None:  # e.g. vas.head=non_toxic_lex
+                if len(weights) != 1:
+                    raise ValueError(f"{name}.head picks one head: one objective only")
+                weights = {str(params["head"]): next(iter(weights.values()))}
             if weights is None:
                 kind = HEAD_KIND[name]
                 warn(f"skipping {name}: no {kind} head loaded for "
                      f"{[o.name for o in objectives]} (train one, or pass --heads)")
                 break
             alignment = {"strategy": name, "weights": weights,
-                         **{k: v for k, v in params.items() if k != "weight"}}
+                         **{k: v for k, v in params.items() if k not in ("weight", "head")}}
             if reward_options and HEAD_KIND.get(name) is None:  # heads fixed them at training
                 alignment["reward_options"] = dict(reward_options)
             build_decoder(alignment, registry=registry)  # validates; raises AlignmentError
