@@ -66,6 +66,15 @@ def test_decoding_features_equal_training_features() -> None:
             torch.testing.assert_close(v, head(feats[int(offsets[i]) + t + 1][None]))
 
 
+def test_candidates_past_the_table_read_zero() -> None:
+    """A model may have more embedding slots than its tokenizer has tokens: such a candidate
+    reads feature 0 instead of failing the request."""
+    head = LexicalValueHead(50, 1, hidden=4)
+    head.table.fill_(1.0)
+    x = head.candidate_inputs([3, 4], [5, 60])
+    torch.testing.assert_close(x[:, 0] * UNIT, torch.tensor([3.0, 2.0]))
+
+
 def test_word_start_feature_counts_words() -> None:
     texts = [" the", "cat", "\n", " sat", ".", "  "]
     assert word_starts(texts).squeeze(1).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
@@ -138,12 +147,14 @@ def test_shipped_lexical_heads_load_and_keep_the_conventional_names(engine, regi
     assert registry.heads_for("non_toxic", "value").name == "non_toxic_value"
 
 
-@pytest.mark.parametrize("strategy", ["vas", "cd"])
-def test_lexical_vas_and_cd_need_no_guidance_forward(engine, registry, strategy) -> None:
+@pytest.mark.parametrize(("strategy", "extra"), [("vas", {}), ("cd", {}),
+                                               ("vas", {"batched": False})])
+def test_lexical_vas_and_cd_need_no_guidance_forward(engine, registry, strategy, extra) -> None:
     plain = _run(engine, registry, None)
     zero = _run(engine, registry, {"strategy": strategy, "weights": {"non_toxic_lex": 0}})
     assert zero["choices"][0]["tokens"] == plain["choices"][0]["tokens"]
-    steered = _run(engine, registry, {"strategy": strategy, "weights": {"concise_lex": 20}})
+    steered = _run(engine, registry, {"strategy": strategy, "weights": {"concise_lex": 20},
+                                      **extra})
     assert steered["info"]["values"] == "lexical"
     assert steered["stats"].guidance_forwards == 0  # no tree, no Q-head forward
     assert steered["stats"].candidates_scored == 12 * 20  # top-k 20 valued per token

@@ -103,7 +103,8 @@ class AlignedDecoder(Decoder):
                     other = registry.heads.get(name)
                     hint = "" if other is None else (
                         f" ({name!r} is a {other.kind} head; weight its reward "
-                        f"{other.manifest.get('reward')!r} or a {self.head_kind} head"
+                        f"{other.manifest.get('reward')!r} or "
+                        f"{'an' if self.head_kind[0] in 'aeiou' else 'a'} {self.head_kind} head"
                         + (", with values: 'q'" if other.kind == "q" else "") + ")")
                     raise AlignmentError(f"alignment.weights.{name}",
                                          f"no {self.head_kind} head for {name!r}; available: "

@@ -72,7 +72,8 @@ class VasOptions(CommonOptions):
         "tree", description="candidate values: 'tree' = exact V of each candidate from a "
         "k-token tree forward; 'q' = a Q-head's values from the current state (no extra "
         "forward); 'auto' = 'q' when every weighted reward has a Q-head, else 'tree' "
-        "(default 'tree')")
+        "(default 'tree'). Lexical value heads (placement 'tokens') value candidates from "
+        "token ids whatever this says; with only those the response reports 'lexical'")
 
 
 class Vas(AlignedDecoder):
@@ -93,8 +94,9 @@ class Vas(AlignedDecoder):
         if registry is None or self.plain:
             return
         weighted = {n: registry.heads_for(n, "value") for n, w in self.weights.items() if w}
-        if self.opt.batched and all(h.runner == "tokens" for h in weighted.values()):
+        if all(h.runner == "tokens" for h in weighted.values()):
             # lexical heads value every candidate from token ids: no tree, no Q-head needed
+            # (and nothing for batched=false's per-candidate forwards to do)
             self.q_heads = weighted
             return
         if self.opt.values == "tree":

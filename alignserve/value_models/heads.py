@@ -359,7 +359,8 @@ def load_head(folder: Path, fingerprint: str | None = None, dim: int | None = No
         raise HeadError(f"head '{manifest['name']}' in {folder} was built for tokenizer "
                         f"{manifest['tokenizer']}, but the served model's is {fingerprint}; "
                         "retrain it for this model")
-    if dim is not None and manifest["arch"].get("dim") != dim:
+    if dim is not None and manifest["arch"].get("dim") != dim \
+            and "lexical" not in manifest["arch"]:  # lexical heads read token ids, not states
         raise HeadError(f"head '{manifest['name']}' expects hidden size "
                         f"{manifest['arch'].get('dim')}, the model has {dim}")
     module = build_module(manifest["kind"], manifest["arch"])

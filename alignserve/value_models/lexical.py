@@ -127,10 +127,18 @@ class LexicalValueHead(ValueHead):
         of the ``cands``, on ``device`` (default: the table's). The decoders pass the engine's
         device, so the scheduler moves the head there as it does every head (``run_heads``)."""
         dev = self.table.device
-        s = self.table[torch.tensor(list(history), dtype=torch.long, device=dev)].sum(0)
-        ext = s[None] + self.table[torch.tensor(list(cands), dtype=torch.long, device=dev)]
+        s = self.rows(history).sum(0)
+        ext = s[None] + self.rows(cands)
         t = torch.full((len(cands),), len(history) + 1, device=dev)
         return features_from_sums(ext, t).to(device or dev)
+
+    def rows(self, ids: Sequence[int]) -> Tensor:
+        """[n, F] table rows of token ``ids``; ids past the tokenizer's vocabulary (a model's
+        padded embedding slots) read 0."""
+        idx = torch.tensor(list(ids), dtype=torch.long, device=self.table.device)
+        inside = idx < self.table.shape[0]
+        out = self.table[idx.clamp_max(self.table.shape[0] - 1)]
+        return out * inside[:, None].to(out.dtype)
 
     def candidate_values(self, history: Sequence[int], cands: Sequence[int]) -> Tensor:
         """[k] exact values (reward standard deviations) of the prefix extended by each
