@@ -146,13 +146,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
     base = QUICK if a.quick else FULL
     strategies = [s.strip() for s in a.strategies.split(",") if s.strip() and s != "sample"]
+    try:
+        sweeps = merge_sweeps(QUICK_SWEEPS if a.quick else SWEEPS, a.sweep, strategies)
+    except ValueError as exc:  # a malformed --sweep
+        ap.error(str(exc))
     cfg = Config(
         objectives=[o.strip() for o in a.objectives.split(",") if o.strip()],
         prompts=base["prompts"] if a.prompts is None else a.prompts,
         seeds=base["seeds"] if a.seeds is None else a.seeds,
         max_tokens=base["max_tokens"] if a.max_tokens is None else a.max_tokens,
         temperature=a.temperature, clients=a.clients, strategies=strategies,
-        sweeps=merge_sweeps(QUICK_SWEEPS if a.quick else SWEEPS, a.sweep, strategies),
+        sweeps=sweeps,
         heads=a.heads if a.heads is not None else str(default_heads_dir()),
         out=a.out, quick=a.quick, device=a.device, threads=a.threads,
         progress=not a.no_progress, no_repeat_ngram_size=a.no_repeat_ngram_size)

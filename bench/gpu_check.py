@@ -438,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device(args.device)
     except RuntimeError as exc:
         ap.error(f"--device {args.device!r}: {exc}")
+    if dev.type != "cuda" and not args.tiny and (want is None or want & {"contract", "decode"}):
+        ap.error(f"--device {args.device}: the contract and decode sections need CUDA (the "
+                 "compiled kernel, 1B/8B shapes); on a CPU use --tiny, or --sections kernel, "
+                 "engine or train")
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here (for a CPU smoke run: --device cpu --tiny)")
     t0 = time.perf_counter()

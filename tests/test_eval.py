@@ -79,6 +79,8 @@ def test_sweep_head_picks_the_head_to_weight() -> None:
     assert default[-1].alignment["weights"] == {"non_toxic": 4.0}  # -> non_toxic_value
     with pytest.raises(AlignmentError):
         build_settings(["vas"], ["vas.head=no_such_head"], objs, reg)
+    with pytest.raises(ValueError, match="approximates 'concise', not the objective"):
+        build_settings(["vas"], ["vas.head=concise_lex"], objs, reg)
 
 
 def test_tiny_eval_run(tmp_path: Path, model_dir: Path) -> None:

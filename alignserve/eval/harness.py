@@ -257,9 +257,16 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
             scale = float(params.get("weight", 1.0))
             weights = strategy_weights(name, objectives, registry, scale)
             if "head" in params and weights is not None:  # e.g. vas.head=non_toxic_lex
-                if len(weights) != 1:
+                head = str(params["head"])
+                if len(objectives) != 1:
                     raise ValueError(f"{name}.head picks one head: one objective only")
-                weights = {str(params["head"]): next(iter(weights.values()))}
+                h = registry.heads.get(head)
+                ob = objectives[0]
+                if h is not None and h.manifest.get("reward") not in {ob.name, *ob.score}:
+                    raise ValueError(f"{name}.head={head} approximates "
+                                     f"{h.manifest.get('reward')!r}, not the objective "
+                                     f"{ob.name!r}")
+                weights = {head: next(iter(weights.values()))}
             if weights is None:
                 kind = HEAD_KIND[name]
                 warn(f"skipping {name}: no {kind} head loaded for "
