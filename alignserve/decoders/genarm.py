@@ -35,14 +35,13 @@ from .aligned import AlignedDecoder, CommonOptions, emit_one
 from .base import Run
 
 
-def mixture(base: torch.Tensor, arms: torch.Tensor, alphas: list[float],
+def mixture(base: torch.Tensor, arms: torch.Tensor, alphas: torch.Tensor,
             normalize: bool) -> torch.Tensor:
     """Guided log-weights from ``base`` [..., V] base log-probs, ``arms`` [..., H, V] ARM
-    log-probs and weights ``alphas`` (>= 0): ``(base + sum_i alpha_i arm_i) / (1 + sum_i
-    alpha_i)`` with ``normalize``, else the unscaled numerator."""
-    a = torch.tensor(alphas, dtype=torch.float32, device=base.device)
-    guided = base + (a[:, None] * arms).sum(-2)
-    return guided / (1.0 + sum(alphas)) if normalize else guided
+    log-probs and weights ``alphas`` [H] (>= 0, on ``base``'s device): ``(base + sum_i
+    alpha_i arm_i) / (1 + sum_i alpha_i)`` with ``normalize``, else the unscaled numerator."""
+    guided = base + (alphas[:, None] * arms).sum(-2)
+    return guided / (1.0 + alphas.sum()) if normalize else guided
 
 
 class GenArmOptions(CommonOptions):
@@ -71,7 +70,7 @@ class GenArm(AlignedDecoder):
                 self.arm_op(h, hidden, logits, embed, pool) for h, _ in arms])])[None]  # [1,H,V]
             ctx.stats.guidance_forwards += 1
             base = torch.log_softmax(logits.float(), -1)[None]
-            guided = mixture(base, dense, [w for _, w in arms], self.opt.normalize)
+            guided = mixture(base, dense, alphas[0], self.opt.normalize)
             if self.opt.normalize:
                 out = yield from ctx.sample(guided, [gen], [ctx.choices[c].tokens])
             else:

@@ -163,7 +163,7 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
                     + head.module.delta(head_input(head.module, h, pool, False), emb)[0], -1)
                     for head, _ in arms])  # [H, k]
                 ctx.stats.guidance_forwards += 1
-                guided = mixture(base, arm, alphas.tolist(), dec.opt.normalize)
+                guided = mixture(base, arm, alphas, dec.opt.normalize)
                 dec.track_kl(ctx, guided, base)
                 full = torch.full((vocab,), float("-inf"))
                 full[torch.tensor(ids)] = guided
