@@ -216,7 +216,7 @@ class Plan:
 def engine_size(cfg: Config, longest_prompt: int) -> tuple[int, int]:
     """KV slots (the hungriest setting's need times the clients) and context length."""
     from alignserve.decoders import STRATEGIES as CLASSES
-    from alignserve.eval.harness import parse_sweep
+    from alignserve.eval.harness import parse_sweep, strategy_params
 
     need, room = 1, 8
     grids: dict[str, list[dict[str, Any]]] = {}
@@ -225,7 +225,7 @@ def engine_size(cfg: Config, longest_prompt: int) -> tuple[int, int]:
         grids.setdefault(name, []).extend({p: v} for v in vals)
     for name in cfg.strategies:
         for params in grids.get(name, []) + [{}]:
-            dec = CLASSES[name]({k: v for k, v in params.items() if k not in ("weight", "head")})
+            dec = CLASSES[name](strategy_params(params))
             need = max(need, dec.slots_needed(1)["base"])
             room = max(room, int(getattr(getattr(dec, "opt", None), "top_k", 0)) + 8)
     return need * cfg.clients, longest_prompt + cfg.max_tokens + room

@@ -83,7 +83,7 @@ def _engine_size(args: argparse.Namespace) -> tuple[int, int]:
     look-ahead/rollout tokens.
     """
     from ..decoders import STRATEGIES
-    from .harness import BON_CURVE, parse_sweep
+    from .harness import BON_CURVE, parse_sweep, strategy_params
 
     need = 1
     room = 64
@@ -99,7 +99,7 @@ def _engine_size(args: argparse.Namespace) -> tuple[int, int]:
             continue
         for params in grids.get(name, []) + [{}]:
             try:
-                dec = cls({k: v for k, v in params.items() if k not in ("weight", "head")})
+                dec = cls(strategy_params(params))
             except Exception:  # noqa: BLE001 - reported properly when settings are built
                 continue
             need = max(need, sum(dec.slots_needed(1).values()))

@@ -126,6 +126,16 @@ def _value(text: str) -> Any:
     return text.strip()
 
 
+PSEUDO_PARAMS = ("weight", "head")
+"""Sweep parameters the harness consumes itself (``build_settings``), never a strategy's."""
+
+
+def strategy_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep point's parameters without the harness's own ``PSEUDO_PARAMS``: what the
+    strategy's options receive."""
+    return {k: v for k, v in params.items() if k not in PSEUDO_PARAMS}
+
+
 def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
     """``"vas.top_k=10,20"`` -> ``("vas", "top_k", [10, 20])``.
 
@@ -273,7 +283,7 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
                      f"{[o.name for o in objectives]} (train one, or pass --heads)")
                 break
             alignment = {"strategy": name, "weights": weights,
-                         **{k: v for k, v in params.items() if k not in ("weight", "head")}}
+                         **strategy_params(params)}
             if reward_options and HEAD_KIND.get(name) is None:  # heads fixed them at training
                 alignment["reward_options"] = dict(reward_options)
             build_decoder(alignment, registry=registry)  # validates; raises AlignmentError
