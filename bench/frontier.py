@@ -126,7 +126,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                     help="replaces the default grid of that strategy; 'weight' scales the "
                          "objective weight (beta for vas/cd, alpha for genarm, w for args); "
                          "'head' names the head to weight instead of the objective's default "
-                         "one (vas.head=non_toxic_lex). "
+                         "one (vas.head=non_toxic_lex), or several joined by + for the mean "
+                         "of their values (vas.head=non_toxic+non_toxic_lex). "
                          f"Defaults: {' '.join(SWEEPS)}; quick: {' '.join(QUICK_SWEEPS)}")
     ap.add_argument("--heads", default=None,
                     help="folder of guidance heads (default: the heads shipped in the package)")

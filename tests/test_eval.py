@@ -81,6 +81,14 @@ def test_sweep_head_picks_the_head_to_weight() -> None:
         build_settings(["vas"], ["vas.head=no_such_head"], objs, reg)
     with pytest.raises(ValueError, match="approximates 'concise', not the objective"):
         build_settings(["vas"], ["vas.head=concise_lex"], objs, reg)
+    # "a+b": the mean of two estimates of the objective (each weighted by beta / 2)
+    mixed = build_settings(["vas"], ["vas.head=non_toxic+non_toxic_lex", "vas.weight=8"],
+                           objs, reg)
+    assert mixed[-1].alignment["weights"] == {"non_toxic": 4.0, "non_toxic_lex": 4.0}
+    with pytest.raises(ValueError, match="approximates 'concise'"):
+        build_settings(["vas"], ["vas.head=non_toxic_lex+concise_lex"], objs, reg)
+    with pytest.raises(ValueError, match="distinct heads"):
+        build_settings(["vas"], ["vas.head=non_toxic_lex+non_toxic_lex"], objs, reg)
 
 
 def test_tiny_eval_run(tmp_path: Path, model_dir: Path) -> None:

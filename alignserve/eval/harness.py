@@ -228,6 +228,30 @@ class Setting:
         return f"{self.strategy} {self.label}"
 
 
+def _pick_heads(strategy: str, spec: str, weights: dict[str, float],
+                objectives: Sequence[Objective], registry: Any) -> dict[str, float]:
+    """The weights of a ``head`` sweep point: ``"a"`` weights head (or reward) ``a`` instead of
+    the objective's default; ``"a+b"`` weights each of them by the objective's weight divided by
+    their number, the mean of their values (an ensemble of two estimates of the same reward,
+    e.g. ``non_toxic+non_toxic_lex``: the Q-head or state value head plus the lexical one).
+    ValueError if there is more than one objective or a head approximates another reward."""
+    if len(objectives) != 1:
+        raise ValueError(f"{strategy}.head picks heads for one objective only")
+    ob = objectives[0]
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{strategy}.head={spec!r}: name one head, or distinct heads joined "
+                         f"by '+'")
+    for head in names:
+        h = registry.heads.get(head)
+        reward = h.manifest.get("reward") if h is not None else head
+        if (h is not None or head in registry.rewards) and reward not in {ob.name, *ob.score}:
+            raise ValueError(f"{strategy}.head={head} approximates {reward!r}, not the "
+                             f"objective {ob.name!r}")
+    w = next(iter(weights.values())) / len(names)
+    return {head: w for head in names}
+
+
 def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
                    objectives: Sequence[Objective], registry: Any, bon_curve: bool = False,
                    reward_options: Mapping[str, Any] | None = None,
@@ -267,16 +291,7 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
             scale = float(params.get("weight", 1.0))
             weights = strategy_weights(name, objectives, registry, scale)
             if "head" in params and weights is not None:  # e.g. vas.head=non_toxic_lex
-                head = str(params["head"])
-                if len(objectives) != 1:
-                    raise ValueError(f"{name}.head picks one head: one objective only")
-                h = registry.heads.get(head)
-                ob = objectives[0]
-                if h is not None and h.manifest.get("reward") not in {ob.name, *ob.score}:
-                    raise ValueError(f"{name}.head={head} approximates "
-                                     f"{h.manifest.get('reward')!r}, not the objective "
-                                     f"{ob.name!r}")
-                weights = {head: next(iter(weights.values()))}
+                weights = _pick_heads(name, str(params["head"]), weights, objectives, registry)
             if weights is None:
                 kind = HEAD_KIND[name]
                 warn(f"skipping {name}: no {kind} head loaded for "
