@@ -81,7 +81,7 @@ def test_word_start_feature_counts_words() -> None:
 
 
 @pytest.mark.parametrize(("kw", "needle"), [
-    ({"kind": "value", "reward": "sentiment"}, "--lexical needs exactly one reward"),
+    ({"kind": "value", "reward": "vader"}, "--lexical needs exactly one reward"),
     ({"kind": "value", "reward": "concise,non_toxic"}, "--lexical needs exactly one reward"),
     ({"kind": "arm", "reward": "concise"}, "--lexical is for value heads"),
     ({"kind": "value", "reward": "concise", "pool": "mean"}, "takes no --pool"),
@@ -105,8 +105,21 @@ def test_no_q_head_from_a_lexical_value_head(tmp_path: Path) -> None:
 def test_featurizer_names_the_rewards_that_have_one() -> None:
     assert featurizer_for({"concise": 1.0}) == "word_starts"
     assert featurizer_for({"non_toxic": 2.0}) == "profanity"
+    assert featurizer_for({"sentiment": 1.0}) == "minilm_sentiment"
     with pytest.raises(ValueError, match="concise"):
         featurizer_for({"vader": 1.0})
+
+
+def test_minilm_sentiment_featurizer_orders_words_by_the_rewards_sentiment() -> None:
+    """The real MiniLM scorer on single words: positive words above the neutral median,
+    negative ones below (the table of ``sentiment_lex``)."""
+    from alignserve.value_models.lexical import minilm_sentiment
+
+    words = [" wonderful", "terrible", " the", "table", " chair", "love", " awful"]
+    t = minilm_sentiment(words)[:, 0]
+    assert t.shape == (len(words),) and float(t.median()) == 0.0
+    assert t[0] > 0.5 and t[5] > 0.5 and t[1] < -0.5 and t[6] < -0.5
+    assert abs(float(t[2])) < 0.5
 
 
 # ---- the shipped lexical heads on the real model ---------------------------------------------
@@ -136,7 +149,8 @@ def _run(engine, registry, alignment, seed=3, max_tokens=12):
 
 
 def test_shipped_lexical_heads_load_and_keep_the_conventional_names(engine, registry) -> None:
-    for name, featurizer in (("concise_lex", "word_starts"), ("non_toxic_lex", "profanity")):
+    for name, featurizer in (("concise_lex", "word_starts"), ("non_toxic_lex", "profanity"),
+                             ("sentiment_lex", "minilm_sentiment")):
         h = registry.heads[name]
         assert h.kind == "value" and h.runner == "tokens"
         assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer
@@ -168,5 +182,5 @@ def test_lexical_heads_mix_with_state_heads(engine, registry, values) -> None:
     assert res["info"]["values"] == values
     assert res["completion_tokens"] == 12
     if values == "q":
-        assert res["info"]["q_heads"] == {"sentiment": "sentiment_q",
-                                          "non_toxic_lex": "non_toxic_lex"}
+        assert res["info"]["q_heads"] == {"sentiment": "sentiment_q"}
+        assert res["info"]["lexical_heads"] == {"non_toxic_lex": "non_toxic_lex"}

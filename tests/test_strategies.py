@@ -157,6 +157,24 @@ def test_weight_is_monotone_with_shipped_heads(engine, registry, prompts, case):
     assert means[0] < means[1] < means[2], means
 
 
+@pytest.mark.parametrize("strategy", ["vas", "cd"])
+def test_weight_is_monotone_with_the_lexical_sentiment_head(engine, registry, prompts,
+                                                            strategy):
+    """sentiment_lex (per-token MiniLM sentiment of the words so far, no model state): the
+    reward rises with beta, and every candidate is valued from token ids (no forward)."""
+    needs_head(registry, "sentiment_lex", "value")
+    means = []
+    for w in (0.0, 6.0, 12.0):
+        res = run_all(engine, registry, prompts,
+                      {"strategy": strategy, "top_k": 20, "weights": {"sentiment_lex": w}},
+                      seed=1)
+        means.append(mean_reward(registry, prompts, res, "sentiment"))
+        if w:
+            assert res[0]["info"]["values"] == "lexical"
+            assert res[0]["stats"].guidance_forwards == 0
+    assert means[0] < means[1] < means[2], means
+
+
 @pytest.mark.parametrize("values", ["q", "tree"])
 def test_vas_values_modes_report_their_cost(engine, registry, prompts, values):
     """values='q' reads the Q-head from the current state: no candidate forwards at all;
@@ -351,6 +369,7 @@ def test_heads_endpoint_lists_rewards_and_strategies(server):
     # lexical value heads read token ids only
     placement = {row["name"]: row.get("placement") for row in body["data"]}
     assert placement["concise_lex"] == placement["non_toxic_lex"] == "tokens", placement
+    assert placement["sentiment_lex"] == "tokens", placement
     assert placement["concise_value"] == "base", placement
     for row in body["data"]:
         lo, hi = row["weight_range"]

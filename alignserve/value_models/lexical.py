@@ -21,6 +21,8 @@ Featurizers (``FEATURIZERS``; one per reward that has one):
 - ``word_starts`` (``concise``, ``length``): 1 if the token's text starts with whitespace (a
   new word, or a line break before one), else 0. s_t is then about the number of words so far.
 - ``profanity`` (``non_toxic``): alt-profanity-check's P(offensive) of the token's text alone.
+- ``minilm_sentiment`` (``sentiment``): the sentiment reward's MiniLM margin of the token's text
+  alone, in units of its temperature, centred on the vocabulary's median.
 """
 
 from __future__ import annotations
@@ -57,12 +59,26 @@ def profanity(texts: Sequence[str]) -> Tensor:
     return torch.tensor(np.asarray(prob, dtype=np.float32)).reshape(-1, 1)
 
 
+def minilm_sentiment(texts: Sequence[str]) -> Tensor:
+    """[V, 1]: the ``sentiment`` reward's raw margin (MiniLM cosine to the positive minus the
+    negative anchor sentences) of each token's text alone (stripped; empty -> "."), divided by
+    the reward's temperature (0.05) and centred on the vocabulary's median, so a neutral token
+    reads about 0 and "wonderful" about +2."""
+    from .rewards import SentimentReward
+
+    reward = SentimentReward()
+    margin = reward.raw_margin([t.strip() or "." for t in texts]) / reward.temperature
+    table = torch.tensor(np.asarray(margin, dtype=np.float32)).reshape(-1, 1)
+    return table - table.median()
+
+
 FEATURIZERS: dict[str, Callable[[Sequence[str]], Tensor]] = {
     "word_starts": word_starts,
     "profanity": profanity,
+    "minilm_sentiment": minilm_sentiment,
 }
 FEATURIZER_FOR_REWARD = {"concise": "word_starts", "length": "word_starts",
-                         "non_toxic": "profanity"}
+                         "non_toxic": "profanity", "sentiment": "minilm_sentiment"}
 
 
 def featurizer_for(weights: dict[str, float]) -> str:

@@ -1531,6 +1531,8 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
                     "hidden": 64, "weight_decay": 0.01, "lexical": True},
     "non_toxic_lex": {"kind": "value", "reward": "non_toxic", "method": "td-lambda",
                       "hidden": 64, "weight_decay": 0.01, "lexical": True},
+    "sentiment_lex": {"kind": "value", "reward": "sentiment", "method": "td-lambda",
+                      "hidden": 64, "weight_decay": 0.01, "lexical": True},
     "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 4,
                     "batch_size": 1024, "lr": 1e-3},
     "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 4,
