@@ -174,26 +174,62 @@ def test_remote_cd_restricts_to_candidates(proxy):
     assert r.choices[0].message.content == greedy
 
 
-def test_without_backbone_head_strategies_are_400(remote, model_dir):
-    """``--local-backbone none``: vas / cd / genarm are listed unavailable with the reason and
-    refused with a 400 that says why; deal (rewards only) still runs."""
+def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
+    """``--local-backbone none``: genarm is listed unavailable with the reason and refused with
+    a 400 that says why; vas / cd run with the shipped lexical value heads (no local model)
+    and refuse a weight on a state head with a 400 naming that weight; deal still runs."""
     srv = ServerProc(["--base-url", remote.url, "--tokenizer", str(model_dir),
                       "--local-backbone", "none", "--base-retries", "1"])
     try:
         info = httpx.get(srv.url + "/v1/heads").json()
         off = {s["name"]: s.get("unavailable") for s in info["strategies"]}
-        for name in ("vas", "cd", "genarm"):
-            assert "local backbone" in off[name]
-            with pytest.raises(APIStatusError) as ei:
-                chat(srv, {"strategy": name, "weights": {"sentiment": 1}})
-            assert ei.value.status_code == 400
-            assert ei.value.body["param"] == "alignment.strategy"
-            assert "not available" in ei.value.body["message"]
-            assert "--local-backbone" in ei.value.body["message"]
+        assert "local backbone" in off["genarm"]
+        with pytest.raises(APIStatusError) as ei:
+            chat(srv, {"strategy": "genarm", "weights": {"sentiment": 1}})
+        assert ei.value.status_code == 400
+        assert ei.value.body["param"] == "alignment.strategy"
+        assert "not available" in ei.value.body["message"]
+        assert "--local-backbone" in ei.value.body["message"]
         assert off["deal"] is None and off["args"] is None
-        assert not [h for h in info["data"] if h["kind"] in ("value_head", "arm")]
+        assert off["vas"] is None and off["cd"] is None
+        heads = {h["name"] for h in info["data"] if h["kind"] in ("value_head", "arm", "q_head")}
+        assert heads and all(h.endswith("_lex") for h in heads)
+        for name in ("vas", "cd"):
+            with pytest.raises(APIStatusError) as ei:  # no lexical head for this reward
+                chat(srv, {"strategy": name, "weights": {"vader": 1}})
+            assert ei.value.status_code == 400
+            assert ei.value.body["param"] == "alignment.weights.vader"
+            assert "non_toxic_lex" in ei.value.body["message"]
+            # a weight named by the reward reads the one value head loaded for it
+            by_reward = chat(srv, {"strategy": name, "weights": {"sentiment": 4}}, max_tokens=4)
+            assert by_reward.model_extra["alignment"]["values"] == "lexical"
+            plain = chat(srv, seed=5, max_tokens=10)
+            zero = chat(srv, {"strategy": name, "weights": {"concise_lex": 0}}, seed=5,
+                        max_tokens=10)
+            assert zero.choices[0].message.content == plain.choices[0].message.content
+            r = chat(srv, {"strategy": name, "weights": {"concise_lex": 20}}, seed=5,
+                     max_tokens=10)
+            assert r.model_extra["alignment"]["values"] == "lexical"
+            assert r.choices[0].message.content != plain.choices[0].message.content
     finally:
         srv.stop()
+
+
+def test_without_backbone_heads_folder_must_be_lexical(model_dir):
+    """``--heads`` without a local backbone: a folder of lexical heads loads, a state head is
+    a start-up error naming --local-backbone."""
+    from transformers import AutoTokenizer
+
+    from alignserve.server.main import lexical_registry
+    from alignserve.value_models.heads import default_heads_dir, tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir))
+    reg = lexical_registry([], fp, default_heads=True)
+    assert {"concise_lex", "non_toxic_lex", "sentiment_lex"} <= set(reg.heads)
+    assert all(h.runner == "tokens" for h in reg.heads.values())
+    assert not lexical_registry([], fp, default_heads=False).heads
+    with pytest.raises(ValueError, match="local-backbone"):
+        lexical_registry([str(default_heads_dir())], fp, default_heads=False)
 
 
 def test_remote_limits_are_400(proxy):

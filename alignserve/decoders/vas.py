@@ -49,6 +49,17 @@ from .aligned import (
 from .base import Run
 
 
+def q_head_info(q_heads: dict) -> dict[str, dict[str, str]]:
+    """The response's ``info`` of a values='q' run that mixes heads: ``q_heads`` names the
+    Q-head read for each weighted reward or head, ``lexical_heads`` the lexical value heads
+    valued from token ids beside them (if any)."""
+    info = {"q_heads": {n: h.name for n, h in q_heads.items() if not is_lexical(h.module)}}
+    lexical = {n: h.name for n, h in q_heads.items() if is_lexical(h.module)}
+    if lexical:
+        info["lexical_heads"] = lexical
+    return info
+
+
 def distilled_from(registry, value):  # type: ignore[no-untyped-def]
     """The Q-head trained on ``value``'s V, or None. Its manifest records the value head's
     weights hash (``training.value_head_sha256``; older manifests: its folder, matched by
@@ -192,7 +203,7 @@ class Vas(AlignedDecoder):
             ctx.info["values"] = "lexical"
         else:
             ctx.info["values"] = "q"
-            ctx.info["q_heads"] = {n: h.name for n, h in self.q_heads.items()}
+            ctx.info.update(q_head_info(self.q_heads))
         betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
         embed = ctx.runners["base"].model.head_weight
         gen = ctx.generator(c)

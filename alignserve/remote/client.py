@@ -117,7 +117,12 @@ class RemoteEngineClient(TextClient):
     def unavailable_strategies(self) -> dict[str, str]:
         """Strategies this deployment cannot run, each with the reason (for ``/v1/heads`` and
         the 400 at request time)."""
-        out = {} if self.backbone is not None else {s: NO_BACKBONE for s in HEAD_GUIDED}
+        out: dict[str, str] = {}
+        if self.backbone is None:
+            lexical = self.lexical_heads()
+            out["genarm"] = NO_BACKBONE
+            if not lexical:
+                out.update({s: NO_BACKBONE for s in ("vas", "cd")})
         if not self.caps.logprobs or self.caps.max_logprobs < 1:
             why = f"the base model server at {self.http.base_url} returns no top logprobs"
             out.update({s: why for s in (*TOKEN_LEVEL, *HEAD_GUIDED, "deal")})
@@ -132,6 +137,12 @@ class RemoteEngineClient(TextClient):
             cached = (now, {"url": self.http.base_url, "reachable": ok, "error": why})
             self._health = cached
         return {"base": cached[1]}
+
+    def lexical_heads(self) -> list[str]:
+        """The loaded lexical value heads: without a local backbone, the only heads VAS / CD
+        can weight (they read token ids, not hidden states)."""
+        heads = getattr(self.resources, "heads", {}) if self.resources is not None else {}
+        return sorted(n for n, h in heads.items() if h.runner == "tokens")
 
     def check_request(self, dec: Any, inp: GenerationInput) -> None:
         """400s (``AlignmentError``) for what remote mode cannot do as asked."""
@@ -234,7 +245,7 @@ class RemoteEngineClient(TextClient):
             await run_cd_block(ctx, dec)
         elif dec.name in TOKEN_LEVEL:
             await run_token_level(ctx, dec, self.engine.base.config.vocab_size)
-        elif dec.name in ("vas", "cd") and self.backbone is not None:
+        elif dec.name in ("vas", "cd"):  # no backbone: only lexical heads are loaded
             await run_value_guided(ctx, dec, self.backbone, self.engine.base.config.vocab_size)
         elif dec.name == "genarm" and self.backbone is not None:
             await run_genarm(ctx, dec, self.backbone, self.engine.base.config.vocab_size)

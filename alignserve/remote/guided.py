@@ -36,6 +36,7 @@ import torch
 from ..decoders.aligned import finish_state, sample_scored, topk_ids
 from ..decoders.deal import emit_best
 from ..decoders.genarm import mixture
+from ..decoders.vas import q_head_info
 from ..engine.output import Detokenizer, TokenInfo
 from ..value_models.heads import PrefixMean, head_input
 from ..value_models.lexical import is_lexical
@@ -48,12 +49,14 @@ def _tops(ctx: RemoteCtx, top: dict[int, float]) -> list[tuple[int, float]] | No
     return sorted(top.items(), key=lambda x: -x[1])[:n_top] if n_top else None
 
 
-async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
+async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
                            vocab: int) -> None:
     """VAS / token-wise CD: per token the remote's top-k, their values from the value heads on
     the local backbone's tree forward over the k candidates (``values: "q"``: from the Q-heads
-    on the backbone's current state, no tree), vals centred over the top-k,
-    logits'(a) = logprob(a) + sum_i beta_i vals_i(a) (CD: sampled among the k only)."""
+    on the backbone's current state, no tree; lexical value heads: from the token ids, no
+    backbone at all, so ``backbone`` may be None when every weighted head is lexical), vals
+    centred over the top-k, logits'(a) = logprob(a) + sum_i beta_i vals_i(a) (CD: sampled
+    among the k only)."""
     reg = ctx.resources
     use_q = bool(getattr(dec, "q_heads", None))  # values "q": Q-heads on the current state
     heads = [(dec.q_heads[n] if use_q else reg.heads_for(n, "value"), w)
@@ -62,7 +65,10 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
     lexical = [is_lexical(h.module) for h, _ in heads]
     ctx.info["values"] = "lexical" if all(lexical) else "q" if use_q else "tree"
     if use_q and not all(lexical):  # the Q-head read for each weighted reward, as in-process
-        ctx.info["q_heads"] = {n: h.name for n, h in dec.q_heads.items()}
+        ctx.info.update(q_head_info(dec.q_heads))
+    if all(lexical):  # token ids are all they read: no backbone sequence, no prefill
+        return await run_lexical(ctx, dec, heads, betas, vocab)
+    assert backbone is not None  # the client refuses state heads without one (check_request)
     embed = backbone.embed if use_q else None
     k = dec.opt.top_k
     # VAS leaves the other tokens as they are: ask for every top logprob the remote returns
@@ -78,9 +84,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
             pool = PrefixMean.for_heads(state, [h.module for h, _ in heads])
             behind: int | None = None  # a sampled token the backbone has not read yet
             while True:
-                if behind is None or all(lexical):  # lexical heads read no backbone state
+                if behind is None:
                     top = await next_top(ctx, done, want)
-                    behind = None
                 else:
                     top, state = await asyncio.gather(next_top(ctx, done, want),
                                                       backbone.extend(seq, behind))
@@ -95,10 +100,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
                 cands = topk_ids(ctx, logits, k, done)
                 ctx.stats.candidates_scored += len(cands)
                 if use_q:
-                    rows = None
-                    if not all(lexical):
-                        ids = torch.tensor(cands, device=embed.device)  # type: ignore[union-attr]
-                        rows = embed[ids].float().cpu()[None]  # type: ignore[index]  # [1, k, D]
+                    ids = torch.tensor(cands, device=embed.device)  # type: ignore[union-attr]
+                    rows = embed[ids].float().cpu()[None]  # type: ignore[index]  # [1, k, D]
                     vals = torch.stack([
                         h.module.candidate_values(done, cands).cpu() if lex else
                         h.module(head_input(h.module, state, pool, False), rows)[0]
@@ -128,6 +131,37 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone,
         await asyncio.gather(*(one(c) for c in range(ctx.n)))
     finally:
         backbone.release(seqs)
+
+
+async def run_lexical(ctx: RemoteCtx, dec: Any, heads: list, betas: torch.Tensor,
+                      vocab: int) -> None:
+    """VAS / CD whose weighted heads are all lexical: per token the remote's top-k and each
+    candidate's exact value from the token ids of the answer so far; no local model runs."""
+    want = max(dec.opt.top_k if dec.restrict else ctx.caps.max_logprobs,
+               ctx.params.top_logprobs)
+
+    async def one(c: int) -> None:
+        gen, done = ctx.generator(c), []
+        while True:
+            top = await next_top(ctx, done, want)
+            if not top:
+                ctx.finish(c, "stop")
+                return
+            logits = sparse_logits(top, vocab)
+            cands = topk_ids(ctx, logits, dec.opt.top_k, done)
+            ctx.stats.candidates_scored += len(cands)
+            vals = torch.stack([h.module.candidate_values(done, cands).cpu()
+                                for h, _ in heads])  # [H, k]
+            vals = vals - vals.mean(dim=1, keepdim=True)
+            out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
+                                      restrict=dec.restrict))
+            tok = int(out.tokens[0])
+            ctx.stats.tokens_generated += 1
+            if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
+                return
+            done.append(tok)
+
+    await asyncio.gather(*(one(c) for c in range(ctx.n)))
 
 
 async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: int) -> None:

@@ -84,10 +84,8 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
     heads = args.heads if isinstance(args.heads, list) else [args.heads] if args.heads else []
     backbone = None
     if bb_dir is None:
-        if heads:
-            raise ValueError("--heads needs a local backbone in remote mode (--local-backbone "
-                             "DIR): heads read its hidden states")
-        registry = Registry.build(None, None, None, judge_scorer=None)
+        registry = lexical_registry(heads, tokenizer_fingerprint(tok),
+                                    not getattr(args, "no_default_heads", False))
     else:
         from ..value_models.rewards import HFNextTokenScorer
 
@@ -115,6 +113,29 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
                           max_candidates=getattr(args, "max_candidates", None))
     name = args.served_name or http.model or "remote"
     return create_app(client, name, limits, api_keys=keys)
+
+
+def lexical_registry(heads: list[str], fingerprint: str, default_heads: bool) -> Registry:
+    """Remote mode without a local backbone: the built-in rewards plus the lexical value heads
+    (they read token ids, no hidden states) of the package (``default_heads``) and of
+    ``heads``. Raises ValueError naming a ``--heads`` head that reads hidden states, and
+    ``HeadError`` for a folder that does not load."""
+    from ..value_models.heads import HeadError
+
+    try:
+        shipped = Registry.build(None, fingerprint, None, default_heads=default_heads)
+    except HeadError:  # the shipped heads were trained for another tokenizer
+        shipped = Registry.build(None)
+    registry = Registry.build(None)
+    registry.heads = {n: h for n, h in shipped.heads.items() if h.runner == "tokens"}
+    for d in heads:
+        for h in Registry.build(Path(d), fingerprint, None).heads.values():
+            if h.runner != "tokens":
+                raise ValueError(f"--heads {d}: {h.name} reads hidden states, which needs a "
+                                 "local backbone in remote mode (--local-backbone DIR); only "
+                                 "lexical value heads work without one")
+            registry.heads[h.name] = h
+    return registry
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
