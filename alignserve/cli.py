@@ -88,7 +88,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="model folder (same tokenizer as the base) whose final hidden states "
                         "the value heads and ARMs read for vas, cd and genarm; it is fed the same "
                         "tokens as the remote (default: the --tokenizer folder when it holds the "
-                        "weights; 'none' = no backbone, those strategies are then unavailable)")
+                        "weights; 'none' = no backbone: genarm is then unavailable and vas / cd "
+                        "weight lexical value heads only)")
     r.add_argument("--base-retries", type=int, default=2,
                    help="retries of a base call that failed to connect or got 502/503/504, "
                         "with exponential backoff from 0.25 s (default 2)")

@@ -170,6 +170,7 @@ def test_lexical_vas_and_cd_need_no_guidance_forward(engine, registry, strategy,
     steered = _run(engine, registry, {"strategy": strategy, "weights": {"concise_lex": 20},
                                       **extra})
     assert steered["info"]["values"] == "lexical"
+    assert steered["info"]["lexical_heads"] == {"concise_lex": "concise_lex"}
     assert steered["stats"].guidance_forwards == 0  # no tree, no Q-head forward
     assert steered["stats"].candidates_scored == 12 * 20  # top-k 20 valued per token
     assert steered["choices"][0]["tokens"] != plain["choices"][0]["tokens"]

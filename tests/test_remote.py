@@ -203,6 +203,8 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
             # a weight named by the reward reads the one value head loaded for it
             by_reward = chat(srv, {"strategy": name, "weights": {"sentiment": 4}}, max_tokens=4)
             assert by_reward.model_extra["alignment"]["values"] == "lexical"
+            assert by_reward.model_extra["alignment"]["lexical_heads"] == {
+                "sentiment": "sentiment_lex"}
             plain = chat(srv, seed=5, max_tokens=10)
             zero = chat(srv, {"strategy": name, "weights": {"concise_lex": 0}}, seed=5,
                         max_tokens=10)
@@ -213,6 +215,18 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
             assert r.choices[0].message.content != plain.choices[0].message.content
     finally:
         srv.stop()
+    # no lexical head either: vas / cd are unavailable, and the reason says what would help
+    bare = ServerProc(["--base-url", remote.url, "--tokenizer", str(model_dir),
+                       "--local-backbone", "none", "--no-default-heads", "--base-retries", "1"])
+    try:
+        info = httpx.get(bare.url + "/v1/heads").json()
+        off = {s["name"]: s.get("unavailable") for s in info["strategies"]}
+        assert "no lexical value head" in off["vas"] and "--heads" in off["cd"]
+        with pytest.raises(APIStatusError) as ei:
+            chat(bare, {"strategy": "vas", "weights": {"sentiment": 1}})
+        assert ei.value.status_code == 400 and "no lexical value head" in ei.value.body["message"]
+    finally:
+        bare.stop()
 
 
 def test_without_backbone_heads_folder_must_be_lexical(model_dir):

@@ -28,6 +28,7 @@ request takes the one-forward-per-token path whatever ``values`` says (reported 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +37,7 @@ from pydantic import Field
 
 from ..engine.context import DecodeContext
 from ..engine.primitives import Extend, HeadEval, Seq, Tree
-from ..value_models.heads import PrefixMean, head_input
+from ..value_models.heads import Head, PrefixMean, head_input
 from ..value_models.lexical import is_lexical
 from .aligned import (
     AlignedDecoder,
@@ -49,7 +50,7 @@ from .aligned import (
 from .base import Run
 
 
-def q_head_info(q_heads: dict) -> dict[str, dict[str, str]]:
+def q_head_info(q_heads: Mapping[str, Head]) -> dict[str, dict[str, str]]:
     """The response's ``info`` of a values='q' run that mixes heads: ``q_heads`` names the
     Q-head read for each weighted reward or head, ``lexical_heads`` the lexical value heads
     valued from token ids beside them (if any)."""
@@ -201,6 +202,7 @@ class Vas(AlignedDecoder):
         lexical = [is_lexical(h.module) for h, _ in heads]
         if all(lexical):  # exact values from token ids alone (value_models/lexical.py)
             ctx.info["values"] = "lexical"
+            ctx.info["lexical_heads"] = {n: h.name for n, h in self.q_heads.items()}
         else:
             ctx.info["values"] = "q"
             ctx.info.update(q_head_info(self.q_heads))

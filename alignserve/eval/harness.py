@@ -260,7 +260,8 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
 
     Sweeps over the same strategy form a Cartesian grid; ``weight`` scales the objective's
     weight and ``head`` (VAS / CD / GenARM) names the head to weight instead of the objective's
-    default one (``vas.head=non_toxic_lex``). A strategy whose head is not loaded is
+    default one (``vas.head=non_toxic_lex``), or several joined by ``+`` for the mean of their
+    values (``_pick_heads``). A strategy whose head is not loaded is
     skipped through ``warn``. Parameters are validated by building each decoder here, so a bad
     sweep fails before any generation.
     """

@@ -47,6 +47,9 @@ NO_BACKBONE = ("its value heads / ARMs read hidden states, and this server has n
                "backbone model (start it with --local-backbone DIR, a model folder with the "
                "base's tokenizer that the heads were trained on, or with a --tokenizer folder "
                "that holds the model's weights)")
+NO_LEXICAL = ("this server has no local backbone model and no lexical value head loaded (they "
+              "read token ids only; pass --heads DIR with lexical heads, or start it with "
+              "--local-backbone DIR for heads that read hidden states)")
 TOKEN_LEVEL = ("args", "transfer_qstar")
 HEAD_GUIDED = ("vas", "cd", "genarm")
 TOP_K_CAPPED = ("args", "transfer_qstar", "vas", "cd")  # alignment.top_k <= the remote's top-n
@@ -94,7 +97,8 @@ class RemoteEngineClient(TextClient):
     ``caps`` are the remote's capabilities from that probe; ``resources`` the local reward
     registry. ``slots`` bounds the concurrent samples one request may ask for (as the KV-cache
     slots do in-process). ``backbone`` is the local model the value heads and ARMs read
-    (``vas``, ``cd``, ``genarm``), or None (those strategies are then unavailable).
+    (``vas``, ``cd``, ``genarm``), or None: ``genarm`` is then unavailable, and ``vas`` / ``cd``
+    may weight lexical value heads only (they read token ids; unavailable when none is loaded).
     """
 
     fails_before_output = True  # the base server's faults show on a request's first call
@@ -122,7 +126,7 @@ class RemoteEngineClient(TextClient):
             lexical = self.lexical_heads()
             out["genarm"] = NO_BACKBONE
             if not lexical:
-                out.update({s: NO_BACKBONE for s in ("vas", "cd")})
+                out.update({s: NO_LEXICAL for s in ("vas", "cd")})
         if not self.caps.logprobs or self.caps.max_logprobs < 1:
             why = f"the base model server at {self.http.base_url} returns no top logprobs"
             out.update({s: why for s in (*TOKEN_LEVEL, *HEAD_GUIDED, "deal")})
@@ -160,6 +164,13 @@ class RemoteEngineClient(TextClient):
             raise AlignmentError("no_repeat_ngram_size", "no_repeat_ngram_size is not available "
                                  "in remote mode: the base model server samples the tokens "
                                  "and has no such option; leave it at 0")
+        if name in ("vas", "cd") and self.backbone is None:
+            for w, v in dec.weights.items():
+                head = self.resources.heads_for(w, "value")
+                if v and (head is None or head.runner != "tokens"):
+                    raise AlignmentError(f"alignment.weights.{w}", f"{w!r} {NO_BACKBONE}; "
+                                         f"without one only the lexical value heads "
+                                         f"{self.lexical_heads()} can be weighted")
         placed = getattr(dec, "backbones", [])
         if name in HEAD_GUIDED and placed:
             raise AlignmentError("alignment.weights", f"heads placed on a partial backbone "
@@ -245,7 +256,7 @@ class RemoteEngineClient(TextClient):
             await run_cd_block(ctx, dec)
         elif dec.name in TOKEN_LEVEL:
             await run_token_level(ctx, dec, self.engine.base.config.vocab_size)
-        elif dec.name in ("vas", "cd"):  # no backbone: only lexical heads are loaded
+        elif dec.name in ("vas", "cd"):  # backbone None: lexical heads only (check_request)
             await run_value_guided(ctx, dec, self.backbone, self.engine.base.config.vocab_size)
         elif dec.name == "genarm" and self.backbone is not None:
             await run_genarm(ctx, dec, self.backbone, self.engine.base.config.vocab_size)

@@ -4,14 +4,16 @@ The remote gives each step's top candidates and their log-probabilities (``max_t
 ``logprobs=k``, the prompt as token ids); guidance is computed here with the same formulas as
 in-process (``alignserve.decoders.vas`` / ``genarm`` / ``deal``) and the same shared helpers
 (``topk_ids``, ``sample_scored``, ``score_texts``, the sampler). Value heads and ARMs read a
-local backbone (``alignserve.remote.backbone.LocalBackbone``) that is fed the same tokens.
+local backbone (``alignserve.remote.backbone.LocalBackbone``) that is fed the same tokens;
+lexical value heads read the answer's token ids only, so with them no local model runs.
 
 Round trips per returned token (each "call" is one HTTP request to the remote, possibly with
 several prompts):
 
 * ``vas``, ``cd``: 1 call (the top-k) + 1 local tree forward over the k candidates (in
   sequence: the tree needs the candidates). A VAS token outside the candidates adds one local
-  ``Extend``, overlapped with the next call.
+  ``Extend``, overlapped with the next call. With lexical value heads only: 1 call, no local
+  forward (no backbone needed).
 * ``genarm``: 1 call, overlapped with the local ``Extend`` of the previous token (both read the
   same prefix; the ARM needs the hidden state at its last token).
 * ``deal``: per search step (one token on every beam) 2 calls: the top-k of all beams as one
@@ -33,12 +35,12 @@ from typing import Any
 
 import torch
 
-from ..decoders.aligned import finish_state, sample_scored, topk_ids
+from ..decoders.aligned import AlignmentError, finish_state, sample_scored, topk_ids
 from ..decoders.deal import emit_best
 from ..decoders.genarm import mixture
 from ..decoders.vas import q_head_info
 from ..engine.output import Detokenizer, TokenInfo
-from ..value_models.heads import PrefixMean, head_input
+from ..value_models.heads import Head, PrefixMean, head_input
 from ..value_models.lexical import is_lexical
 from .backbone import LocalBackbone
 from .strategies import RemoteCtx, _stops, drive, next_top, sparse_logits
@@ -67,8 +69,11 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | N
     if use_q and not all(lexical):  # the Q-head read for each weighted reward, as in-process
         ctx.info.update(q_head_info(dec.q_heads))
     if all(lexical):  # token ids are all they read: no backbone sequence, no prefill
+        ctx.info["lexical_heads"] = {n: h.name for n, h in dec.q_heads.items()}
         return await run_lexical(ctx, dec, heads, betas, vocab)
-    assert backbone is not None  # the client refuses state heads without one (check_request)
+    if backbone is None:  # the client refuses such requests with a 400 first (check_request)
+        raise AlignmentError("alignment.weights", "heads that read hidden states need a local "
+                             "backbone (--local-backbone DIR)")
     embed = backbone.embed if use_q else None
     k = dec.opt.top_k
     # VAS leaves the other tokens as they are: ask for every top logprob the remote returns
@@ -133,7 +138,8 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | N
         backbone.release(seqs)
 
 
-async def run_lexical(ctx: RemoteCtx, dec: Any, heads: list, betas: torch.Tensor,
+async def run_lexical(ctx: RemoteCtx, dec: Any, heads: list[tuple[Head, float]],
+                      betas: torch.Tensor,
                       vocab: int) -> None:
     """VAS / CD whose weighted heads are all lexical: per token the remote's top-k and each
     candidate's exact value from the token ids of the answer so far; no local model runs."""

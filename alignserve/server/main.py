@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,8 @@ from ..engine.scheduler import Engine, EngineConfig
 from ..value_models.registry import Registry
 from .app import create_app
 from .state import ServerLimits
+
+log = logging.getLogger(__name__)
 
 
 def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAPI:
@@ -49,7 +52,8 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
     local. The local backbone (``--local-backbone DIR``; by default the ``--tokenizer`` folder
     when it holds model weights; ``none`` = off) is loaded with the heads that read it: the
     shipped default heads when they fit its tokenizer and hidden size, and every ``--heads``
-    folder (which must fit).
+    folder (which must fit). Without a backbone only lexical value heads load
+    (``lexical_registry``).
     """
     from transformers import AutoTokenizer
 
@@ -124,7 +128,8 @@ def lexical_registry(heads: list[str], fingerprint: str, default_heads: bool) ->
 
     try:
         shipped = Registry.build(None, fingerprint, None, default_heads=default_heads)
-    except HeadError:  # the shipped heads were trained for another tokenizer
+    except HeadError as exc:  # the shipped heads were trained for another tokenizer
+        log.warning("shipped lexical heads skipped: %s", exc)
         shipped = Registry.build(None)
     registry = Registry.build(None)
     registry.heads = {n: h for n, h in shipped.heads.items() if h.runner == "tokens"}

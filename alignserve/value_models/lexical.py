@@ -1,9 +1,10 @@
 """Lexical value heads: V(prefix) from per-token features of the answer so far, no model states.
 
 Some rewards are decided by the words themselves: ``concise`` counts words, ``non_toxic`` is a
-bag-of-words classifier. A value head on the base's hidden states ranks them poorly (Spearman
-0.48 and 0.31 at half the answer, ``bench/head_ceiling.py``), while the words so far rank them
-much better. A lexical value head reads, for the response tokens y_1..y_t so far,
+bag-of-words classifier, and the MiniLM ``sentiment`` scorer reacts strongly to sentiment
+words. A value head on the base's hidden states ranks the first two poorly (Spearman 0.48 and
+0.31 at half the answer, ``bench/head_ceiling.py``), while the words so far rank them much
+better. A lexical value head reads, for the response tokens y_1..y_t so far,
 
     x_t = [s_t / 32, s_t / max(t, 1), t / 32],   s_t = sum_i table[y_i]   ([2F + 1])
 
