@@ -177,10 +177,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 def merge_sweeps(defaults: Sequence[str], given: Sequence[str],
                  strategies: Sequence[str]) -> list[str]:
     """Default grids, where ``given`` replaces every default grid of the strategies it names;
-    only grids of selected strategies are kept."""
+    only grids of selected strategies are kept. ValueError for a ``given`` sweep of a strategy
+    that is not selected."""
     from alignserve.eval.harness import parse_sweep
 
     named = {parse_sweep(s)[0] for s in given}
+    off = sorted(named - set(strategies))
+    if off:
+        raise ValueError(f"--sweep names {off}, not in --strategies {list(strategies)}")
     keep = [s for s in defaults if parse_sweep(s)[0] not in named] + list(given)
     return [s for s in keep if parse_sweep(s)[0] in strategies]
 

@@ -87,8 +87,10 @@ def test_sweep_head_picks_the_head_to_weight() -> None:
     assert mixed[-1].alignment["weights"] == {"non_toxic": 4.0, "non_toxic_lex": 4.0}
     with pytest.raises(ValueError, match="approximates 'concise'"):
         build_settings(["vas"], ["vas.head=non_toxic_lex+concise_lex"], objs, reg)
-    with pytest.raises(ValueError, match="distinct heads"):
-        build_settings(["vas"], ["vas.head=non_toxic_lex+non_toxic_lex"], objs, reg)
+    for spec in ("vas.head=non_toxic_lex+non_toxic_lex", "vas.head=non_toxic_lex+",
+                 "vas.head=+"):
+        with pytest.raises(ValueError, match="distinct heads"):
+            build_settings(["vas"], [spec], objs, reg)
 
 
 def test_tiny_eval_run(tmp_path: Path, model_dir: Path) -> None:

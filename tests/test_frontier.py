@@ -37,7 +37,9 @@ def test_flags_quick_and_overrides(frontier) -> None:
     assert full.no_repeat_ngram_size == 0
     assert frontier.parse_args(["--no-repeat-ngram-size", "4"]).no_repeat_ngram_size == 4
     for bad in (["--temperature", "0"], ["--seeds", "0"], ["--objectives", ","],
-                ["--no-repeat-ngram-size", "-1"]):
+                ["--no-repeat-ngram-size", "-1"],
+                ["--strategies", "cd", "--sweep", "vas.weight=4"],  # vas is not run
+                ["--sweep", "vas.weight=8,8"]):  # a repeated value
         with pytest.raises(SystemExit):
             frontier.parse_args(bad)
 

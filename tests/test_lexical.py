@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from alignserve.decoders import build_decoder
+from alignserve.decoders import AlignmentError, build_decoder
 from alignserve.engine.sampling import SamplingParams
 from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
 from alignserve.value_models.heads import load_head, tokenizer_fingerprint
@@ -182,6 +182,20 @@ def test_lexical_heads_mix_with_state_heads(engine, registry, values) -> None:
                                   "weights": {"sentiment": 2, "non_toxic_lex": 4}})
     assert res["info"]["values"] == values
     assert res["completion_tokens"] == 12
+    assert res["info"]["lexical_heads"] == {"non_toxic_lex": "non_toxic_lex"}
     if values == "q":
         assert res["info"]["q_heads"] == {"sentiment": "sentiment_q"}
-        assert res["info"]["lexical_heads"] == {"non_toxic_lex": "non_toxic_lex"}
+    else:
+        assert "q_heads" not in res["info"]
+
+
+@pytest.mark.parametrize("strategy", ["vas", "cd", "genarm"])
+def test_two_weights_on_one_head_are_400(registry, strategy) -> None:
+    """A reward and its head's name both weighted would add up past the head's range: the
+    second one is refused, naming the head."""
+    kind = "arm" if strategy == "genarm" else "value"
+    with pytest.raises(AlignmentError) as ei:
+        build_decoder({"strategy": strategy,
+                       "weights": {"sentiment": 1, f"sentiment_{kind}": 1}}, registry=registry)
+    assert ei.value.field == f"alignment.weights.sentiment_{kind}"
+    assert f"sentiment_{kind}" in str(ei.value) and "weight it once" in str(ei.value)

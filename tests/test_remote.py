@@ -184,6 +184,10 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
         info = httpx.get(srv.url + "/v1/heads").json()
         off = {s["name"]: s.get("unavailable") for s in info["strategies"]}
         assert "local backbone" in off["genarm"]
+        listed = httpx.get(srv.url + "/v1/models").json()["data"]
+        assert "genarm" not in listed[0]["alignment"]["strategies"]
+        assert "vas" in listed[0]["alignment"]["strategies"]
+        assert not [m for m in listed if m["id"].endswith(":genarm")]
         with pytest.raises(APIStatusError) as ei:
             chat(srv, {"strategy": "genarm", "weights": {"sentiment": 1}})
         assert ei.value.status_code == 400
@@ -200,6 +204,7 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
             assert ei.value.status_code == 400
             assert ei.value.body["param"] == "alignment.weights.vader"
             assert "non_toxic_lex" in ei.value.body["message"]
+            assert "--local-backbone" in ei.value.body["message"]
             # a weight named by the reward reads the one value head loaded for it
             by_reward = chat(srv, {"strategy": name, "weights": {"sentiment": 4}}, max_tokens=4)
             assert by_reward.model_extra["alignment"]["values"] == "lexical"

@@ -94,21 +94,30 @@ class AlignedDecoder(Decoder):
             return
         infos = registry.infos()
         if self.head_kind is not None:  # weights name rewards with a trained head, or heads
-            avail = {}
+            avail, named = {}, {}
             for name in self.weights:
                 head = registry.heads_for(name, self.head_kind)
+                if head is not None and head.name in named:  # e.g. sentiment + sentiment_value
+                    raise AlignmentError(f"alignment.weights.{name}",
+                                         f"{name!r} and {named[head.name]!r} both name the "
+                                         f"{self.head_kind} head {head.name!r}; weight it once "
+                                         f"(its range applies to the sum)")
+                if head is not None:
+                    named[head.name] = name
                 if head is None:
                     kinds = sorted(h.name for h in registry.heads.values()
                                    if h.kind == self.head_kind)
                     other = registry.heads.get(name)
                     hint = "" if other is None else (
-                        f" ({name!r} is a {other.kind} head; weight its reward "
+                        f" ({name!r} is {'an' if other.kind[0] in 'aeiou' else 'a'} "
+                        f"{other.kind} head; weight its reward "
                         f"{other.manifest.get('reward')!r} or "
                         f"{'an' if self.head_kind[0] in 'aeiou' else 'a'} {self.head_kind} head"
                         + (", with values: 'q'" if other.kind == "q" else "") + ")")
+                    note = getattr(registry, "note", None)  # e.g. why heads were left out
                     raise AlignmentError(f"alignment.weights.{name}",
                                          f"no {self.head_kind} head for {name!r}; available: "
-                                         f"{kinds}{hint}")
+                                         f"{kinds}{hint}" + (f" ({note})" if note else ""))
                 avail[name] = head.info
             infos = avail
             # heads placed on a backbone read their own small model: the request needs its slots

@@ -50,12 +50,13 @@ from .aligned import (
 from .base import Run
 
 
-def q_head_info(q_heads: Mapping[str, Head]) -> dict[str, dict[str, str]]:
-    """The response's ``info`` of a values='q' run that mixes heads: ``q_heads`` names the
-    Q-head read for each weighted reward or head, ``lexical_heads`` the lexical value heads
-    valued from token ids beside them (if any)."""
-    info = {"q_heads": {n: h.name for n, h in q_heads.items() if not is_lexical(h.module)}}
-    lexical = {n: h.name for n, h in q_heads.items() if is_lexical(h.module)}
+def head_info(heads: Mapping[str, Head], q: bool) -> dict[str, dict[str, str]]:
+    """What the response's ``info`` says each weight read: with ``q`` (values='q'),
+    ``q_heads`` names the Q-head read for each weighted reward or head; ``lexical_heads`` the
+    lexical value heads valued from token ids (if any), whatever the values mode."""
+    info = {"q_heads": {n: h.name for n, h in heads.items() if not is_lexical(h.module)}} \
+        if q else {}
+    lexical = {n: h.name for n, h in heads.items() if is_lexical(h.module)}
     if lexical:
         info["lexical_heads"] = lexical
     return info
@@ -151,7 +152,9 @@ class Vas(AlignedDecoder):
             return (yield from self.run_choice_q(ctx, c, seq, logits))
         ctx.info["values"] = "tree"
         reg = ctx.resources
-        heads = [(reg.heads_for(n, "value"), w) for n, w in self.weights.items() if w]
+        named = {n: reg.heads_for(n, "value") for n, w in self.weights.items() if w}
+        ctx.info.update(head_info(named, q=False))
+        heads = [(named[n], w) for n, w in self.weights.items() if w]
         betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
         gen = ctx.generator(c)
         k = self.opt.top_k
@@ -202,10 +205,10 @@ class Vas(AlignedDecoder):
         lexical = [is_lexical(h.module) for h, _ in heads]
         if all(lexical):  # exact values from token ids alone (value_models/lexical.py)
             ctx.info["values"] = "lexical"
-            ctx.info["lexical_heads"] = {n: h.name for n, h in self.q_heads.items()}
+            ctx.info.update(head_info(self.q_heads, q=False))
         else:
             ctx.info["values"] = "q"
-            ctx.info.update(q_head_info(self.q_heads))
+            ctx.info.update(head_info(self.q_heads, q=True))
         betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
         embed = ctx.runners["base"].model.head_weight
         gen = ctx.generator(c)

@@ -149,6 +149,8 @@ def parse_sweep(spec: str) -> tuple[str, str, list[Any]]:
     values = [_value(v) for v in vals.split(",") if v.strip()]
     if not values:
         raise ValueError(f"sweep {spec!r} has no values")
+    if len(set(map(repr, values))) != len(values):
+        raise ValueError(f"sweep {spec!r} repeats a value")
     return strategy, param, values
 
 
@@ -238,8 +240,8 @@ def _pick_heads(strategy: str, spec: str, weights: dict[str, float],
     if len(objectives) != 1:
         raise ValueError(f"{strategy}.head picks heads for one objective only")
     ob = objectives[0]
-    names = [n.strip() for n in spec.split("+") if n.strip()]
-    if not names or len(set(names)) != len(names):
+    names = [n.strip() for n in spec.split("+")]
+    if not all(names) or len(set(names)) != len(names):
         raise ValueError(f"{strategy}.head={spec!r}: name one head, or distinct heads joined "
                          f"by '+'")
     for head in names:

@@ -43,7 +43,8 @@ from .strategies import (
 
 __all__ = ["RemoteEngineClient", "RemoteError", "RemoteQueueFull"]
 
-NO_BACKBONE = ("its value heads / ARMs read hidden states, and this server has no local "
+NO_BACKBONE = ("its heads (ARMs; value heads other than lexical ones) read hidden states, "
+               "and this server has no local "
                "backbone model (start it with --local-backbone DIR, a model folder with the "
                "base's tokenizer that the heads were trained on, or with a --tokenizer folder "
                "that holds the model's weights)")

@@ -38,7 +38,7 @@ import torch
 from ..decoders.aligned import AlignmentError, finish_state, sample_scored, topk_ids
 from ..decoders.deal import emit_best
 from ..decoders.genarm import mixture
-from ..decoders.vas import q_head_info
+from ..decoders.vas import head_info
 from ..engine.output import Detokenizer, TokenInfo
 from ..value_models.heads import Head, PrefixMean, head_input
 from ..value_models.lexical import is_lexical
@@ -61,15 +61,14 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | N
     among the k only)."""
     reg = ctx.resources
     use_q = bool(getattr(dec, "q_heads", None))  # values "q": Q-heads on the current state
-    heads = [(dec.q_heads[n] if use_q else reg.heads_for(n, "value"), w)
-             for n, w in dec.weights.items() if w]
+    named = {n: dec.q_heads[n] if use_q else reg.heads_for(n, "value")
+             for n, w in dec.weights.items() if w}
+    heads = [(named[n], w) for n, w in dec.weights.items() if w]
     betas = torch.tensor([[w for _, w in heads]], dtype=torch.float32)
     lexical = [is_lexical(h.module) for h, _ in heads]
     ctx.info["values"] = "lexical" if all(lexical) else "q" if use_q else "tree"
-    if use_q and not all(lexical):  # the Q-head read for each weighted reward, as in-process
-        ctx.info.update(q_head_info(dec.q_heads))
+    ctx.info.update(head_info(named, q=use_q and not all(lexical)))  # as in-process
     if all(lexical):  # token ids are all they read: no backbone sequence, no prefill
-        ctx.info["lexical_heads"] = {n: h.name for n, h in dec.q_heads.items()}
         return await run_lexical(ctx, dec, heads, betas, vocab)
     if backbone is None:  # the client refuses such requests with a 400 first (check_request)
         raise AlignmentError("alignment.weights", "heads that read hidden states need a local "
@@ -118,14 +117,9 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | N
                         h.module.candidate_values(done, cands).cpu() if lex else
                         h.module(head_input(h.module, hidden, pool, True))
                         for (h, _), lex in zip(heads, lexical)])  # [H, k]
-                vals = vals - vals.mean(dim=1, keepdim=True)
-                out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
-                                          restrict=dec.restrict))
-                tok = int(out.tokens[0])
-                ctx.stats.tokens_generated += 1
-                if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
+                tok = emit_scored(ctx, c, dec, top, logits, gen, cands, vals, done, betas)
+                if tok is None:
                     return
-                done.append(tok)
                 if tok in cands and not use_q:
                     await backbone.commit(seq, cands.index(tok), tok)
                     if pool is not None:
@@ -139,8 +133,7 @@ async def run_value_guided(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | N
 
 
 async def run_lexical(ctx: RemoteCtx, dec: Any, heads: list[tuple[Head, float]],
-                      betas: torch.Tensor,
-                      vocab: int) -> None:
+                      betas: torch.Tensor, vocab: int) -> None:
     """VAS / CD whose weighted heads are all lexical: per token the remote's top-k and each
     candidate's exact value from the token ids of the answer so far; no local model runs."""
     want = max(dec.opt.top_k if dec.restrict else ctx.caps.max_logprobs,
@@ -158,16 +151,27 @@ async def run_lexical(ctx: RemoteCtx, dec: Any, heads: list[tuple[Head, float]],
             ctx.stats.candidates_scored += len(cands)
             vals = torch.stack([h.module.candidate_values(done, cands).cpu()
                                 for h, _ in heads])  # [H, k]
-            vals = vals - vals.mean(dim=1, keepdim=True)
-            out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
-                                      restrict=dec.restrict))
-            tok = int(out.tokens[0])
-            ctx.stats.tokens_generated += 1
-            if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
+            if emit_scored(ctx, c, dec, top, logits, gen, cands, vals, done, betas) is None:
                 return
-            done.append(tok)
 
     await asyncio.gather(*(one(c) for c in range(ctx.n)))
+
+
+def emit_scored(ctx: RemoteCtx, c: int, dec: Any, top: dict, logits: torch.Tensor, gen: Any,
+                cands: list[int], vals: torch.Tensor, done: list[int],
+                betas: torch.Tensor) -> int | None:
+    """Centre the [H, k] candidate values, sample with the beta-weighted shifts (CD: among the
+    candidates only), emit the token for choice ``c`` and append it to ``done``; returns the
+    token, or None once the choice has finished."""
+    vals = vals - vals.mean(dim=1, keepdim=True)
+    out = drive(sample_scored(ctx, logits, gen, cands, vals, done, weights=betas,
+                              restrict=dec.restrict))
+    tok = int(out.tokens[0])
+    ctx.stats.tokens_generated += 1
+    if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
+        return None
+    done.append(tok)
+    return tok
 
 
 async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: int) -> None:

@@ -57,13 +57,15 @@ async def models(request: Request) -> dict:
     srv = state_of(request)
     client, name = srv.client, srv.model_name
     heads = client.resources.describe() if client.resources is not None else []
+    off = getattr(client, "unavailable_strategies", dict)()  # remote mode: what it cannot run
+    served = [s for s in sorted(STRATEGIES) if s not in off]
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "alignserve",
              "max_model_len": client.max_len,
-             "alignment": {"strategies": sorted(STRATEGIES),
+             "alignment": {"strategies": served,
                            "objectives": [h["name"] for h in heads]}}]
     data += [{"id": f"{name}:{s}", "object": "model", "created": 0,
               "owned_by": "alignserve", "root": name, "max_model_len": client.max_len}
-             for s in sorted(STRATEGIES) if s != "sample"]
+             for s in served if s != "sample"]
     return {"object": "list", "data": data}
 
 

@@ -132,6 +132,8 @@ def lexical_registry(heads: list[str], fingerprint: str, default_heads: bool) ->
         log.warning("shipped lexical heads skipped: %s", exc)
         shipped = Registry.build(None)
     registry = Registry.build(None)
+    registry.note = ("this server has no local backbone: only lexical value heads are loaded; "
+                     "start it with --local-backbone DIR for the others")
     registry.heads = {n: h for n, h in shipped.heads.items() if h.runner == "tokens"}
     for d in heads:
         for h in Registry.build(Path(d), fingerprint, None).heads.values():

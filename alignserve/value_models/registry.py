@@ -20,6 +20,7 @@ class Registry:
                  heads: list[Head] | None = None) -> None:
         self.rewards: dict[str, RewardSource] = dict(rewards or {})
         self.heads: dict[str, Head] = {h.name: h for h in heads or []}
+        self.note: str | None = None  # why some heads are not loaded, for "no head" errors
         clash = set(self.rewards) & set(self.heads)
         if clash:
             raise ValueError(f"head names clash with built-in rewards: {sorted(clash)}")
