@@ -124,19 +124,18 @@ def lexical_registry(heads: list[str], fingerprint: str, default_heads: bool) ->
     (they read token ids, no hidden states) of the package (``default_heads``) and of
     ``heads``. Raises ValueError naming a ``--heads`` head that reads hidden states, and
     ``HeadError`` for a folder that does not load."""
-    from ..value_models.heads import HeadError
+    from ..value_models.heads import HeadError, load_heads
 
     try:
-        shipped = Registry.build(None, fingerprint, None, default_heads=default_heads)
+        registry = Registry.build(None, fingerprint, None, default_heads=default_heads)
     except HeadError as exc:  # the shipped heads were trained for another tokenizer
         log.warning("shipped lexical heads skipped: %s", exc)
-        shipped = Registry.build(None)
-    registry = Registry.build(None)
+        registry = Registry.build(None)
     registry.note = ("this server has no local backbone: only lexical value heads are loaded; "
                      "start it with --local-backbone DIR for the others")
-    registry.heads = {n: h for n, h in shipped.heads.items() if h.runner == "tokens"}
+    registry.heads = {n: h for n, h in registry.heads.items() if h.runner == "tokens"}
     for d in heads:
-        for h in Registry.build(Path(d), fingerprint, None).heads.values():
+        for h in load_heads(Path(d), fingerprint):
             if h.runner != "tokens":
                 raise ValueError(f"--heads {d}: {h.name} reads hidden states, which needs a "
                                  "local backbone in remote mode (--local-backbone DIR); only "
