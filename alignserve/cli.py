@@ -88,8 +88,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="model folder (same tokenizer as the base) whose final hidden states "
                         "the value heads and ARMs read for vas, cd and genarm; it is fed the same "
                         "tokens as the remote (default: the --tokenizer folder when it holds the "
-                        "weights; 'none' = no backbone: genarm is then unavailable and vas / cd "
-                        "weight lexical value heads only)")
+                        "weights; 'none' = no backbone: vas / cd then weight lexical value "
+                        "heads only and genarm lexical ARMs only)")
     r.add_argument("--base-retries", type=int, default=2,
                    help="retries of a base call that failed to connect or got 502/503/504, "
                         "with exponential backoff from 0.25 s (default 2)")
@@ -188,6 +188,13 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
     else:
         p.add_argument("--rank", type=int, default=32,
                        help="rank of the logit adapter E (B (A h)) (default 32)")
+        p.add_argument("--lexical", action="store_true",
+                       help="a lexical ARM: a per-token logit bias on the base, learned from "
+                            "the reward's per-token feature (as --lexical value heads), trained "
+                            "on the increment over the base; it reads no model states, so "
+                            "GenARM with it costs a vector add (README, Lexical ARMs)")
+        p.add_argument("--hidden", type=int, default=16,
+                       help="hidden units of a lexical ARM's bias MLP (default 16)")
         p.add_argument("--beta-r", type=float, default=0.05,
                        help="beta_r of GenARM's loss -log sigmoid(beta_r (log pi_r(y_w) - "
                             "log pi_r(y_l))) (default 0.05, the published value)")
@@ -234,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(tsub.add_parser(
         "arm", help="autoregressive reward model (GenARM) head",
         description="Rank K base samples per prompt by the reward, build preference pairs and "
-                    "fit a low-rank ARM head with GenARM's pairwise loss."), "arm")
+                    "fit a low-rank ARM head (or with --lexical a per-token bias) with "
+                    "GenARM's pairwise loss."), "arm")
     a = tsub.add_parser(
-        "all", help="rebuild every shipped head (sentiment, non_toxic, concise x value, Q, ARM)",
+        "all", help="rebuild every shipped head (value, Q, ARM and lexical heads)",
         description="Sample the base once (cached under --run-dir, resumable) and train every "
                     "head shipped in alignserve/value_models/default_heads with its recorded "
                     "settings.")

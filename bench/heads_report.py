@@ -35,7 +35,9 @@ def main(root: str | None = None) -> int:
                        f"{tr.get('calibration_scale', 1.0):.2f}")
             target, ok = "", None  # no quality target: a cost lever (VAS / CD values "q")
         else:
-            quality = (f"pairwise acc **{met.get('pairwise_accuracy', float('nan')):.2f}** "
+            of = " of the increment over the base" if "lexical" in m.get("arch", {}) else ""
+            quality = (f"pairwise acc{of} "
+                       f"**{met.get('pairwise_accuracy', float('nan')):.2f}** "
                        f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
                        f"{met.get('pairs', 0)} pairs)")
             target = "accuracy >= 0.75"

@@ -1,5 +1,5 @@
-"""Lexical value heads: features, training checks, and VAS / CD with the shipped ones on the real
-model (values from token ids alone, no guidance forward)."""
+"""Lexical value heads and lexical ARMs: features, training checks, and VAS / CD / GenARM with the
+shipped ones on the real model (values from token ids alone, no guidance forward)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,28 @@ import torch
 from conftest import ROOT
 
 from alignserve.decoders import AlignmentError, build_decoder
+from alignserve.decoders.genarm import mixture
 from alignserve.engine.sampling import SamplingParams
 from alignserve.engine.scheduler import Engine, EngineConfig, EngineRequest
 from alignserve.value_models.heads import load_head, tokenizer_fingerprint
 from alignserve.value_models.lexical import (
     UNIT,
+    LexicalARM,
     LexicalValueHead,
+    Lexicon,
+    apply_lexicon,
     featurizer_for,
     lexical_features,
     word_starts,
 )
 from alignserve.value_models.registry import Registry
-from alignserve.value_models.training import TrainConfig
+from alignserve.value_models.training import (
+    Split,
+    TrainConfig,
+    arm_sequence_logprobs_exact,
+    arm_sequence_logprobs_topk,
+    lexical_arm_features,
+)
 
 HEADS = ROOT / "alignserve" / "value_models" / "default_heads"
 
@@ -66,6 +76,61 @@ def test_decoding_features_equal_training_features() -> None:
             torch.testing.assert_close(v, head(feats[int(offsets[i]) + t + 1][None]))
 
 
+def _toy_lexicon() -> Lexicon:
+    """10 tokens; "bad" is offensive (0.9) and splits into " b" + "ad" or " ba" + "d"."""
+    texts = [" b", "ad", " ba", "d", " good", ",", "AD", " x", "ads", "."]
+    return Lexicon(texts, {"bad": 0.9, "bads": 0.8})
+
+
+def test_lexicon_reads_whole_words_split_into_tokens() -> None:
+    lex = _toy_lexicon()
+    assert lex.tail([4, 0]) == "b" and lex.tail([2]) == "ba" and lex.tail([0, 5]) == ""
+    # " b" + "ad" / "AD" make "bad", " b" + "ads" makes "bads"
+    assert lex.overrides([0]) == {1: 0.9, 6: 0.9, 8: 0.8}
+    assert lex.overrides([2]) == {3: 0.9}  # " ba" + "d"
+    assert lex.overrides([0, 5]) == {} and lex.overrides([]) == {}
+    table = torch.full((10, 1), 0.1)
+    rows = apply_lexicon(table[torch.tensor([0, 1, 5, 2, 3, 1])], [0, 1, 5, 2, 3, 1], [6], lex)
+    assert rows[:, 0].tolist() == pytest.approx([0.1, 0.9, 0.1, 0.1, 0.9, 0.1])
+    # samples do not read each other's tokens: "ad" opening the second sample is no word
+    rows = apply_lexicon(table[torch.tensor([0, 1, 0])], [0, 1, 0], [2, 1], lex)
+    assert rows[:, 0].tolist() == pytest.approx([0.1, 0.9, 0.1])
+
+
+def test_decoding_features_equal_training_features_with_a_lexicon() -> None:
+    torch.manual_seed(0)
+    head = LexicalValueHead(10, 1, hidden=8)
+    head.table.copy_(torch.rand(10, 1) * 0.2)
+    head.lexicon = _toy_lexicon()
+    samples = [[0, 1, 5, 2, 3], [4, 0, 6, 9], [], [2, 3, 8], [0, 8, 1, 7]]
+    tokens = torch.tensor([t for s in samples for t in s], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(s) + 1 for s in samples]).cumsum(0)
+    feats = lexical_features(head.table, tokens, offsets, head.lexicon)
+    plain = lexical_features(head.table, tokens, offsets)
+    assert not torch.equal(feats, plain)  # some sample completes "bad"
+    for i, s in enumerate(samples):
+        for t in range(len(s)):
+            got = head.candidate_inputs(s[:t], [s[t], 7])[0]
+            torch.testing.assert_close(got, feats[int(offsets[i]) + t + 1])
+
+
+def test_lexical_arm_context_delta_follows_the_lexicon() -> None:
+    arm = LexicalARM(10, 1, hidden=4)
+    arm.table.copy_(torch.full((10, 1), 0.1))
+    arm.table[7, 0] = 1.0  # spread, so the standardisation is defined
+    torch.nn.init.normal_(arm.fc2.weight)
+    arm.lexicon = _toy_lexicon()
+    arm.eval()
+    d = arm.context_delta([0], 12)
+    assert d.shape == (12,) and set(d.nonzero()[:, 0].tolist()) == {1, 6, 8}
+    feats = arm.table[[1]].clone()
+    feats[0, 0] = 0.9
+    with torch.no_grad():
+        want = float(arm.bias_of(feats)[0] - arm.bias()[1])
+    assert float(d[1]) == pytest.approx(want, abs=1e-6)
+    assert not arm.context_delta([0, 5], 12).any()
+
+
 def test_candidates_past_the_table_read_zero() -> None:
     """A model may have more embedding slots than its tokenizer has tokens: such a candidate
     reads feature 0 instead of failing the request."""
@@ -83,7 +148,8 @@ def test_word_start_feature_counts_words() -> None:
 @pytest.mark.parametrize(("kw", "needle"), [
     ({"kind": "value", "reward": "vader"}, "--lexical needs exactly one reward"),
     ({"kind": "value", "reward": "concise,non_toxic"}, "--lexical needs exactly one reward"),
-    ({"kind": "arm", "reward": "concise"}, "--lexical is for value heads"),
+    ({"kind": "q", "reward": "concise"}, "--lexical is for value heads and ARMs"),
+    ({"kind": "arm", "reward": "concise", "pool": "mean"}, "takes no --pool"),
     ({"kind": "value", "reward": "concise", "pool": "mean"}, "takes no --pool"),
     ({"kind": "value", "reward": "concise", "backbone_layers": 4}, "takes no --pool"),
 ])
@@ -199,3 +265,102 @@ def test_two_weights_on_one_head_are_400(registry, strategy) -> None:
                        "weights": {"sentiment": 1, f"sentiment_{kind}": 1}}, registry=registry)
     assert ei.value.field == f"alignment.weights.sentiment_{kind}"
     assert f"sentiment_{kind}" in str(ei.value) and "weight it once" in str(ei.value)
+
+
+# ---- lexical ARMs ---------------------------------------------------------------------------
+
+def _lexical_arm(vocab: int = 12, seed: int = 0) -> LexicalARM:
+    torch.manual_seed(seed)
+    arm = LexicalARM(vocab, 1, hidden=4)
+    arm.table.copy_(torch.randn(vocab, 1))
+    torch.nn.init.normal_(arm.fc2.weight)
+    return arm.eval()
+
+
+def test_lexical_arm_starts_as_the_base_and_is_a_per_token_bias() -> None:
+    torch.manual_seed(0)
+    base = torch.randn(3, 14)  # 2 padded embedding slots past the 12-token table
+    fresh = LexicalARM(12, 1)
+    assert torch.allclose(fresh.logprobs(base), torch.log_softmax(base, -1))
+    arm = _lexical_arm()
+    b = arm.bias(14)
+    assert b.shape == (14,) and b[12:].eq(0).all() and b[:12].std() > 0
+    assert torch.allclose(arm.logprobs(base), torch.log_softmax(base + b, -1), atol=1e-6)
+
+
+def test_genarm_mixture_adds_a_lexical_arms_bias_at_the_bases_temperature() -> None:
+    """An increment ARM enters as alpha * (log pi_r - log p) = alpha * bias (+ a constant);
+    a state ARM in the same mixture keeps the reference normalisation among the others."""
+    torch.manual_seed(1)
+    base = torch.log_softmax(torch.randn(1, 12), -1)
+    arm = _lexical_arm()
+    lex = arm.logprobs(base)
+    other = torch.log_softmax(torch.randn(1, 12), -1)
+    for alpha in (0.5, 3.0):
+        got = mixture(base, lex[:, None], torch.tensor([alpha]), True, torch.tensor([True]))
+        want = base + alpha * arm.bias(12)
+        assert torch.allclose(torch.log_softmax(got, -1), torch.log_softmax(want, -1), atol=1e-5)
+    both = mixture(base, torch.stack([other, lex], 1), torch.tensor([1.0, 2.0]), True,
+                   torch.tensor([False, True]))
+    want = (base + other) / 2 + 2.0 * arm.bias(12)
+    assert torch.allclose(torch.log_softmax(both, -1), torch.log_softmax(want, -1), atol=1e-5)
+    # without increment flags the formula is the reference one
+    assert torch.allclose(mixture(base, other[:, None], torch.tensor([1.0]), True),
+                          (base + other) / 2)
+
+
+@pytest.mark.parametrize("lexicon", [False, True])
+def test_lexical_arm_top_k_training_sum_is_exact_when_the_candidates_cover_the_vocabulary(
+        lexicon: bool) -> None:
+    """The sampled-softmax sum over the recorded top-K (training) equals the full-vocabulary
+    one (metrics) when K is the whole vocabulary, with and without a lexicon, and both equal
+    the sum of log pi_r(y_t) with each step's bias (whole words included) by hand."""
+    torch.manual_seed(2)
+    vocab, dim = 10, 6
+    embed = torch.randn(vocab, dim)
+    samples = [[0, 1, 5, 2, 3], [4, 0, 6, 9], [2, 3, 8], [0, 8, 1, 7]]
+    tokens = torch.tensor([t for s in samples for t in s], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(s) + 1 for s in samples]).cumsum(0)
+    hidden = torch.randn(int(offsets[-1]), dim)
+    lengths = offsets[1:] - offsets[:-1]
+    rows = torch.cat([torch.arange(int(a), int(a) + int(n) - 1)
+                      for a, n in zip(offsets[:-1], lengths)])  # the states before each token
+    lp = torch.log_softmax(hidden[rows] @ embed.T, -1)
+    cand_lp, cand_ids = lp.sort(-1, descending=True)
+    split = Split(hidden, offsets, torch.zeros(len(lengths), dtype=torch.long), tokens,
+                  torch.zeros(len(lengths)), Path("."), cand_ids, cand_lp)
+    arm = _lexical_arm(vocab)
+    arm.lexicon = _toy_lexicon() if lexicon else None
+    lexical_arm_features(split, arm.table, arm.lexicon)
+    idx = range(len(samples))
+    exact = arm_sequence_logprobs_exact(arm, split, idx, embed)
+    assert torch.allclose(arm_sequence_logprobs_topk(arm, split, idx, embed), exact, atol=1e-4)
+    by_hand = []
+    for i, s in enumerate(samples):
+        base = hidden[int(offsets[i]):int(offsets[i]) + len(s)] @ embed.T
+        by_hand.append(sum(float(arm.logprobs(base[t:t + 1], arm.context_delta(s[:t], vocab)[
+            None])[0, s[t]]) for t in range(len(s))))
+    assert exact.tolist() == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_shipped_lexical_arms_load_and_steer_genarm_without_state_reads(engine, registry):
+    for name, featurizer in (("sentiment_lex_arm", "minilm_sentiment"),
+                             ("non_toxic_lex_arm", "profanity")):
+        h = registry.heads[name]
+        assert h.kind == "arm" and h.runner == "tokens" and isinstance(h.module, LexicalARM)
+        assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer
+        assert h.manifest["metrics"]["pairwise_accuracy"] > 0.6
+    # a weight named by the reward still reads its state ARM
+    assert registry.heads_for("sentiment", "arm").name == "sentiment_arm"
+    plain = _run(engine, registry, None)
+    zero = _run(engine, registry, {"strategy": "genarm", "weights": {"sentiment_lex_arm": 0}})
+    assert zero["choices"][0]["tokens"] == plain["choices"][0]["tokens"]
+    assert zero["info"]["arms"] == {}
+    steered = _run(engine, registry, {"strategy": "genarm", "weights": {"sentiment_lex_arm": 2}})
+    assert steered["info"]["arms"] == {"sentiment_lex_arm": "sentiment_lex_arm"}
+    assert steered["info"]["kl_per_token"] > 0
+    assert steered["choices"][0]["tokens"] != plain["choices"][0]["tokens"]
+    # the unscaled formula adds the same bias through the fused sampler (same samples)
+    raw = _run(engine, registry, {"strategy": "genarm", "normalize": False,
+                                  "weights": {"sentiment_lex_arm": 2}})
+    assert raw["choices"][0]["tokens"] == steered["choices"][0]["tokens"]

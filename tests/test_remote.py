@@ -147,8 +147,11 @@ def test_weight_zero_is_plain_through_proxy(remote, proxy, strategy):
     {"strategy": "vas", "top_k": 20, "values": "q", "weights": {"sentiment": 8}},
     {"strategy": "vas", "top_k": 20, "weights": {"concise_lex": -20}},
     {"strategy": "cd", "top_k": 20, "weights": {"sentiment": 5, "concise_lex": 10}},
+    {"strategy": "genarm", "weights": {"sentiment_lex_arm": 2}},
+    {"strategy": "genarm", "weights": {"sentiment": 1, "non_toxic_lex_arm": 2}},
 ], ids=lambda a: a["strategy"] + ("_q" if a.get("values") == "q" else "")
-   + ("_lexical" if any(k.endswith("_lex") for k in a["weights"]) else ""))
+   + ("_lexical" if any(k.endswith(("_lex", "_lex_arm")) for k in a["weights"]) else "")
+   + ("_mixed" if len(a["weights"]) > 1 else ""))
 def test_greedy_guided_matches_in_process(remote, proxy, alignment):
     """Greedy, the proxy's guided choice is the in-process one token for token: the remote's
     top-20 logprobs differ from the logits by a constant, the local backbone's hidden states are
@@ -175,29 +178,36 @@ def test_remote_cd_restricts_to_candidates(proxy):
 
 
 def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
-    """``--local-backbone none``: genarm is listed unavailable with the reason and refused with
-    a 400 that says why; vas / cd run with the shipped lexical value heads (no local model)
-    and refuse a weight on a state head with a 400 naming that weight; deal still runs."""
+    """``--local-backbone none``: vas / cd run with the shipped lexical value heads and genarm
+    with the shipped lexical ARMs (no local model); a weight on a state head is a 400 naming
+    that weight; deal still runs."""
     srv = ServerProc(["--base-url", remote.url, "--tokenizer", str(model_dir),
                       "--local-backbone", "none", "--base-retries", "1"])
     try:
         info = httpx.get(srv.url + "/v1/heads").json()
         off = {s["name"]: s.get("unavailable") for s in info["strategies"]}
-        assert "local backbone" in off["genarm"]
         listed = httpx.get(srv.url + "/v1/models").json()["data"]
-        assert "genarm" not in listed[0]["alignment"]["strategies"]
-        assert "vas" in listed[0]["alignment"]["strategies"]
-        assert not [m for m in listed if m["id"].endswith(":genarm")]
-        with pytest.raises(APIStatusError) as ei:
-            chat(srv, {"strategy": "genarm", "weights": {"sentiment": 1}})
-        assert ei.value.status_code == 400
-        assert ei.value.body["param"] == "alignment.strategy"
-        assert "not available" in ei.value.body["message"]
-        assert "--local-backbone" in ei.value.body["message"]
+        assert {"vas", "cd", "genarm"} <= set(listed[0]["alignment"]["strategies"])
         assert off["deal"] is None and off["args"] is None
-        assert off["vas"] is None and off["cd"] is None
+        assert off["vas"] is None and off["cd"] is None and off["genarm"] is None
         heads = {h["name"] for h in info["data"] if h["kind"] in ("value_head", "arm", "q_head")}
-        assert heads and all(h.endswith("_lex") for h in heads)
+        assert heads == {"concise_lex", "non_toxic_lex", "sentiment_lex", "non_toxic_lex_arm",
+                         "sentiment_lex_arm"}
+        # genarm: a reward name reads its lexical ARM; a state ARM's name is a 400
+        plain = chat(srv, seed=5, max_tokens=10)
+        zero = chat(srv, {"strategy": "genarm", "weights": {"sentiment": 0}}, seed=5,
+                    max_tokens=10)
+        assert zero.choices[0].message.content == plain.choices[0].message.content
+        r = chat(srv, {"strategy": "genarm", "weights": {"sentiment": 4}}, seed=5, max_tokens=10)
+        assert r.model_extra["alignment"]["arms"] == {"sentiment": "sentiment_lex_arm"}
+        assert r.model_extra["alignment"]["kl_per_token"] > 0
+        assert r.choices[0].message.content != plain.choices[0].message.content
+        with pytest.raises(APIStatusError) as ei:
+            chat(srv, {"strategy": "genarm", "weights": {"concise": 1}})
+        assert ei.value.status_code == 400
+        assert ei.value.body["param"] == "alignment.weights.concise"
+        assert "sentiment_lex_arm" in ei.value.body["message"]
+        assert "--local-backbone" in ei.value.body["message"]
         for name in ("vas", "cd"):
             with pytest.raises(APIStatusError) as ei:  # no lexical head for this reward
                 chat(srv, {"strategy": name, "weights": {"vader": 1}})
@@ -227,6 +237,13 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
         info = httpx.get(bare.url + "/v1/heads").json()
         off = {s["name"]: s.get("unavailable") for s in info["strategies"]}
         assert "no lexical value head" in off["vas"] and "--heads" in off["cd"]
+        assert "no lexical ARM" in off["genarm"] and "--local-backbone" in off["genarm"]
+        listed = httpx.get(bare.url + "/v1/models").json()["data"]
+        assert not [m for m in listed if m["id"].endswith(":genarm")]
+        with pytest.raises(APIStatusError) as ei:
+            chat(bare, {"strategy": "genarm", "weights": {"sentiment": 1}})
+        assert ei.value.status_code == 400 and ei.value.body["param"] == "alignment.strategy"
+        assert "no lexical ARM" in ei.value.body["message"]
         with pytest.raises(APIStatusError) as ei:
             chat(bare, {"strategy": "vas", "weights": {"sentiment": 1}})
         assert ei.value.status_code == 400 and "no lexical value head" in ei.value.body["message"]

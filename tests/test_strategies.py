@@ -175,6 +175,18 @@ def test_weight_is_monotone_with_the_lexical_sentiment_head(engine, registry, pr
     assert means[0] < means[1] < means[2], means
 
 
+def test_weight_is_monotone_with_the_lexical_sentiment_arm(engine, registry, prompts):
+    """sentiment_lex_arm (a per-token bias learned from the MiniLM sentiment of each token):
+    GenARM's reward rises with alpha."""
+    needs_head(registry, "sentiment_lex_arm", "arm")
+    means = []
+    for w in (0.0, 1.0, 2.0):
+        res = run_all(engine, registry, prompts,
+                      {"strategy": "genarm", "weights": {"sentiment_lex_arm": w}}, seed=1)
+        means.append(mean_reward(registry, prompts, res, "sentiment"))
+    assert means[0] < means[1] < means[2], means
+
+
 @pytest.mark.parametrize("values", ["q", "tree"])
 def test_vas_values_modes_report_their_cost(engine, registry, prompts, values):
     """values='q' reads the Q-head from the current state: no candidate forwards at all;

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from alignserve.value_models.heads import ARMHead, QHead, ValueHead, load_head
+from alignserve.value_models.lexical import LexicalARM
 from alignserve.value_models.training import TrainConfig, run_training
 
 
@@ -109,6 +110,22 @@ def test_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) ->
     assert hist[-1]["train_loss"] < hist[0]["train_loss"], hist
     loaded = load_head(tmp_path / "concise_arm")
     assert isinstance(loaded.module, ARMHead) and loaded.manifest["arch"]["rank"] == 32
+    b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
+    assert _same(a.module, b.module)
+
+
+def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) -> None:
+    """A lexical ARM (per-token bias from the word-start feature) trains on the increment over
+    the base, saves its token table and loads as a LexicalARM that reads no states."""
+    kw = dict(epochs=6, margin=0.0, batch_size=2, lr=5e-2, val_prompts=0, lexical=True,
+              hidden=4)
+    a = run_training(_cfg(run_dir, tmp_path / "concise_lex_arm", "arm", **kw))
+    hist = a.manifest["training"]["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"], hist
+    loaded = load_head(tmp_path / "concise_lex_arm")
+    assert isinstance(loaded.module, LexicalARM) and loaded.runner == "tokens"
+    assert loaded.manifest["arch"]["lexical"]["featurizer"] == "word_starts"
+    assert loaded.module.table.sum() > 0  # the word-start feature of the vocabulary
     b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
     assert _same(a.module, b.module)
 

@@ -2,12 +2,19 @@
 
 Each autoregressive reward model (ARM) here is a low-rank adapter on the base model's own
 hidden state (``value_models.heads.ARMHead``), so the guidance costs one small matmul per step,
-no extra transformer forward.
+no extra transformer forward; or a lexical ARM (``value_models.lexical.LexicalARM``), a
+per-token logit bias learned from the reward's per-token feature, which costs a vector add.
 
 Normalisation (default ``normalize: true``, the reference code's choice): the guided logits are
 ``(log pi_base + sum_i alpha_i log pi_r_i) / (1 + sum_i alpha_i)``, a geometric mixture of the
 base and the ARMs that keeps the base's sharpness. An ARM that equals the base then gives the
 base exactly at every alpha, so any change is guidance, not a temperature drop.
+
+A lexical ARM's reward is its increment over the base, sum_t log pi_r - log p_base (it has no
+prior scale to discount the base's likelihood, ``training.train_arm``), so it enters as
+``alpha (log pi_r - log pi_base) = alpha * b`` added after the normalisation: the base at its
+own temperature with a per-token logit bias, the token-level form of sampling from
+p_base * exp(alpha r).
 
 Weights must be >= 0: an ARM's weight range starts at 0 (``Head.info``), so a negative one is a
 400. A negative weight does not steer away: an ARM's log-probs contain the base's, so a negative
@@ -36,12 +43,34 @@ from .base import Run
 
 
 def mixture(base: torch.Tensor, arms: torch.Tensor, alphas: torch.Tensor,
-            normalize: bool) -> torch.Tensor:
+            normalize: bool, increment: torch.Tensor | None = None) -> torch.Tensor:
     """Guided log-weights from ``base`` [..., V] base log-probs, ``arms`` [..., H, V] ARM
     log-probs and weights ``alphas`` [H] (>= 0, on ``base``'s device): ``(base + sum_i
-    alpha_i arm_i) / (1 + sum_i alpha_i)`` with ``normalize``, else the unscaled numerator."""
-    guided = base + (alphas[:, None] * arms).sum(-2)
-    return guided / (1.0 + alphas.sum()) if normalize else guided
+    alpha_i arm_i) / (1 + sum_i alpha_i)`` with ``normalize``, else the unscaled numerator.
+
+    ARMs flagged in ``increment`` [H] (bool; lexical ARMs) define their reward as the increment
+    over the base, log pi_r - log p_base, and add ``alpha_j (arm_j - base)`` outside the
+    normalisation: the token-level form of sampling from p_base * exp(alpha r)."""
+    if increment is None or not bool(increment.any()):
+        guided = base + (alphas[:, None] * arms).sum(-2)
+        return guided / (1.0 + alphas.sum()) if normalize else guided
+    full = torch.where(increment, torch.zeros_like(alphas), alphas)
+    guided = base + (full[:, None] * arms).sum(-2)
+    if normalize:
+        guided = guided / (1.0 + full.sum())
+    inc = torch.where(increment, alphas, torch.zeros_like(alphas))
+    return guided + (inc[:, None] * (arms - base.unsqueeze(-2))).sum(-2)
+
+
+def arm_names(weights: dict[str, float], heads: list) -> dict[str, str]:  # type: ignore[type-arg]
+    """The response's ``alignment.arms``: the ARM each non-zero weight read (a reward name
+    resolves to ``<reward>_arm``, or to its lexical ARM where only that is loaded)."""
+    return {n: h.name for n, h in zip([n for n, w in weights.items() if w], heads)}
+
+
+def increments(heads: list) -> list[bool]:  # type: ignore[type-arg]
+    """Per head: does its reward read as the increment over the base (a ``LexicalARM``)?"""
+    return [bool(getattr(h.module, "increment", False)) for h in heads]
 
 
 class GenArmOptions(CommonOptions):
@@ -58,8 +87,10 @@ class GenArm(AlignedDecoder):
     def run_choice(self, ctx: DecodeContext, c: int, seq: Seq, logits) -> Run:
         reg = ctx.resources
         arms = [(reg.heads_for(n, "arm"), w) for n, w in self.weights.items() if w]
+        ctx.info["arms"] = arm_names(self.weights, [h for h, _ in arms])
         embed = ctx.runners["base"].model.head_weight
         alphas = torch.tensor([[w for _, w in arms]], dtype=torch.float32, device=logits.device)
+        inc = torch.tensor(increments([h for h, _ in arms]), device=logits.device)
         gen = ctx.generator(c)
         vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
         # ARMs with pool="mean" also read the mean of the answer's states so far
@@ -67,13 +98,16 @@ class GenArm(AlignedDecoder):
         while True:
             # every request's ARMs of this step run as one call per head (HeadEval)
             dense = torch.stack([o[0] for o in (yield [
-                self.arm_op(h, hidden, logits, embed, pool) for h, _ in arms])])[None]  # [1,H,V]
+                self.arm_op(h, hidden, logits, embed, pool, ctx.choices[c].tokens)
+                for h, _ in arms])])[None]  # [1,H,V]
             ctx.stats.guidance_forwards += 1
             base = torch.log_softmax(logits.float(), -1)[None]
-            guided = mixture(base, dense, alphas[0], self.opt.normalize)
+            guided = mixture(base, dense, alphas[0], self.opt.normalize, inc)
             if self.opt.normalize:
                 out = yield from ctx.sample(guided, [gen], [ctx.choices[c].tokens])
-            else:
+            else:  # the fused kernel adds sum_i alpha_i dense_i to the base
+                if bool(inc.any()):
+                    dense = torch.where(inc[None, :, None], dense - base[:, None], dense)
                 out = yield from ctx.sample(base, [gen], [ctx.choices[c].tokens], weights=alphas,
                                             dense=dense)
             self.track_kl(ctx, guided[0], base[0])
@@ -90,6 +124,7 @@ class GenArm(AlignedDecoder):
 
     def plain_info(self, info: dict, n: int) -> None:
         info["kl_per_token"] = 0.0  # all alphas 0: the guided distribution is the base's
+        info["arms"] = {}  # no ARM read
 
     def track_kl(self, ctx: DecodeContext, guided: torch.Tensor, base: torch.Tensor) -> None:
         """Add KL(softmax(guided) || base) (nats; [V] logits and base log-probs) to the running
@@ -103,10 +138,17 @@ class GenArm(AlignedDecoder):
 
     @staticmethod
     def arm_op(head, hidden: dict, base_logits, embed,  # type: ignore[no-untyped-def]
-               pool: PrefixMean | None = None) -> HeadEval:
+               pool: PrefixMean | None = None, history: list[int] | None = None) -> HeadEval:
         """The op whose result is log pi_r over the vocabulary, [1, V]. A base-placed ARM
         adapts the base logits; a backbone ARM is its own small LM: the backbone's early-exit
-        logits h_L E^T plus its adapter. A pooled ARM's adapter reads ``pool``'s features."""
+        logits h_L E^T plus its adapter. A pooled ARM's adapter reads ``pool``'s features. A
+        lexical ARM (``LexicalARM``) reads the base logits only: a per-token bias on them,
+        changed where a token would complete a lexicon word after the answer so far
+        (``history``)."""
+        if head.runner == "tokens":
+            delta = head.module.context_delta(history or [], base_logits.shape[-1])
+            return HeadEval(head.module, (base_logits[None], delta.to(base_logits.device)[None]),
+                            "logprobs")
         h = hidden[head.runner]
         prior = base_logits[None] if head.runner == "base" else h.float() @ embed.float().T
         return HeadEval(head.module, (head_input(head.module, h, pool, False), prior),

@@ -43,7 +43,7 @@ from .strategies import (
 
 __all__ = ["RemoteEngineClient", "RemoteError", "RemoteQueueFull"]
 
-NO_BACKBONE = ("its heads (ARMs; value heads other than lexical ones) read hidden states, "
+NO_BACKBONE = ("its heads (ARMs and value heads other than lexical ones) read hidden states, "
                "and this server has no local "
                "backbone model (start it with --local-backbone DIR, a model folder with the "
                "base's tokenizer that the heads were trained on, or with a --tokenizer folder "
@@ -51,6 +51,9 @@ NO_BACKBONE = ("its heads (ARMs; value heads other than lexical ones) read hidde
 NO_LEXICAL = ("this server has no local backbone model and no lexical value head loaded (they "
               "read token ids only; pass --heads DIR with lexical heads, or start it with "
               "--local-backbone DIR for heads that read hidden states)")
+NO_LEXICAL_ARM = ("this server has no local backbone model and no lexical ARM loaded (they "
+                  "read the base's log-probs only; pass --heads DIR with lexical ARMs, or start "
+                  "it with --local-backbone DIR for ARMs that read hidden states)")
 TOKEN_LEVEL = ("args", "transfer_qstar")
 HEAD_GUIDED = ("vas", "cd", "genarm")
 TOP_K_CAPPED = ("args", "transfer_qstar", "vas", "cd")  # alignment.top_k <= the remote's top-n
@@ -98,8 +101,9 @@ class RemoteEngineClient(TextClient):
     ``caps`` are the remote's capabilities from that probe; ``resources`` the local reward
     registry. ``slots`` bounds the concurrent samples one request may ask for (as the KV-cache
     slots do in-process). ``backbone`` is the local model the value heads and ARMs read
-    (``vas``, ``cd``, ``genarm``), or None: ``genarm`` is then unavailable, and ``vas`` / ``cd``
-    may weight lexical value heads only (they read token ids; unavailable when none is loaded).
+    (``vas``, ``cd``, ``genarm``), or None: ``vas`` / ``cd`` may then weight lexical value
+    heads only (they read token ids) and ``genarm`` lexical ARMs only (they read the remote's
+    log-probs); each is unavailable when no such head is loaded.
     """
 
     fails_before_output = True  # the base server's faults show on a request's first call
@@ -124,9 +128,9 @@ class RemoteEngineClient(TextClient):
         the 400 at request time)."""
         out: dict[str, str] = {}
         if self.backbone is None:
-            lexical = self.lexical_heads()
-            out["genarm"] = NO_BACKBONE
-            if not lexical:
+            if not self.lexical_heads("arm"):
+                out["genarm"] = NO_LEXICAL_ARM
+            if not self.lexical_heads():
                 out.update({s: NO_LEXICAL for s in ("vas", "cd")})
         if not self.caps.logprobs or self.caps.max_logprobs < 1:
             why = f"the base model server at {self.http.base_url} returns no top logprobs"
@@ -143,11 +147,12 @@ class RemoteEngineClient(TextClient):
             self._health = cached
         return {"base": cached[1]}
 
-    def lexical_heads(self) -> list[str]:
-        """The loaded lexical value heads: without a local backbone, the only heads VAS / CD
-        can weight (they read token ids, not hidden states)."""
+    def lexical_heads(self, kind: str = "value") -> list[str]:
+        """The loaded lexical value heads (``kind`` "arm": lexical ARMs): without a local
+        backbone, the only heads VAS / CD (GenARM) can weight (they read token ids or the
+        base's log-probs, not hidden states)."""
         heads = getattr(self.resources, "heads", {}) if self.resources is not None else {}
-        return sorted(n for n, h in heads.items() if h.runner == "tokens")
+        return sorted(n for n, h in heads.items() if h.runner == "tokens" and h.kind == kind)
 
     def check_request(self, dec: Any, inp: GenerationInput) -> None:
         """400s (``AlignmentError``) for what remote mode cannot do as asked."""
@@ -165,13 +170,15 @@ class RemoteEngineClient(TextClient):
             raise AlignmentError("no_repeat_ngram_size", "no_repeat_ngram_size is not available "
                                  "in remote mode: the base model server samples the tokens "
                                  "and has no such option; leave it at 0")
-        if name in ("vas", "cd") and self.backbone is None:
+        if name in HEAD_GUIDED and self.backbone is None:
+            kind = "arm" if name == "genarm" else "value"
             for w, v in dec.weights.items():
-                head = self.resources.heads_for(w, "value")
+                head = self.resources.heads_for(w, kind)
                 if v and (head is None or head.runner != "tokens"):
+                    what = "ARMs" if kind == "arm" else "value heads"
                     raise AlignmentError(f"alignment.weights.{w}", f"{w!r} {NO_BACKBONE}; "
-                                         f"without one only the lexical value heads "
-                                         f"{self.lexical_heads()} can be weighted")
+                                         f"without one only the lexical {what} "
+                                         f"{self.lexical_heads(kind)} can be weighted")
         placed = getattr(dec, "backbones", [])
         if name in HEAD_GUIDED and placed:
             raise AlignmentError("alignment.weights", f"heads placed on a partial backbone "
@@ -259,7 +266,7 @@ class RemoteEngineClient(TextClient):
             await run_token_level(ctx, dec, self.engine.base.config.vocab_size)
         elif dec.name in ("vas", "cd"):  # backbone None: lexical heads only (check_request)
             await run_value_guided(ctx, dec, self.backbone, self.engine.base.config.vocab_size)
-        elif dec.name == "genarm" and self.backbone is not None:
+        elif dec.name == "genarm":  # backbone None: lexical ARMs only (check_request)
             await run_genarm(ctx, dec, self.backbone, self.engine.base.config.vocab_size)
         elif dec.name == "deal":
             await run_deal(ctx, dec, self.engine.base.config.vocab_size)

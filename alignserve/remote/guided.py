@@ -5,7 +5,8 @@ The remote gives each step's top candidates and their log-probabilities (``max_t
 in-process (``alignserve.decoders.vas`` / ``genarm`` / ``deal``) and the same shared helpers
 (``topk_ids``, ``sample_scored``, ``score_texts``, the sampler). Value heads and ARMs read a
 local backbone (``alignserve.remote.backbone.LocalBackbone``) that is fed the same tokens;
-lexical value heads read the answer's token ids only, so with them no local model runs.
+lexical value heads read the answer's token ids only and lexical ARMs the remote's log-probs
+only, so with them no local model runs.
 
 Round trips per returned token (each "call" is one HTTP request to the remote, possibly with
 several prompts):
@@ -15,7 +16,8 @@ several prompts):
   ``Extend``, overlapped with the next call. With lexical value heads only: 1 call, no local
   forward (no backbone needed).
 * ``genarm``: 1 call, overlapped with the local ``Extend`` of the previous token (both read the
-  same prefix; the ARM needs the hidden state at its last token).
+  same prefix; the ARM needs the hidden state at its last token). With lexical ARMs only: 1
+  call, no local forward (no backbone needed).
 * ``deal``: per search step (one token on every beam) 2 calls: the top-k of all beams as one
   multi-prompt call, then all expansions' greedy lookaheads as one multi-prompt call; rewards
   local. The answer is only returned once the search ends.
@@ -37,7 +39,7 @@ import torch
 
 from ..decoders.aligned import AlignmentError, finish_state, sample_scored, topk_ids
 from ..decoders.deal import emit_best
-from ..decoders.genarm import mixture
+from ..decoders.genarm import arm_names, increments, mixture
 from ..decoders.vas import head_info
 from ..engine.output import Detokenizer, TokenInfo
 from ..value_models.heads import Head, PrefixMean, head_input
@@ -174,25 +176,44 @@ def emit_scored(ctx: RemoteCtx, c: int, dec: Any, top: dict, logits: torch.Tenso
     return tok
 
 
-async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: int) -> None:
+async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
+                     vocab: int) -> None:
     """GenARM over the remote's top-k (k = the most top logprobs it returns): with base
     log-probs b(a) renormalised over the k and each ARM's log pi_r(a) = log_softmax over the k
     of (s * b(a) + E_a (B (A h))) (h: the local backbone's hidden state at the prefix's last
     token), sample (b + sum_i alpha_i log pi_r_i) / (1 + sum_i alpha_i) (``normalize``; else
-    not divided)."""
+    not divided). A lexical ARM's log pi_r is log_softmax(b(a) + bias_a) and enters as its
+    increment (``decoders.genarm.mixture``); with only lexical ARMs no local model runs, so
+    ``backbone`` may be None."""
     reg = ctx.resources
     arms = [(reg.heads_for(n, "arm"), w) for n, w in dec.weights.items() if w]
+    ctx.info["arms"] = arm_names(dec.weights, [h for h, _ in arms])  # as in-process
     alphas = torch.tensor([w for _, w in arms], dtype=torch.float32)
-    embed = backbone.embed.detach().float().cpu()
+    inc = torch.tensor(increments([h for h, _ in arms]))
+    states = any(h.runner != "tokens" for h, _ in arms)
+    assert backbone is not None or not states  # check_request refuses it (400)
+    embed = backbone.embed.detach().float().cpu() if states and backbone else None
     k = max(ctx.caps.max_logprobs, ctx.params.top_logprobs)
-    seqs = await backbone.acquire(ctx.n)
+    seqs = await backbone.acquire(ctx.n) if states and backbone else []
     try:
-        hidden0 = (await backbone.prefill(seqs, ctx.prompt_ids)).float().cpu()
+        hidden0 = (await backbone.prefill(seqs, ctx.prompt_ids)).float().cpu() \
+            if states and backbone else None
+
+        def arm_row(head: Head, lp: torch.Tensor, ids: list[int], h: Any,
+                    pool: PrefixMean | None, done: list[int]) -> torch.Tensor:
+            if head.runner == "tokens":  # LexicalARM: a per-token bias on the base
+                bias = head.module.bias(vocab) + head.module.context_delta(done, vocab)
+                return torch.log_softmax(lp + bias[torch.tensor(ids)], -1)
+            assert embed is not None
+            emb = embed[torch.tensor(ids)]  # [k, D]
+            return torch.log_softmax(head.module.base_scale * lp + head.module.delta(
+                head_input(head.module, h, pool, False), emb)[0], -1)
 
         async def one(c: int) -> None:
-            seq, gen, done = seqs[c], ctx.generator(c), []
-            h = hidden0[c:c + 1]
-            pool = PrefixMean.for_heads(h, [hd.module for hd, _ in arms])
+            gen, done = ctx.generator(c), []
+            h = hidden0[c:c + 1] if hidden0 is not None else None
+            pool = PrefixMean.for_heads(h, [hd.module for hd, _ in arms]) \
+                if h is not None else None
             top = await next_top(ctx, done, k)
             while True:
                 if not top:
@@ -200,14 +221,10 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
                     return
                 ids = list(top)
                 lp = torch.tensor([top[i] for i in ids], dtype=torch.float32)
-                emb = embed[torch.tensor(ids)]  # [k, D]
                 base = torch.log_softmax(lp, -1)
-                arm = torch.stack([torch.log_softmax(
-                    head.module.base_scale * lp
-                    + head.module.delta(head_input(head.module, h, pool, False), emb)[0], -1)
-                    for head, _ in arms])  # [H, k]
+                arm = torch.stack([arm_row(head, lp, ids, h, pool, done) for head, _ in arms])
                 ctx.stats.guidance_forwards += 1
-                guided = mixture(base, arm, alphas, dec.opt.normalize)
+                guided = mixture(base, arm, alphas, dec.opt.normalize, inc)
                 dec.track_kl(ctx, guided, base)
                 full = torch.full((vocab,), float("-inf"))
                 full[torch.tensor(ids)] = guided
@@ -217,14 +234,20 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone, vocab: i
                 if ctx.emit(c, tok, top.get(tok), _tops(ctx, top), float(out.logprobs[0])):
                     return
                 done.append(tok)
-                top, hn = await asyncio.gather(next_top(ctx, done, k), backbone.extend(seq, tok))
+                if h is None:
+                    top = await next_top(ctx, done, k)
+                    continue
+                assert backbone is not None
+                top, hn = await asyncio.gather(next_top(ctx, done, k),
+                                               backbone.extend(seqs[c], tok))
                 h = hn.float().cpu()
                 if pool is not None:
                     pool.add(h[-1])
 
         await asyncio.gather(*(one(c) for c in range(ctx.n)))
     finally:
-        backbone.release(seqs)
+        if seqs and backbone is not None:
+            backbone.release(seqs)
 
 
 async def run_deal(ctx: RemoteCtx, dec: Any, vocab: int) -> None:

@@ -52,8 +52,8 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
     local. The local backbone (``--local-backbone DIR``; by default the ``--tokenizer`` folder
     when it holds model weights; ``none`` = off) is loaded with the heads that read it: the
     shipped default heads when they fit its tokenizer and hidden size, and every ``--heads``
-    folder (which must fit). Without a backbone only lexical value heads load
-    (``lexical_registry``).
+    folder (which must fit). Without a backbone only lexical value heads and lexical ARMs
+    load (``lexical_registry``).
     """
     from transformers import AutoTokenizer
 
@@ -121,9 +121,9 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
 
 def lexical_registry(heads: list[str], fingerprint: str, default_heads: bool) -> Registry:
     """Remote mode without a local backbone: the built-in rewards plus the lexical value heads
-    (they read token ids, no hidden states) of the package (``default_heads``) and of
-    ``heads``. Raises ValueError naming a ``--heads`` head that reads hidden states, and
-    ``HeadError`` for a folder that does not load."""
+    and lexical ARMs (they read token ids or the base's log-probs, no hidden states) of the
+    package (``default_heads``) and of ``heads``. Raises ValueError naming a ``--heads`` head
+    that reads hidden states, and ``HeadError`` for a folder that does not load."""
     from ..value_models.heads import HeadError, load_heads
 
     try:
@@ -131,15 +131,15 @@ def lexical_registry(heads: list[str], fingerprint: str, default_heads: bool) ->
     except HeadError as exc:  # the shipped heads were trained for another tokenizer
         log.warning("shipped lexical heads skipped: %s", exc)
         registry = Registry.build(None)
-    registry.note = ("this server has no local backbone: only lexical value heads are loaded; "
-                     "start it with --local-backbone DIR for the others")
+    registry.note = ("this server has no local backbone: only lexical value heads and lexical "
+                     "ARMs are loaded; start it with --local-backbone DIR for the others")
     registry.heads = {n: h for n, h in registry.heads.items() if h.runner == "tokens"}
     for d in heads:
         for h in load_heads(Path(d), fingerprint):
             if h.runner != "tokens":
                 raise ValueError(f"--heads {d}: {h.name} reads hidden states, which needs a "
                                  "local backbone in remote mode (--local-backbone DIR); only "
-                                 "lexical value heads work without one")
+                                 "lexical value heads and lexical ARMs work without one")
             registry.heads[h.name] = h
     return registry
 

@@ -20,7 +20,8 @@ parameters), train in minutes on cached hidden states, and are stored as safeten
 
 Artifact format: a folder with ``manifest.json`` (kind, name, reward it approximates, tokenizer
 fingerprint of the base it serves, architecture, training provenance, held-out metrics) and
-``head.safetensors``. ``load_heads(dir, fingerprint)`` loads every head under a folder and refuses
+``head.safetensors`` (a lexical head with whole-word features also ``lexicon.json``,
+``lexical.Lexicon``). ``load_heads(dir, fingerprint)`` loads every head under a folder and refuses
 one built for another tokenizer with a message naming both fingerprints.
 """
 
@@ -259,7 +260,8 @@ class Head:
     @property
     def runner(self) -> str:
         """Which model's hidden states the head reads: "base" or "backbone-L"; "tokens" for a
-        lexical value head, which reads the answer's token ids only (``lexical.py``)."""
+        lexical value head, which reads the answer's token ids only, and for a lexical ARM,
+        which reads the base's logits only (``lexical.py``)."""
         placement = self.manifest.get("placement")
         if placement == "tokens":
             return "tokens"
@@ -322,6 +324,11 @@ def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
         return LexicalValueHead(lex["vocab"], lex["features"], arch.get("hidden", 64))
     if kind == "value":
         return ValueHead(arch["dim"], arch.get("hidden", 128), pool)
+    if kind == "arm" and "lexical" in arch:
+        from .lexical import LexicalARM
+
+        lex = arch["lexical"]
+        return LexicalARM(lex["vocab"], lex["features"], arch.get("hidden", 16))
     if kind == "arm":
         return ARMHead(arch["dim"], arch.get("rank", 32), pool)
     if kind == "q":
@@ -337,6 +344,11 @@ def save_head(folder: Path, head: Head) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous() for k, v in head.module.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
+    lexicon = getattr(head.module, "lexicon", None)
+    if lexicon is not None:  # a lexical head's whole-word features (lexical.Lexicon)
+        from .lexical import LEXICON
+
+        (folder / LEXICON).write_text(json.dumps(lexicon.to_json(), ensure_ascii=False))
     manifest = {"format": FORMAT_VERSION, "name": head.name, "kind": head.kind,
                 **{k: v for k, v in head.manifest.items() if k not in ("name", "kind")}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -368,6 +380,13 @@ def load_head(folder: Path, fingerprint: str | None = None, dim: int | None = No
         module.load_state_dict(load_file(str(folder / WEIGHTS)))
     except (OSError, RuntimeError) as exc:
         raise HeadError(f"{folder}: weights do not match the manifest: {exc}") from None
+    from .lexical import LEXICON, Lexicon
+
+    if hasattr(module, "lexicon") and (folder / LEXICON).is_file():
+        try:
+            module.lexicon = Lexicon.from_json(json.loads((folder / LEXICON).read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise HeadError(f"{folder}: unreadable {LEXICON}: {exc}") from None
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Lexical value heads: V(prefix) from per-token features of the answer so far, no model states.
+"""Lexical heads: V(prefix) from per-token features of the answer so far, no model states.
 
 Some rewards are decided by the words themselves: ``concise`` counts words, ``non_toxic`` is a
 bag-of-words classifier, and the MiniLM ``sentiment`` scorer reacts strongly to sentiment
@@ -18,6 +18,10 @@ Decoding needs no forward for it: the value of every candidate next token a is t
 token ids alone, so VAS / CD with only lexical heads cost about what plain decoding costs, and
 they work with ``values`` "tree" or "q" alike.
 
+A lexical ARM (``LexicalARM``) uses the same per-token feature for GenARM: a per-token logit bias
+b_a = MLP(table[a]) on the base, trained with GenARM's pairwise loss; it reads the base's logits
+only, so GenARM with it costs a vector add per step.
+
 Featurizers (``FEATURIZERS``; one per reward that has one):
 - ``word_starts`` (``concise``, ``length``): 1 if the token's text starts with whitespace (a
   new word, or a line break before one), else 0. s_t is then about the number of words so far.
@@ -28,12 +32,13 @@ Featurizers (``FEATURIZERS``; one per reward that has one):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .heads import ValueHead
 
@@ -98,22 +103,148 @@ def lexical_table(featurizer: str, tokenizer: Any) -> Tensor:
     return FEATURIZERS[featurizer](_token_texts(tokenizer)).float()
 
 
+LEXICON = "lexicon.json"  # a head folder's whole-word lexicon (``Lexicon``), when it has one
+_LEAD = re.compile(r"^\w+")
+_TRAIL = re.compile(r"\w+$")
+TAIL_TOKENS = 8  # tokens looked back for the word in progress
+
+
+class Lexicon:
+    """Whole-word features for tokens that continue a word.
+
+    A byte-level BPE splits many words the reward reacts to into innocent pieces (" dick" is
+    " d" + "ick", '"Fucking' is '"F' + "ucking"), so a feature of each token's text alone misses
+    them. With a lexicon, the feature of a token that continues the word in progress (its text
+    starts with a word character and the answer so far ends inside a word) is the larger of its
+    own and the whole word's, ``words[(tail + lead).lower()]``, where ``tail`` is the word so far
+    and ``lead`` the token's leading word characters. ``texts`` [V] are the token texts,
+    ``words`` the reward's per-word feature (for ``profanity``: alt-profanity-check's
+    P(offensive) of every word in its vocabulary with P >= 0.3).
+    """
+
+    def __init__(self, texts: Sequence[str], words: dict[str, float]) -> None:
+        self.texts = list(texts)
+        self.words = dict(words)
+        self.lead = [(m.group(0) if (m := _LEAD.match(t)) else "") for t in self.texts]
+        self.trail = [(m.group(0) if (m := _TRAIL.search(t)) else "") for t in self.texts]
+        by_lead: dict[str, list[int]] = {}
+        for i, lead in enumerate(self.lead):
+            if lead:
+                by_lead.setdefault(lead.lower(), []).append(i)
+        # word prefix -> [(token ids that complete it to a lexicon word, that word's feature)]
+        self.completions: dict[str, list[tuple[list[int], float]]] = {}
+        for w, v in self.words.items():
+            for i in range(1, len(w)):
+                ids = by_lead.get(w[i:])
+                if ids:
+                    self.completions.setdefault(w[:i], []).append((ids, v))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"texts": self.texts, "words": self.words}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Lexicon:
+        return cls(obj["texts"], obj["words"])
+
+    def tail(self, history: Sequence[int]) -> str:
+        """The word in progress at the end of ``history`` (token ids): the trailing word
+        characters of its last tokens, "" when the answer does not end inside a word."""
+        out = ""
+        for i in reversed(list(history)[-TAIL_TOKENS:]):
+            trail = self.trail[i] if i < len(self.trail) else ""
+            if not trail:
+                break
+            out = trail + out
+            if len(trail) < len(self.texts[i]):  # the word starts inside this token
+                break
+        return out
+
+    def word_feature(self, tail: str, tok: int) -> float | None:
+        """The lexicon's feature of the word ``tail`` + ``tok``'s leading word characters, when
+        ``tok`` continues the word (``tail`` non-empty, ``tok`` starts with a word character)
+        and that word is in the lexicon; else None."""
+        if tok >= len(self.lead) or not self.lead[tok] or not tail:
+            return None
+        return self.words.get((tail + self.lead[tok]).lower())
+
+    def overrides(self, history: Sequence[int]) -> dict[int, float]:
+        """{token id: the feature of the word it would complete} for every token that completes
+        the word in progress at the end of ``history`` to a lexicon word."""
+        tail = self.tail(history).lower()
+        out: dict[int, float] = {}
+        for ids, v in self.completions.get(tail, ()) if tail else ():
+            for i in ids:
+                out[i] = max(out.get(i, v), v)
+        return out
+
+
+def profanity_lexicon(texts: Sequence[str], floor: float = 0.3) -> dict[str, float]:
+    """alt-profanity-check's P(offensive) of every word of its vocabulary with P >= ``floor``."""
+    from profanity_check import predict_prob
+    from profanity_check import profanity_check as pc
+
+    words = sorted(pc.vectorizer.vocabulary_)
+    prob = predict_prob(np.array(words))
+    return {w: float(p) for w, p in zip(words, prob) if p >= floor}
+
+
+LEXICONS: dict[str, Callable[[Sequence[str]], dict[str, float]]] = {"profanity": profanity_lexicon}
+
+
+def lexicon_for(featurizer: str, tokenizer: Any) -> Lexicon | None:
+    """The whole-word lexicon of ``featurizer`` (None for featurizers without one)."""
+    if featurizer not in LEXICONS:
+        return None
+    texts = _token_texts(tokenizer)
+    return Lexicon(texts, LEXICONS[featurizer](texts))
+
+
+def contextual_rows(table: Tensor, tokens: Tensor, lengths: Sequence[int],
+                    lexicon: Lexicon | None) -> Tensor:
+    """[sum T_s, F] per-token features of the samples' response tokens (back to back, sample s
+    has ``lengths[s]`` tokens): ``table`` rows, with a token that completes a lexicon word
+    (given the sample's earlier tokens) reading the larger of its row and the word's feature
+    (column 0), as ``LexicalValueHead`` does while decoding."""
+    return apply_lexicon(table[tokens.long()], tokens.tolist(), lengths, lexicon)
+
+
+def apply_lexicon(rows: Tensor, toks: list[int], lengths: Sequence[int],
+                  lexicon: Lexicon | None) -> Tensor:
+    """``rows`` [sum T_s, F] (the table rows of ``toks``) with every token that completes a
+    lexicon word, given its sample's earlier tokens, raised to that word's feature (column 0);
+    a copy (``rows`` itself when there is no lexicon)."""
+    if lexicon is None:
+        return rows
+    f = rows.clone()
+    pos = 0
+    for n in lengths:
+        for j in range(pos + 1, pos + int(n)):
+            if toks[j] >= len(lexicon.lead) or not lexicon.lead[toks[j]]:
+                continue
+            v = lexicon.word_feature(lexicon.tail(toks[max(pos, j - TAIL_TOKENS):j]), toks[j])
+            if v is not None and v > float(f[j, 0]):
+                f[j, 0] = v
+        pos += int(n)
+    return f
+
+
 def features_from_sums(s: Tensor, t: Tensor) -> Tensor:
     """[N, F] sums and [N] token counts -> [N, 2F + 1] head inputs (module docstring)."""
     t = t.float()[:, None]
     return torch.cat([s / UNIT, s / t.clamp_min(1.0), t / UNIT], -1)
 
 
-def lexical_features(table: Tensor, tokens: Tensor, offsets: Tensor) -> Tensor:
+def lexical_features(table: Tensor, tokens: Tensor, offsets: Tensor,
+                     lexicon: Lexicon | None = None) -> Tensor:
     """Training features of every cached state: [sum_s (T_s + 1), 2F + 1].
 
     ``tokens`` [sum_s T_s] are the samples' response tokens back to back, ``offsets``
     [S + 1] the first state row of each sample (sample s has T_s + 1 states, t = 0..T_s).
     State t of a sample reads its first t tokens, as ``LexicalValueHead.candidate_inputs``
-    does while decoding."""
+    does while decoding (with the same ``lexicon``, if any)."""
     n_states = int(offsets[-1])
     lengths = offsets[1:] - offsets[:-1] - 1  # T_s
-    f = table[tokens.long()]  # [sum T_s, F]
+    f = contextual_rows(table, tokens, lengths.tolist(), lexicon)  # [sum T_s, F]
     c = torch.cumsum(f.double(), 0)
     sample = torch.repeat_interleave(torch.arange(len(lengths)), lengths + 1)
     step = torch.arange(n_states) - offsets[:-1][sample]  # t of each state
@@ -137,15 +268,24 @@ class LexicalValueHead(ValueHead):
     def __init__(self, vocab: int, features: int, hidden: int = 64) -> None:
         super().__init__(2 * features + 1, hidden, "none")
         self.register_buffer("table", torch.zeros(vocab, features))
+        self.lexicon: Lexicon | None = None  # whole-word features (``Lexicon``), if any
 
     def candidate_inputs(self, history: Sequence[int], cands: Sequence[int],
                          device: torch.device | str | None = None) -> Tensor:
         """[k, 2F + 1] features of the answer so far (``history``, token ids) extended by each
         of the ``cands``, on ``device`` (default: the table's). The decoders pass the engine's
-        device, so the scheduler moves the head there as it does every head (``run_heads``)."""
+        device, so the scheduler moves the head there as it does every head (``run_heads``).
+        With a lexicon, a token that completes a lexicon word reads that word's feature, in
+        the history and among the candidates alike (``contextual_rows``)."""
         dev = self.table.device
-        s = self.rows(history).sum(0)
-        ext = s[None] + self.rows(cands)
+        rows = apply_lexicon(self.rows(history), list(history), [len(history)], self.lexicon)
+        cand = self.rows(cands)
+        if self.lexicon is not None:
+            over = self.lexicon.overrides(history)
+            for j, a in enumerate(cands):
+                if a in over and over[a] > float(cand[j, 0]):
+                    cand[j, 0] = over[a]
+        ext = rows.sum(0)[None] + cand
         t = torch.full((len(cands),), len(history) + 1, device=dev)
         return features_from_sums(ext, t).to(device or dev)
 
@@ -164,5 +304,89 @@ class LexicalValueHead(ValueHead):
             return self(self.candidate_inputs(history, cands))
 
 
+class LexicalARM(nn.Module):
+    """A token-bias ARM (GenARM's autoregressive reward model in its simplest form):
+
+        log pi_r(a | prefix) = log_softmax(l_base + b)_a,   b_a = MLP(table[a])   ([V'])
+
+    ``l_base`` [N, V'] are the base's logits at the prefix and ``table`` [V, F] the reward's
+    per-token featurizer (module docstring), so the bias of every vocabulary token, sampled in
+    training or not, is a learned function of that token's feature. The reward the ARM defines
+    is r(y) = sum_t log pi_r(y_t | y<t), trained with GenARM's pairwise loss like ``ARMHead``.
+
+    It has no prior scale to discount the base's likelihood (it must keep the base's
+    temperature), so its reward is the increment over the base, r(y) = sum_t log pi_r(y_t) -
+    log p_base(y_t) (``increment``; ``training.train_arm``). Decoding needs no model states:
+    GenARM adds alpha (log pi_r - log p) = alpha * b + const to the base's log-probs
+    (``decoders.genarm.mixture``), the base at its own temperature with a per-token logit bias.
+    ``fc2`` starts at zero: the ARM starts as the base.
+    The bias is cached per (device, width) while the module is in eval mode (it is frozen once
+    loaded); ``train()`` drops the cache.
+    """
+
+    pool = "none"
+    increment = True  # its reward is sum_t log pi_r - log p_base (GenARM's mixture reads it)
+
+    def __init__(self, vocab: int, features: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(vocab, features))
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+        self._cache: dict[tuple[Any, int], Tensor] = {}
+        self.lexicon: Lexicon | None = None  # whole-word features (``Lexicon``), if any
+
+    def train(self, mode: bool = True) -> LexicalARM:
+        self._cache = {}
+        return super().train(mode)
+
+    def bias_of(self, features: Tensor) -> Tensor:
+        """[...] fp32 logit bias of tokens with per-token ``features`` [..., F] (standardised
+        by the table's statistics)."""
+        t = self.table.float()
+        x = (features.float() - t.mean(0)) / t.std(0).clamp_min(1e-6)
+        return self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
+
+    def context_delta(self, history: Sequence[int], width: int) -> Tensor:
+        """[width] change of the bias at the end of ``history`` (token ids): with a lexicon,
+        the tokens that would complete a lexicon word take that word's feature
+        (``Lexicon.overrides``); zeros otherwise."""
+        delta = torch.zeros(width, device=self.table.device)
+        if self.lexicon is None:
+            return delta
+        over = {a: v for a, v in self.lexicon.overrides(history).items()
+                if a < min(width, self.table.shape[0]) and v > float(self.table[a, 0])}
+        if over:
+            ids = torch.tensor(list(over), device=self.table.device)
+            feats = self.table[ids].clone()
+            feats[:, 0] = torch.tensor(list(over.values()), device=self.table.device)
+            with torch.no_grad():
+                delta[ids] = self.bias_of(feats) - self.bias_of(self.table[ids])
+        return delta
+
+    def bias(self, width: int | None = None) -> Tensor:
+        """[width] fp32 logit bias per token id (default width: the table's vocabulary); ids past
+        the tokenizer's vocabulary (a model's padded embedding slots) get 0."""
+        width = width or self.table.shape[0]
+        key = (self.table.device, width)
+        if not self.training and key in self._cache:
+            return self._cache[key]
+        b = self.bias_of(self.table)
+        if width > b.shape[0]:
+            b = torch.cat([b, b.new_zeros(width - b.shape[0])])
+        b = b[:width]
+        if not self.training:
+            self._cache[key] = b.detach()
+        return b
+
+    def logprobs(self, base_logits: Tensor, delta: Tensor | None = None) -> Tensor:
+        """log pi_r [N, V'] from the base's logits [N, V'] at the same prefixes, plus each
+        row's ``context_delta`` [N, V'] when given."""
+        out = base_logits.float() + self.bias(base_logits.shape[-1])
+        return torch.log_softmax(out if delta is None else out + delta, -1)
+
+
 def is_lexical(module: Any) -> bool:
+    """A lexical value head (``LexicalARM`` is not one: it is an ARM)."""
     return isinstance(module, LexicalValueHead)

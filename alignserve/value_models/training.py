@@ -81,6 +81,7 @@ from .heads import (
     save_head,
     tokenizer_fingerprint,
 )
+from .lexical import TAIL_TOKENS, LexicalARM, Lexicon, contextual_rows
 
 CACHE_VERSION = 2
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
@@ -117,7 +118,7 @@ class TrainConfig:
     hidden: int = 128
     pool: str = "none"  # value heads, ARMs: "mean" reads [h_t, mean(h_0..h_t)] (Q: their V's)
     backbone_layers: int = 0  # 0: read the base's final states; L: a backbone of its first L
-    lexical: bool = False  # value heads: read per-token features of the answer (lexical.py)
+    lexical: bool = False  # value heads / ARMs: per-token features of the reward (lexical.py)
     rank: int = 32
     lam: float = 0.95
     aux_partial: float = 0.0  # value heads: weight of the partial-text reward auxiliary loss
@@ -151,9 +152,9 @@ class TrainConfig:
         if self.lexical:
             from .lexical import featurizer_for
 
-            if self.kind != "value":
-                raise ValueError("--lexical is for value heads (a lexical head values every "
-                                 "candidate itself: it needs no Q-head)")
+            if self.kind == "q":
+                raise ValueError("--lexical is for value heads and ARMs (a lexical value head "
+                                 "values every candidate itself: it needs no Q-head)")
             if self.pool != "none" or self.backbone_layers:
                 raise ValueError("--lexical reads token ids, not model states: it takes no "
                                  "--pool or --backbone-layers")
@@ -711,6 +712,8 @@ class Split:
     cand_lp: Tensor | None = None  # [sum_s T_s, TOPK] their base log-probs (fp16)
     partial: Tensor | None = None  # [sum_s (T_s + 1)] partial-text reward per state, NaN = none
     pooled: Tensor | None = None  # [sum_s (T_s + 1), 2D] [h_t, mean(h_0..h_t)]: a pooled ARM's
+    lex_y: Tensor | None = None  # [sum_s T_s, F] a lexical ARM's feature of each response token
+    lex_cand: Tensor | None = None  # [sum_s T_s, TOPK, F] ... of each recorded candidate
 
     def adapter_input(self, head: Any, rows: Tensor) -> Tensor:
         """What an ARM's adapter reads at state ``rows``: the states, or pooled features."""
@@ -878,7 +881,7 @@ def _arm_rows(split: Split, samples: Sequence[int]) -> tuple[Tensor, Tensor, Ten
     return torch.cat(rows), torch.cat(tgt), torch.cat(own)
 
 
-def arm_sequence_logprobs(head: ARMHead | None, split: Split, samples: Sequence[int],
+def arm_sequence_logprobs(head: ARMHead | LexicalARM | None, split: Split, samples: Sequence[int],
                           embed: Tensor) -> Tensor:
     """sum_t log pi_r(y_t | s_{t-1}) per sample (head None = the base model itself)."""
     rows, tgt, own = _arm_rows(split, samples)
@@ -888,14 +891,16 @@ def arm_sequence_logprobs(head: ARMHead | None, split: Split, samples: Sequence[
         base_logits = h @ embed.T
     if head is None:
         lp = torch.log_softmax(base_logits, dim=-1)
+    elif isinstance(head, LexicalARM):
+        lp = head.logprobs(base_logits)
     else:
         lp = head.logprobs(split.adapter_input(head, rows).to(dev), base_logits, embed)
     picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
 
 
-def arm_sequence_logprobs_topk(head: ARMHead | None, split: Split, samples: Sequence[int],
-                               embed: Tensor) -> Tensor:
+def arm_sequence_logprobs_topk(head: ARMHead | LexicalARM | None, split: Split,
+                               samples: Sequence[int], embed: Tensor) -> Tensor:
     """sum_t log pi_r(y_t | s_{t-1}) per sample, normalised over the base's top-TOPK tokens
     plus y_t instead of the whole vocabulary (head None = the base itself, exact: its
     normaliser comes from the recorded top-1 log-prob).
@@ -915,6 +920,24 @@ def arm_sequence_logprobs_topk(head: ARMHead | None, split: Split, samples: Sequ
     if head is None:  # log p(y) = l_y - lse, lse = l_top1 - lp_top1
         lse = (h * embed[ids[:, 0]]).sum(-1) - split.cand_lp[tok_rows, 0].to(dev).float()
         picked = (h * e_y).sum(-1) - lse
+    elif isinstance(head, LexicalARM):
+        # log pi_r(y) = log p(y) + b_y - log sum_a p(a) e^{b_a}: the top K from the recorded
+        # log-probs, the tail at its base mass (bias ~ 0 there), y outside the top K apart
+        top_lp = split.cand_lp[tok_rows].to(dev).float()
+        if split.lex_y is None or split.lex_cand is None:
+            raise ValueError("a lexical ARM needs Split.lex_y / lex_cand "
+                             "(lexical_arm_features)")
+        b_y = head.bias_of(split.lex_y[tok_rows].to(dev))
+        b_c = head.bias_of(split.lex_cand[tok_rows].to(dev))
+        lp_y = (h * e_y).sum(-1) - ((h * embed[ids[:, 0]]).sum(-1) - top_lp[:, 0])
+        tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+        inside = (ids == y[:, None]).any(-1)
+        rest = tail + torch.log1p(-torch.exp((lp_y - tail).clamp(max=-1e-6)))
+        tail = torch.where(inside, tail, rest)
+        ly = lp_y + b_y
+        extra = torch.where(inside, torch.full_like(ly, float("-inf")), ly)
+        lse = torch.logsumexp(torch.cat([top_lp + b_c, tail[:, None], extra[:, None]], 1), 1)
+        picked = ly - lse
     else:
         # the base's own normaliser and tail mass outside the top K (exact, from the recorded
         # top-K log-probs); the tail enters the ARM's normaliser with its base mass (delta ~ 0
@@ -943,25 +966,45 @@ def _token_rows(split: Split, samples: Sequence[int]) -> Tensor:
     return torch.cat([torch.arange(int(tok_off[s]), int(tok_off[s + 1])) for s in samples])
 
 
-def arm_sequence_logprobs_exact(head: ARMHead, split: Split, samples: Sequence[int],
-                                embed: Tensor) -> Tensor:
+def arm_sequence_logprobs_exact(head: ARMHead | LexicalARM, split: Split,
+                                samples: Sequence[int], embed: Tensor) -> Tensor:
     """Like :func:`arm_sequence_logprobs` for a base-placed ARM, with one vocabulary matmul
     instead of two: log_softmax(s l + E u(h)) = log_softmax((s h + u(h)) E^T)."""
     rows, tgt, own = _arm_rows(split, samples)
     dev = embed.device
     h = split.hidden[rows].to(dev).float()
-    g = head.base_scale * h + head.shift(split.adapter_input(head, rows).to(dev))
-    lp = torch.log_softmax(g @ embed.T, dim=-1)
+    if isinstance(head, LexicalARM):
+        logits = h @ embed.float().T + head.bias(embed.shape[0])
+        if head.lexicon is not None:  # whole-word features given each row's earlier tokens
+            toks = split.tokens.tolist()
+            tok_rows = _token_rows(split, samples).tolist()
+            starts = [int(r) for r in torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long),
+                                                              split.lengths - 1]), 0)]
+            first = {}
+            for s_ in samples:
+                for r in range(starts[s_], starts[s_ + 1]):
+                    first[r] = starts[s_]
+            for i, r in enumerate(tok_rows):
+                hist = toks[max(first[r], r - TAIL_TOKENS):r]
+                if hist:
+                    d = head.context_delta(hist, logits.shape[1])
+                    if d.any():
+                        logits[i] += d.to(logits.device)
+        lp = torch.log_softmax(logits, dim=-1)
+    else:
+        g = head.base_scale * h + head.shift(split.adapter_input(head, rows).to(dev))
+        lp = torch.log_softmax(g @ embed.T, dim=-1)
     picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
 
 
 @torch.no_grad()
-def arm_metrics(head: ARMHead, split: Split, pairs: list[tuple[int, int]], embed: Tensor,
-                base_sums: Tensor | None = None, chunk: int = 32,
+def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int, int]],
+                embed: Tensor, base_sums: Tensor | None = None, chunk: int = 32,
                 approx: bool = False) -> dict[str, float]:
     """Pairwise accuracy of the ARM's reward sum log pi_r, of the base alone, and of the
-    head's increment over the base (sum log pi_r - sum log pi_base).
+    head's increment over the base (sum log pi_r - sum log pi_base). A ``LexicalARM``'s reward
+    is its increment (``train_arm``), so its ``pairwise_accuracy`` is the increment's.
 
     Exact (full-vocabulary normalisation) unless ``approx``, which normalises over the recorded
     top-TOPK candidates (cheap; used for the per-epoch validation line)."""
@@ -978,12 +1021,13 @@ def arm_metrics(head: ARMHead, split: Split, pairs: list[tuple[int, int]], embed
         return {"pairs": 0}
     w = torch.tensor([p[0] for p in pairs])
     ll = torch.tensor([p[1] for p in pairs])
+    delta = float(((sums - base_sums)[w] > (sums - base_sums)[ll]).float().mean())
     return {
         "pairs": len(pairs),
-        "pairwise_accuracy": float((sums[w] > sums[ll]).float().mean()),
+        "pairwise_accuracy": delta if isinstance(head, LexicalARM)
+        else float((sums[w] > sums[ll]).float().mean()),
         "base_pairwise_accuracy": float((base_sums[w] > base_sums[ll]).float().mean()),
-        "delta_pairwise_accuracy": float(((sums - base_sums)[w] > (sums - base_sums)[ll])
-                                         .float().mean()),
+        "delta_pairwise_accuracy": delta,
     }
 
 
@@ -1276,14 +1320,67 @@ def _pair_batches(pairs: list[tuple[int, int]], group: Tensor, batch_pairs: int,
     return batches
 
 
+def lexical_arch(featurizer: str, table: Tensor, lexicon: Lexicon | None) -> dict[str, Any]:
+    """The manifest's ``arch.lexical`` of a lexical head."""
+    out: dict[str, Any] = {"featurizer": featurizer, "vocab": int(table.shape[0]),
+                           "features": int(table.shape[1])}
+    if lexicon is not None:
+        out["lexicon_words"] = len(lexicon.words)
+    return out
+
+
+def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None) -> None:
+    """Fill ``split.lex_y`` / ``lex_cand``: the feature of every response token and of every
+    recorded top-K candidate at its state, with the lexicon's whole-word features given the
+    sample's earlier tokens (``lexical.apply_lexicon`` / ``Lexicon.overrides``)."""
+    lengths = (split.lengths - 1).tolist()
+    split.lex_y = contextual_rows(table, split.tokens, lengths, lexicon)
+    if split.cand_ids is None:
+        return
+    ids = split.cand_ids.long()
+    cand = table[ids.clamp_max(table.shape[0] - 1)] * (ids < table.shape[0])[..., None]
+    if lexicon is not None:
+        toks = split.tokens.tolist()
+        pos = 0
+        for n in lengths:
+            for j in range(pos + 1, pos + n):
+                over = lexicon.overrides(toks[max(pos, j - TAIL_TOKENS):j])
+                if not over:
+                    continue
+                for k, a in enumerate(ids[j].tolist()):
+                    if a in over and over[a] > float(cand[j, k, 0]):
+                        cand[j, k, 0] = over[a]
+            pos += n
+    split.lex_cand = cand
+
+
 def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None = None,
-              margin: float = 0.0) -> tuple[ARMHead, list[dict[str, Any]]]:
-    """Fit an ARMHead with GenARM's pairwise loss on reward-ranked base samples."""
+              margin: float = 0.0, lex_table: Tensor | None = None,
+              lexicon: Lexicon | None = None,
+              ) -> tuple[ARMHead | LexicalARM, list[dict[str, Any]]]:
+    """Fit an ARMHead (or, given the featurizer's ``lex_table`` [V, F], a ``LexicalARM``) with
+    GenARM's pairwise loss on reward-ranked base samples.
+
+    An ``ARMHead``'s reward is r(y) = sum_t log pi_r(y_t); its learned prior scale can discount
+    the base's likelihood. A ``LexicalARM`` has no such scale (it must keep the base's
+    temperature), so its reward is the increment over the base, r(y) = sum_t log pi_r(y_t) -
+    log p_base(y_t) (the DPO-style implicit reward against the reference): two answers'
+    likelihoods under the base, which have nothing to do with the reward, then cancel."""
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
-    head = ARMHead(train.hidden.shape[1], cfg.rank, cfg.pool).to(dev)
-    if train.cand_ids is not None:  # top-K training normalises the tail at the base's scale
-        head.base_scale.requires_grad_(False)
+    head: ARMHead | LexicalARM
+    if lex_table is not None:
+        head = LexicalARM(*lex_table.shape, cfg.hidden)
+        head.table.copy_(lex_table)
+        head.lexicon = lexicon
+        head = head.to(dev)
+        for sp in (train, val):
+            if sp is not None:
+                lexical_arm_features(sp, lex_table, lexicon)
+    else:
+        head = ARMHead(train.hidden.shape[1], cfg.rank, cfg.pool).to(dev)
+        if train.cand_ids is not None:  # top-K training normalises the tail at the base's scale
+            head.base_scale.requires_grad_(False)
     opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
                            weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
@@ -1298,6 +1395,11 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     seq_logprobs = arm_sequence_logprobs_topk if train.cand_ids is not None \
         else arm_sequence_logprobs
     assert cfg.epochs is not None and cfg.batch_size is not None
+    base_sums = None
+    if isinstance(head, LexicalARM):  # its reward is the increment over the base
+        with torch.no_grad():
+            base_sums = torch.cat([seq_logprobs(None, train, range(i, min(
+                i + 256, train.num_samples)), embed) for i in range(0, train.num_samples, 256)])
     for epoch in range(start, cfg.epochs):
         head.train()
         batches = _pair_batches(pairs, train.group, cfg.batch_size,
@@ -1309,6 +1411,8 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
             samples = sorted({s for p in batch for s in p})
             pos = {s: i for i, s in enumerate(samples)}
             sums = seq_logprobs(head, train, samples, embed)
+            if base_sums is not None:
+                sums = sums - base_sums[torch.tensor(samples, device=dev)]
             w = torch.tensor([pos[p[0]] for p in batch], device=dev)
             ll = torch.tensor([pos[p[1]] for p in batch], device=dev)
             loss = -F.logsigmoid(cfg.beta_r * (sums[w] - sums[ll])).mean()
@@ -1397,22 +1501,23 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
             if cfg.val_prompts != 0 else None
         embed = base.embed if cfg.kind in ("arm", "q") else None
         fingerprint = tokenizer_fingerprint(base.tokenizer)
-        lex_table = None
+        lex_table, lexicon = None, None
         if cfg.lexical:
-            from .lexical import featurizer_for, lexical_table
+            from .lexical import featurizer_for, lexical_table, lexicon_for
 
             lex_name = featurizer_for(weights)
             lex_table = lexical_table(lex_name, base.tokenizer)
+            lexicon = lexicon_for(lex_name, base.tokenizer)
         rrange = _reward_range(weights, base)
     finally:
         base.close()
     dim = int(train.hidden.shape[1])  # the base's hidden size
-    if lex_table is not None:  # the head reads per-token features, not the states
+    if lex_table is not None and cfg.kind == "value":  # per-token features, not the states
         from .lexical import lexical_features
 
         for sp in (train, val):
             if sp is not None:
-                sp.hidden = lexical_features(lex_table, sp.tokens, sp.offsets)
+                sp.hidden = lexical_features(lex_table, sp.tokens, sp.offsets, lexicon)
     if pool == "mean":  # the head reads [h_t, mean(h_0..h_t)]
         for sp in (train, val):
             if sp is None:
@@ -1466,9 +1571,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
 
             lex = LexicalValueHead(*lex_table.shape, cfg.hidden)
             lex.load_state_dict({**module.cpu().state_dict(), "table": lex_table})
+            lex.lexicon = lexicon
             module = lex
-            arch["lexical"] = {"featurizer": lex_name, "vocab": int(lex_table.shape[0]),
-                               "features": int(lex_table.shape[1])}
+            arch["lexical"] = lexical_arch(lex_name, lex_table, lexicon)
         if cfg.backbone_layers:
             arch["layers"] = cfg.backbone_layers
         desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation, in "
@@ -1482,7 +1587,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     else:
         assert embed is not None
         margin = cfg.margin  # rewards are standardised: margin in reward stds
-        module, history = train_arm(cfg, train, embed, val, margin)
+        module, history = train_arm(cfg, train, embed, val, margin, lex_table, lexicon)
         metrics = arm_metrics(module, val, preference_pairs(val, margin), embed) if val else {}
         metrics["margin"] = margin
         data_info["train_pairs"] = len(preference_pairs(train, margin))
@@ -1491,6 +1596,11 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
             arch["layers"] = cfg.backbone_layers
         desc = (f"autoregressive reward model (GenARM) for {cfg.reward}: low-rank logit "
                 "adapter on the base's hidden state")
+        if lex_table is not None:
+            arch = {"hidden": cfg.hidden,
+                    "lexical": lexical_arch(lex_name, lex_table, lexicon)}
+            desc = (f"lexical ARM (GenARM) for {cfg.reward}: a per-token logit bias on the "
+                    f"base, learned from each token's {lex_name} feature (no model states)")
         wrange = [0.0, 5.0]  # GenARM refuses negative weights (decoders/genarm.py)
     training = {**asdict(cfg), **data_info, "history": history,
                 "seconds": round(time.perf_counter() - t0, 1)}
@@ -1542,6 +1652,10 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
     "sentiment_arm": {"kind": "arm", "reward": "sentiment", "epochs": 3, "lr": 1e-3},
     "non_toxic_arm": {"kind": "arm", "reward": "non_toxic", "epochs": 3, "lr": 1e-3},
     "concise_arm": {"kind": "arm", "reward": "concise", "epochs": 3, "lr": 1e-3},
+    "sentiment_lex_arm": {"kind": "arm", "reward": "sentiment", "lexical": True, "hidden": 16,
+                          "epochs": 3, "lr": 1e-2},
+    "non_toxic_lex_arm": {"kind": "arm", "reward": "non_toxic", "lexical": True, "hidden": 16,
+                          "epochs": 3, "lr": 1e-2},
 }
 
 
