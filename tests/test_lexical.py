@@ -359,8 +359,19 @@ def test_shipped_lexical_arms_load_and_steer_genarm_without_state_reads(engine, 
     steered = _run(engine, registry, {"strategy": "genarm", "weights": {"sentiment_lex_arm": 2}})
     assert steered["info"]["arms"] == {"sentiment_lex_arm": "sentiment_lex_arm"}
     assert steered["info"]["kl_per_token"] > 0
+    assert steered["stats"].guidance_forwards == 0  # a bias on the base's logits, no forward
     assert steered["choices"][0]["tokens"] != plain["choices"][0]["tokens"]
     # the unscaled formula adds the same bias through the fused sampler (same samples)
     raw = _run(engine, registry, {"strategy": "genarm", "normalize": False,
                                   "weights": {"sentiment_lex_arm": 2}})
     assert raw["choices"][0]["tokens"] == steered["choices"][0]["tokens"]
+
+
+def test_a_value_heads_name_does_not_read_the_arm_of_the_same_stem(registry) -> None:
+    """``sentiment_lex`` is a value head: GenARM refuses it (naming its kind) instead of
+    reading ``sentiment_lex_arm``, as it refuses ``sentiment_value``."""
+    for name in ("sentiment_lex", "sentiment_value"):
+        with pytest.raises(AlignmentError) as ei:
+            build_decoder({"strategy": "genarm", "weights": {name: 1}}, registry=registry)
+        assert ei.value.field == f"alignment.weights.{name}"
+        assert "is a value head" in str(ei.value)

@@ -1,4 +1,4 @@
-"""GenARM (Xu et al. 2025): decode with log pi_base + sum_i alpha_i log pi_r_i.
+"""GenARM (Xu et al.): (log p_base + sum a_i log pi_r_i) / (1 + sum a_i), + a_j * bias_j (lexical).
 
 Each autoregressive reward model (ARM) here is a low-rank adapter on the base model's own
 hidden state (``value_models.heads.ARMHead``), so the guidance costs one small matmul per step,
@@ -76,7 +76,9 @@ def increments(heads: list) -> list[bool]:  # type: ignore[type-arg]
 class GenArmOptions(CommonOptions):
     normalize: bool = Field(True, description="divide guided logits by (1 + sum alpha), the "
                             "reference normalisation that keeps the base's sharpness; false = "
-                            "unscaled sum (sharpens like a temperature drop as alpha grows)")
+                            "unscaled sum (sharpens like a temperature drop as alpha grows). "
+                            "A lexical ARM's alpha * bias is added outside the division "
+                            "either way, so with lexical ARMs only both give the same samples")
 
 
 class GenArm(AlignedDecoder):
@@ -91,6 +93,7 @@ class GenArm(AlignedDecoder):
         embed = ctx.runners["base"].model.head_weight
         alphas = torch.tensor([[w for _, w in arms]], dtype=torch.float32, device=logits.device)
         inc = torch.tensor(increments([h for h, _ in arms]), device=logits.device)
+        states = any(h.runner != "tokens" for h, _ in arms)  # an ARM that reads hidden states
         gen = ctx.generator(c)
         vseqs, hidden = yield from self.backbone_seqs(ctx, [h for h, _ in arms])
         # ARMs with pool="mean" also read the mean of the answer's states so far
@@ -100,7 +103,7 @@ class GenArm(AlignedDecoder):
             dense = torch.stack([o[0] for o in (yield [
                 self.arm_op(h, hidden, logits, embed, pool, ctx.choices[c].tokens)
                 for h, _ in arms])])[None]  # [1,H,V]
-            ctx.stats.guidance_forwards += 1
+            ctx.stats.guidance_forwards += int(states)  # a lexical ARM runs no forward
             base = torch.log_softmax(logits.float(), -1)[None]
             guided = mixture(base, dense, alphas[0], self.opt.normalize, inc)
             if self.opt.normalize:

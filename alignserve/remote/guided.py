@@ -223,7 +223,7 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
                 lp = torch.tensor([top[i] for i in ids], dtype=torch.float32)
                 base = torch.log_softmax(lp, -1)
                 arm = torch.stack([arm_row(head, lp, ids, h, pool, done) for head, _ in arms])
-                ctx.stats.guidance_forwards += 1
+                ctx.stats.guidance_forwards += int(states)  # lexical ARMs: no local forward
                 guided = mixture(base, arm, alphas, dec.opt.normalize, inc)
                 dec.track_kl(ctx, guided, base)
                 full = torch.full((vocab,), float("-inf"))

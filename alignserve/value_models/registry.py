@@ -57,10 +57,12 @@ class Registry:
         return out
 
     def heads_for(self, reward: str, kind: str) -> Head | None:
-        """The head of ``kind`` trained for ``reward`` (by name, or the reward it approximates)."""
+        """The head of ``kind`` trained for ``reward`` (by name, or the reward it approximates).
+        A head's own name resolves to that head only: None when it is of another kind (so
+        ``sentiment_lex``, a value head, does not read ``sentiment_lex_arm`` in GenARM)."""
         h = self.heads.get(reward)
-        if h is not None and h.kind == kind:
-            return h
+        if h is not None:
+            return h if h.kind == kind else None
         h = self.heads.get(f"{reward}_{kind}")  # the conventional name wins over other heads
         if h is not None and h.kind == kind:    # of the reward (e.g. a lexical concise_lex)
             return h
