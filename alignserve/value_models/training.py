@@ -891,8 +891,8 @@ def arm_sequence_logprobs(head: ARMHead | LexicalARM | None, split: Split, sampl
         base_logits = h @ embed.T
     if head is None:
         lp = torch.log_softmax(base_logits, dim=-1)
-    elif isinstance(head, LexicalARM):
-        lp = head.logprobs(base_logits)
+    elif isinstance(head, LexicalARM):  # with its whole-word bias changes row by row
+        return arm_sequence_logprobs_exact(head, split, samples, embed)
     else:
         lp = head.logprobs(split.adapter_input(head, rows).to(dev), base_logits, embed)
     picked = lp.gather(1, tgt.to(dev)[:, None])[:, 0]
