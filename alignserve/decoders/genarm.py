@@ -51,15 +51,15 @@ def mixture(base: torch.Tensor, arms: torch.Tensor, alphas: torch.Tensor,
     ARMs flagged in ``increment`` [H] (bool; lexical ARMs) define their reward as the increment
     over the base, log pi_r - log p_base, and add ``alpha_j (arm_j - base)`` outside the
     normalisation: the token-level form of sampling from p_base * exp(alpha r)."""
-    if increment is None or not bool(increment.any()):
-        guided = base + (alphas[:, None] * arms).sum(-2)
-        return guided / (1.0 + alphas.sum()) if normalize else guided
-    full = torch.where(increment, torch.zeros_like(alphas), alphas)
+    inc = increment if increment is not None else torch.zeros_like(alphas, dtype=torch.bool)
+    full = alphas.masked_fill(inc, 0.0)
     guided = base + (full[:, None] * arms).sum(-2)
     if normalize:
         guided = guided / (1.0 + full.sum())
-    inc = torch.where(increment, alphas, torch.zeros_like(alphas))
-    return guided + (inc[:, None] * (arms - base.unsqueeze(-2))).sum(-2)
+    if bool(inc.any()):
+        guided = guided + (alphas.masked_fill(~inc, 0.0)[:, None]
+                           * (arms - base.unsqueeze(-2))).sum(-2)
+    return guided
 
 
 def arm_names(weights: dict[str, float], heads: list) -> dict[str, str]:  # type: ignore[type-arg]

@@ -190,14 +190,16 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
     ctx.info["arms"] = arm_names(dec.weights, [h for h, _ in arms])  # as in-process
     alphas = torch.tensor([w for _, w in arms], dtype=torch.float32)
     inc = torch.tensor(increments([h for h, _ in arms]))
-    states = any(h.runner != "tokens" for h, _ in arms)
-    assert backbone is not None or not states  # check_request refuses it (400)
-    embed = backbone.embed.detach().float().cpu() if states and backbone else None
+    states = any(h.runner != "tokens" for h, _ in arms)  # lexical ARMs read logprobs only
+    if states and backbone is None:  # the client refuses it with a 400 first (check_request)
+        raise AlignmentError("alignment.weights", "ARMs that read hidden states need a local "
+                             "backbone (--local-backbone DIR)")
+    local = backbone if states else None  # the local model the ARMs read, if any
+    embed = local.embed.detach().float().cpu() if local else None
     k = max(ctx.caps.max_logprobs, ctx.params.top_logprobs)
-    seqs = await backbone.acquire(ctx.n) if states and backbone else []
+    seqs = await local.acquire(ctx.n) if local else []
     try:
-        hidden0 = (await backbone.prefill(seqs, ctx.prompt_ids)).float().cpu() \
-            if states and backbone else None
+        hidden0 = (await local.prefill(seqs, ctx.prompt_ids)).float().cpu() if local else None
 
         def arm_row(head: Head, lp: torch.Tensor, ids: list[int], h: Any,
                     pool: PrefixMean | None, done: list[int]) -> torch.Tensor:
@@ -223,7 +225,7 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
                 lp = torch.tensor([top[i] for i in ids], dtype=torch.float32)
                 base = torch.log_softmax(lp, -1)
                 arm = torch.stack([arm_row(head, lp, ids, h, pool, done) for head, _ in arms])
-                ctx.stats.guidance_forwards += int(states)  # lexical ARMs: no local forward
+                ctx.stats.guidance_forwards += int(local is not None)  # lexical: no forward
                 guided = mixture(base, arm, alphas, dec.opt.normalize, inc)
                 dec.track_kl(ctx, guided, base)
                 full = torch.full((vocab,), float("-inf"))
@@ -237,17 +239,16 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
                 if h is None:
                     top = await next_top(ctx, done, k)
                     continue
-                assert backbone is not None
-                top, hn = await asyncio.gather(next_top(ctx, done, k),
-                                               backbone.extend(seqs[c], tok))
+                assert local is not None
+                top, hn = await asyncio.gather(next_top(ctx, done, k), local.extend(seqs[c], tok))
                 h = hn.float().cpu()
                 if pool is not None:
                     pool.add(h[-1])
 
         await asyncio.gather(*(one(c) for c in range(ctx.n)))
     finally:
-        if seqs and backbone is not None:
-            backbone.release(seqs)
+        if local is not None:
+            local.release(seqs)
 
 
 async def run_deal(ctx: RemoteCtx, dec: Any, vocab: int) -> None:

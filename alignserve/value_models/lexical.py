@@ -33,7 +33,7 @@ Featurizers (``FEATURIZERS``; one per reward that has one):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -208,6 +208,16 @@ def contextual_rows(table: Tensor, tokens: Tensor, lengths: Sequence[int],
     return apply_lexicon(table[tokens.long()], tokens.tolist(), lengths, lexicon)
 
 
+def token_windows(toks: Sequence[int], lengths: Sequence[int]) -> Iterator[tuple[int, list[int]]]:
+    """(j, the last ``TAIL_TOKENS`` tokens before token j in its own sample) for every token
+    but each sample's first; ``toks`` holds the samples back to back, ``lengths[s]`` each."""
+    pos = 0
+    for n in lengths:
+        for j in range(pos + 1, pos + int(n)):
+            yield j, list(toks[max(pos, j - TAIL_TOKENS):j])
+        pos += int(n)
+
+
 def apply_lexicon(rows: Tensor, toks: list[int], lengths: Sequence[int],
                   lexicon: Lexicon | None) -> Tensor:
     """``rows`` [sum T_s, F] (the table rows of ``toks``) with every token that completes a
@@ -216,15 +226,10 @@ def apply_lexicon(rows: Tensor, toks: list[int], lengths: Sequence[int],
     if lexicon is None:
         return rows
     f = rows.clone()
-    pos = 0
-    for n in lengths:
-        for j in range(pos + 1, pos + int(n)):
-            if toks[j] >= len(lexicon.lead) or not lexicon.lead[toks[j]]:
-                continue
-            v = lexicon.word_feature(lexicon.tail(toks[max(pos, j - TAIL_TOKENS):j]), toks[j])
-            if v is not None and v > float(f[j, 0]):
-                f[j, 0] = v
-        pos += int(n)
+    for j, before in token_windows(toks, lengths):
+        v = lexicon.word_feature(lexicon.tail(before), toks[j])
+        if v is not None and v > float(f[j, 0]):
+            f[j, 0] = v
     return f
 
 

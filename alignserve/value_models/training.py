@@ -81,7 +81,7 @@ from .heads import (
     save_head,
     tokenizer_fingerprint,
 )
-from .lexical import TAIL_TOKENS, LexicalARM, Lexicon, contextual_rows
+from .lexical import LexicalARM, Lexicon, contextual_rows, token_windows
 
 CACHE_VERSION = 2
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
@@ -976,20 +976,11 @@ def arm_sequence_logprobs_exact(head: ARMHead | LexicalARM, split: Split,
     if isinstance(head, LexicalARM):
         logits = h @ embed.float().T + head.bias(embed.shape[0])
         if head.lexicon is not None:  # whole-word features given each row's earlier tokens
-            toks = split.tokens.tolist()
-            tok_rows = _token_rows(split, samples).tolist()
-            starts = [int(r) for r in torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long),
-                                                              split.lengths - 1]), 0)]
-            first = {}
-            for s_ in samples:
-                for r in range(starts[s_], starts[s_ + 1]):
-                    first[r] = starts[s_]
-            for i, r in enumerate(tok_rows):
-                hist = toks[max(first[r], r - TAIL_TOKENS):r]
-                if hist:
-                    d = head.context_delta(hist, logits.shape[1])
-                    if d.any():
-                        logits[i] += d.to(logits.device)
+            for i, before in token_windows(split.tokens[_token_rows(split, samples)].tolist(),
+                                           (split.lengths[list(samples)] - 1).tolist()):
+                d = head.context_delta(before, logits.shape[1])
+                if d.any():
+                    logits[i] += d.to(logits.device)
         lp = torch.log_softmax(logits, dim=-1)
     else:
         g = head.base_scale * h + head.shift(split.adapter_input(head, rows).to(dev))
@@ -1340,17 +1331,11 @@ def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None) -
     ids = split.cand_ids.long()
     cand = table[ids.clamp_max(table.shape[0] - 1)] * (ids < table.shape[0])[..., None]
     if lexicon is not None:
-        toks = split.tokens.tolist()
-        pos = 0
-        for n in lengths:
-            for j in range(pos + 1, pos + n):
-                over = lexicon.overrides(toks[max(pos, j - TAIL_TOKENS):j])
-                if not over:
-                    continue
-                for k, a in enumerate(ids[j].tolist()):
-                    if a in over and over[a] > float(cand[j, k, 0]):
-                        cand[j, k, 0] = over[a]
-            pos += n
+        for j, before in token_windows(split.tokens.tolist(), lengths):
+            over = lexicon.overrides(before)
+            for k, a in enumerate(ids[j].tolist() if over else ()):
+                if a in over and over[a] > float(cand[j, k, 0]):
+                    cand[j, k, 0] = over[a]
     split.lex_cand = cand
 
 
