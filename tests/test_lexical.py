@@ -20,9 +20,11 @@ from alignserve.value_models.lexical import (
     LexicalValueHead,
     Lexicon,
     apply_lexicon,
+    contextual_rows,
     featurizer_for,
     lexical_features,
     word_starts,
+    word_sum,
 )
 from alignserve.value_models.registry import Registry
 from alignserve.value_models.training import (
@@ -131,6 +133,108 @@ def test_lexical_arm_context_delta_follows_the_lexicon() -> None:
     assert not arm.context_delta([0, 5], 12).any()
 
 
+_SUM_TEXTS = [" b", "ad", " ba", "d", " good", ",", "AD", " x", "ads", ".", "bad", " bad"]
+_SUM_WORDS = {"bad": 3.0, "bads": 2.0, "ba": -1.0, "good": -0.5, "ad": 0.25}
+
+
+def _sum_lexicon() -> tuple[Lexicon, torch.Tensor]:
+    """A "sum" lexicon over 12 tokens and its table (``word_sum`` of each token's text)."""
+    table = torch.tensor([[word_sum(t, _SUM_WORDS)] for t in _SUM_TEXTS])
+    return Lexicon(_SUM_TEXTS, _SUM_WORDS, "sum"), table
+
+
+def test_sum_lexicon_features_add_up_to_the_words_of_the_text() -> None:
+    """Whatever the tokenization, a sample's features sum to ``word_sum`` of its text: the
+    word in progress counts as the word it has become so far (" ba" is -1, " ba" + "d" is
+    "bad": +3 in all)."""
+    lex, table = _sum_lexicon()
+    samples = [[2, 3], [0, 1], [0, 8, 5, 2], [4, 0, 6, 9, 11], [2, 3, 8, 1], [10, 1], [7]]
+    tokens = torch.tensor([t for s in samples for t in s])
+    rows = contextual_rows(table, tokens, [len(s) for s in samples], lex)[:, 0]
+    pos = 0
+    for s in samples:
+        got = float(rows[pos:pos + len(s)].sum())
+        pos += len(s)
+        assert got == pytest.approx(word_sum("".join(_SUM_TEXTS[t] for t in s), _SUM_WORDS))
+    # the step that turns " ba" into "bad" reads bad - ba, and "bad" + "ad" makes no word
+    assert lex.feature("ba", 3, float(table[3, 0])) == pytest.approx(4.0)
+    assert lex.feature("bad", 1, float(table[1, 0])) == pytest.approx(-3.0)
+    assert lex.feature("", 1, 0.25) == 0.25 and lex.feature("bad", 5, 0.0) == 0.0
+    # deltas over the whole vocabulary (ARMs) and for some candidates (value heads) agree
+    dense = lex.deltas([2], table[:, 0])
+    some = lex.deltas([2], table[:, 0], torch.tensor([3, 5, 1, 11]))
+    assert dense is not None and some is not None
+    assert torch.allclose(dense[[3, 5, 1, 11]], some)
+    for a in range(len(_SUM_TEXTS)):
+        want = lex.feature("ba", a, float(table[a, 0])) - float(table[a, 0])
+        assert float(dense[a]) == pytest.approx(want)
+    assert lex.deltas([2, 5], table[:, 0]) is None  # the answer ends outside a word
+
+
+def test_decoding_features_equal_training_features_with_a_sum_lexicon() -> None:
+    torch.manual_seed(0)
+    lex, table = _sum_lexicon()
+    head = LexicalValueHead(12, 1, hidden=8)
+    head.table.copy_(table)
+    head.lexicon = lex
+    samples = [[0, 1, 5, 2, 3], [4, 0, 6, 9], [], [2, 3, 8], [0, 8, 1, 7], [10, 1, 11]]
+    tokens = torch.tensor([t for s in samples for t in s], dtype=torch.long)
+    offsets = torch.tensor([0] + [len(s) + 1 for s in samples]).cumsum(0)
+    feats = lexical_features(head.table, tokens, offsets, lex)
+    assert not torch.equal(feats, lexical_features(head.table, tokens, offsets))
+    for i, s in enumerate(samples):
+        for t in range(len(s)):
+            got = head.candidate_inputs(s[:t], [s[t], 7, 13])  # 13: past the table
+            torch.testing.assert_close(got[0], feats[int(offsets[i]) + t + 1])
+
+
+def test_lexical_arm_context_delta_with_a_sum_lexicon() -> None:
+    lex, table = _sum_lexicon()
+    arm = LexicalARM(12, 1, hidden=4)
+    arm.table.copy_(table)
+    torch.nn.init.normal_(arm.fc2.weight)
+    arm.lexicon = lex
+    arm.eval()
+    d = arm.context_delta([2], 14)  # after " ba": every token that continues the word changes
+    changed = {a for a in range(12) if lex.feature("ba", a, float(table[a, 0]))
+               != float(table[a, 0])}
+    assert set(d.nonzero()[:, 0].tolist()) <= changed and 3 in changed
+    feats = table[[3]].clone()
+    feats[0, 0] = lex.feature("ba", 3, float(table[3, 0]))
+    with torch.no_grad():
+        assert float(d[3]) == pytest.approx(float(arm.bias_of(feats)[0] - arm.bias()[3]),
+                                             abs=1e-6)
+    assert d[12:].eq(0).all() and not arm.context_delta([2, 5], 14).any()
+
+
+def test_profanity_linear_words_are_the_classifiers_linear_score() -> None:
+    """alt-profanity-check's decision on a text is the sum of our word scores over the text
+    divided by the norm of its TF-IDF vector, plus the intercept (scikit-learn's own analyzer
+    gives the counts); the shipped tokenizer's pieces add up to the same sum."""
+    import numpy as np
+    from profanity_check import profanity_check as pc
+
+    from alignserve.value_models.lexical import profanity_linear_words
+
+    words = profanity_linear_words()
+    vec, model = pc.vectorizer, pc.model
+    folds = model.calibrated_classifiers_
+    for text in ["You are a fucking idiot, shut up.", "What a lovely kitchen table.",
+                 "That homophobe called him a dick!", "the the and of"]:
+        x = vec.transform([text])
+        dec = np.mean([c.estimator.decision_function(x)[0] for c in folds])
+        counts: dict[str, int] = {}
+        for w in vec.build_analyzer()(text):
+            if w in vec.vocabulary_:
+                counts[w] = counts.get(w, 0) + 1
+        norm = float(np.sqrt(sum((n * vec.idf_[vec.vocabulary_[w]]) ** 2
+                                 for w, n in counts.items())))
+        icpt = float(np.mean([c.estimator.intercept_[0] for c in folds]))
+        lin = word_sum(text, words) / norm + icpt if norm else icpt
+        assert dec == pytest.approx(lin, abs=1e-6)
+    assert word_sum("You are a fucking idiot", words) > 40 > word_sum("a lovely table", words)
+
+
 def test_candidates_past_the_table_read_zero() -> None:
     """A model may have more embedding slots than its tokenizer has tokens: such a candidate
     reads feature 0 instead of failing the request."""
@@ -170,7 +274,7 @@ def test_no_q_head_from_a_lexical_value_head(tmp_path: Path) -> None:
 
 def test_featurizer_names_the_rewards_that_have_one() -> None:
     assert featurizer_for({"concise": 1.0}) == "word_starts"
-    assert featurizer_for({"non_toxic": 2.0}) == "profanity"
+    assert featurizer_for({"non_toxic": 2.0}) == "profanity_linear"
     assert featurizer_for({"sentiment": 1.0}) == "minilm_sentiment"
     with pytest.raises(ValueError, match="concise"):
         featurizer_for({"vader": 1.0})
@@ -215,7 +319,7 @@ def _run(engine, registry, alignment, seed=3, max_tokens=12):
 
 
 def test_shipped_lexical_heads_load_and_keep_the_conventional_names(engine, registry) -> None:
-    for name, featurizer in (("concise_lex", "word_starts"), ("non_toxic_lex", "profanity"),
+    for name, featurizer in (("concise_lex", "word_starts"), ("non_toxic_lex", "profanity_linear"),
                              ("sentiment_lex", "minilm_sentiment")):
         h = registry.heads[name]
         assert h.kind == "value" and h.runner == "tokens"
@@ -309,9 +413,9 @@ def test_genarm_mixture_adds_a_lexical_arms_bias_at_the_bases_temperature() -> N
                           (base + other) / 2)
 
 
-@pytest.mark.parametrize("lexicon", [False, True])
+@pytest.mark.parametrize("lexicon", ["none", "max", "sum"])
 def test_lexical_arm_top_k_training_sum_is_exact_when_the_candidates_cover_the_vocabulary(
-        lexicon: bool) -> None:
+        lexicon: str) -> None:
     """The sampled-softmax sum over the recorded top-K (training) equals the full-vocabulary
     one (metrics) when K is the whole vocabulary, with and without a lexicon, and both equal
     the sum of log pi_r(y_t) with each step's bias (whole words included) by hand."""
@@ -330,7 +434,7 @@ def test_lexical_arm_top_k_training_sum_is_exact_when_the_candidates_cover_the_v
     split = Split(hidden, offsets, torch.zeros(len(lengths), dtype=torch.long), tokens,
                   torch.zeros(len(lengths)), Path("."), cand_ids, cand_lp)
     arm = _lexical_arm(vocab)
-    arm.lexicon = _toy_lexicon() if lexicon else None
+    arm.lexicon = {"none": None, "max": _toy_lexicon(), "sum": _sum_lexicon()[0]}[lexicon]
     lexical_arm_features(split, arm.table, arm.lexicon)
     idx = range(len(samples))
     exact = arm_sequence_logprobs_exact(arm, split, idx, embed)
@@ -345,7 +449,7 @@ def test_lexical_arm_top_k_training_sum_is_exact_when_the_candidates_cover_the_v
 
 def test_shipped_lexical_arms_load_and_steer_genarm_without_state_reads(engine, registry):
     for name, featurizer in (("sentiment_lex_arm", "minilm_sentiment"),
-                             ("non_toxic_lex_arm", "profanity")):
+                             ("non_toxic_lex_arm", "profanity_linear")):
         h = registry.heads[name]
         assert h.kind == "arm" and h.runner == "tokens" and isinstance(h.module, LexicalARM)
         assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer

@@ -78,13 +78,44 @@ def minilm_sentiment(texts: Sequence[str]) -> Tensor:
     return table - table.median()
 
 
+_WORD = re.compile(r"\b\w\w+\b")  # scikit-learn's default token_pattern
+
+
+def word_sum(text: str, words: dict[str, float]) -> float:
+    """The sum of ``words``' feature over the words of ``text`` (lower-cased, words of two or
+    more word characters, as scikit-learn's default ``token_pattern``; others count 0)."""
+    return float(sum(words.get(w, 0.0) for w in _WORD.findall(text.lower())))
+
+
+def profanity_linear_words(texts: Sequence[str] | None = None) -> dict[str, float]:
+    """alt-profanity-check's linear score of every word of its vocabulary: the word's TF-IDF
+    weight (idf) times the LinearSVC coefficient, averaged over the calibrated folds. The
+    classifier's decision on a text is the sum of these over its words divided by the TF-IDF
+    vector's norm (plus the intercept). ``texts`` is unused (the words do not depend on the
+    tokenizer)."""
+    from profanity_check import profanity_check as pc
+
+    vec, model = pc.vectorizer, pc.model
+    coef = np.mean([c.estimator.coef_[0] for c in model.calibrated_classifiers_], 0)
+    score = coef * vec.idf_
+    return {w: float(score[j]) for w, j in sorted(vec.vocabulary_.items())}
+
+
+def profanity_linear(texts: Sequence[str]) -> Tensor:
+    """[V, 1]: the sum of alt-profanity-check's linear word scores over each token's text
+    (``word_sum`` with ``profanity_linear_words``); 0 for tokens with no scored word."""
+    words = profanity_linear_words()
+    return torch.tensor([[word_sum(t, words)] for t in texts])
+
+
 FEATURIZERS: dict[str, Callable[[Sequence[str]], Tensor]] = {
     "word_starts": word_starts,
     "profanity": profanity,
     "minilm_sentiment": minilm_sentiment,
+    "profanity_linear": profanity_linear,
 }
 FEATURIZER_FOR_REWARD = {"concise": "word_starts", "length": "word_starts",
-                         "non_toxic": "profanity", "sentiment": "minilm_sentiment"}
+                         "non_toxic": "profanity_linear", "sentiment": "minilm_sentiment"}
 
 
 def featurizer_for(weights: dict[str, float]) -> str:
@@ -114,17 +145,27 @@ class Lexicon:
 
     A byte-level BPE splits many words the reward reacts to into innocent pieces (" dick" is
     " d" + "ick", '"Fucking' is '"F' + "ucking"), so a feature of each token's text alone misses
-    them. With a lexicon, the feature of a token that continues the word in progress (its text
-    starts with a word character and the answer so far ends inside a word) is the larger of its
-    own and the whole word's, ``words[(tail + lead).lower()]``, where ``tail`` is the word so far
-    and ``lead`` the token's leading word characters. ``texts`` [V] are the token texts,
-    ``words`` the reward's per-word feature (for ``profanity``: alt-profanity-check's
-    P(offensive) of every word in its vocabulary with P >= 0.3).
+    them. With a lexicon, the feature (column 0) of a token that continues the word in progress
+    (its text starts with a word character and the answer so far ends inside a word) depends on
+    ``tail``, the word so far, and ``lead``, the token's leading word characters. ``texts`` [V]
+    are the token texts, ``words`` the reward's per-word feature, and ``combine`` says how:
+
+    - ``"max"``: the larger of the token's own feature and ``words[(tail + lead).lower()]``
+      (``profanity``: alt-profanity-check's P(offensive) of the words with P >= 0.3);
+    - ``"sum"``: features that add up to ``word_sum`` of the answer's text, whatever the
+      tokenization (``profanity_linear``: the classifier's linear score of each word). The
+      table row of a token is ``word_sum(text)``; a continuing token reads
+      ``row - c(lead) - c(tail) + c(tail + lead)`` (c = ``words.get``, 0 for other words), so
+      the word in progress is counted as the word it has become so far (telescoping).
     """
 
-    def __init__(self, texts: Sequence[str], words: dict[str, float]) -> None:
+    def __init__(self, texts: Sequence[str], words: dict[str, float],
+                 combine: str = "max") -> None:
+        if combine not in ("max", "sum"):
+            raise ValueError(f"combine must be 'max' or 'sum', got {combine!r}")
         self.texts = list(texts)
         self.words = dict(words)
+        self.combine = combine
         self.lead = [(m.group(0) if (m := _LEAD.match(t)) else "") for t in self.texts]
         self.trail = [(m.group(0) if (m := _TRAIL.search(t)) else "") for t in self.texts]
         by_lead: dict[str, list[int]] = {}
@@ -138,13 +179,16 @@ class Lexicon:
                 ids = by_lead.get(w[i:])
                 if ids:
                     self.completions.setdefault(w[:i], []).append((ids, v))
+        # "sum": which tokens continue a word, and c(lead) of each ([V], float32)
+        self.has_lead = torch.tensor([bool(x) for x in self.lead])
+        self.lead_c = torch.tensor([self.words.get(x.lower(), 0.0) for x in self.lead])
 
     def to_json(self) -> dict[str, Any]:
-        return {"texts": self.texts, "words": self.words}
+        return {"texts": self.texts, "words": self.words, "combine": self.combine}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Lexicon:
-        return cls(obj["texts"], obj["words"])
+        return cls(obj["texts"], obj["words"], obj.get("combine", "max"))
 
     def tail(self, history: Sequence[int]) -> str:
         """The word in progress at the end of ``history`` (token ids): the trailing word
@@ -159,13 +203,16 @@ class Lexicon:
                 break
         return out
 
-    def word_feature(self, tail: str, tok: int) -> float | None:
-        """The lexicon's feature of the word ``tail`` + ``tok``'s leading word characters, when
-        ``tok`` continues the word (``tail`` non-empty, ``tok`` starts with a word character)
-        and that word is in the lexicon; else None."""
+    def feature(self, tail: str, tok: int, row: float) -> float:
+        """Column 0 of token ``tok``'s feature after the word in progress ``tail``, given its
+        table value ``row`` (``row`` itself unless ``tok`` continues the word)."""
         if tok >= len(self.lead) or not self.lead[tok] or not tail:
-            return None
-        return self.words.get((tail + self.lead[tok]).lower())
+            return row
+        v = self.words.get((tail + self.lead[tok]).lower())
+        if self.combine == "max":
+            return row if v is None or v <= row else v
+        return (row - float(self.lead_c[tok]) - self.words.get(tail.lower(), 0.0)
+                + (v or 0.0))
 
     def overrides(self, history: Sequence[int]) -> dict[int, float]:
         """{token id: the feature of the word it would complete} for every token that completes
@@ -176,6 +223,35 @@ class Lexicon:
             for i in ids:
                 out[i] = max(out.get(i, v), v)
         return out
+
+    def deltas(self, history: Sequence[int], column: Tensor,
+               ids: Tensor | None = None) -> Tensor | None:
+        """The change of column 0 at the end of ``history`` (token ids): for the tokens ``ids``
+        [k] (default: every id of ``column``), whose table values are ``column[ids]``
+        (``column`` [V'], the table's column 0, any width). [k] (or [V']) float on
+        ``column``'s device; None when nothing changes (the answer does not end in a word)."""
+        tail = self.tail(history).lower()
+        if not tail:
+            return None
+        dev = column.device
+        idx = torch.arange(column.shape[0], device=dev) if ids is None else ids.to(dev).long()
+        inside = idx < len(self.lead)
+        over = self.overrides(history)
+        fill = float("-inf") if self.combine == "max" else 0.0
+        done = torch.full((len(idx),), fill, device=dev)  # c(tail + lead) of each token
+        if ids is None:
+            keys = [a for a in over if a < column.shape[0]]
+            if keys:
+                done[torch.tensor(keys, device=dev)] = torch.tensor([over[a] for a in keys],
+                                                                    device=dev)
+        elif over:
+            done = torch.tensor([over.get(a, fill) for a in idx.tolist()], device=dev)
+        if self.combine == "max":
+            own = column[idx.clamp_max(column.shape[0] - 1)].float()
+            return (done - own).clamp_min(0.0)
+        safe = idx.clamp_max(len(self.lead) - 1).cpu()
+        cont = (self.has_lead[safe].to(dev) & inside).float()
+        return cont * (done - self.lead_c[safe].to(dev) - self.words.get(tail, 0.0))
 
 
 def profanity_lexicon(texts: Sequence[str], floor: float = 0.3) -> dict[str, float]:
@@ -188,7 +264,11 @@ def profanity_lexicon(texts: Sequence[str], floor: float = 0.3) -> dict[str, flo
     return {w: float(p) for w, p in zip(words, prob) if p >= floor}
 
 
-LEXICONS: dict[str, Callable[[Sequence[str]], dict[str, float]]] = {"profanity": profanity_lexicon}
+LEXICONS: dict[str, tuple[Callable[[Sequence[str]], dict[str, float]], str]] = {
+    "profanity": (profanity_lexicon, "max"),
+    "profanity_linear": (profanity_linear_words, "sum"),
+}
+"""featurizer -> (its words' features from the token texts, how ``Lexicon`` combines them)."""
 
 
 def lexicon_for(featurizer: str, tokenizer: Any) -> Lexicon | None:
@@ -196,7 +276,8 @@ def lexicon_for(featurizer: str, tokenizer: Any) -> Lexicon | None:
     if featurizer not in LEXICONS:
         return None
     texts = _token_texts(tokenizer)
-    return Lexicon(texts, LEXICONS[featurizer](texts))
+    words, combine = LEXICONS[featurizer]
+    return Lexicon(texts, words(texts), combine)
 
 
 def contextual_rows(table: Tensor, tokens: Tensor, lengths: Sequence[int],
@@ -220,16 +301,16 @@ def token_windows(toks: Sequence[int], lengths: Sequence[int]) -> Iterator[tuple
 
 def apply_lexicon(rows: Tensor, toks: list[int], lengths: Sequence[int],
                   lexicon: Lexicon | None) -> Tensor:
-    """``rows`` [sum T_s, F] (the table rows of ``toks``) with every token that completes a
-    lexicon word, given its sample's earlier tokens, raised to that word's feature (column 0);
-    a copy (``rows`` itself when there is no lexicon)."""
+    """``rows`` [sum T_s, F] (the table rows of ``toks``) with column 0 of every token that
+    continues a word changed as the lexicon says, given its sample's earlier tokens
+    (``Lexicon.feature``); a copy (``rows`` itself when there is no lexicon)."""
     if lexicon is None:
         return rows
     f = rows.clone()
+    col = f[:, 0].tolist()
     for j, before in token_windows(toks, lengths):
-        v = lexicon.word_feature(lexicon.tail(before), toks[j])
-        if v is not None and v > float(f[j, 0]):
-            f[j, 0] = v
+        col[j] = lexicon.feature(lexicon.tail(before), toks[j], col[j])
+    f[:, 0] = torch.tensor(col, dtype=f.dtype, device=f.device)
     return f
 
 
@@ -286,10 +367,9 @@ class LexicalValueHead(ValueHead):
         rows = apply_lexicon(self.rows(history), list(history), [len(history)], self.lexicon)
         cand = self.rows(cands)
         if self.lexicon is not None:
-            over = self.lexicon.overrides(history)
-            for j, a in enumerate(cands):
-                if a in over and over[a] > float(cand[j, 0]):
-                    cand[j, 0] = over[a]
+            d = self.lexicon.deltas(history, self.table[:, 0], torch.tensor(list(cands)))
+            if d is not None:
+                cand[:, 0] += d.to(cand.dtype)
         ext = rows.sum(0)[None] + cand
         t = torch.full((len(cands),), len(history) + 1, device=dev)
         return features_from_sums(ext, t).to(device or dev)
@@ -355,17 +435,16 @@ class LexicalARM(nn.Module):
 
     def context_delta(self, history: Sequence[int], width: int) -> Tensor:
         """[width] change of the bias at the end of ``history`` (token ids): with a lexicon,
-        the tokens that would complete a lexicon word take that word's feature
-        (``Lexicon.overrides``); zeros otherwise."""
+        the tokens that continue the word in progress take the feature the lexicon gives them
+        (``Lexicon.deltas``); zeros otherwise."""
         delta = torch.zeros(width, device=self.table.device)
-        if self.lexicon is None:
+        d = None if self.lexicon is None else self.lexicon.deltas(history, self.table[:, 0])
+        if d is None:
             return delta
-        over = {a: v for a, v in self.lexicon.overrides(history).items()
-                if a < min(width, self.table.shape[0]) and v > float(self.table[a, 0])}
-        if over:
-            ids = torch.tensor(list(over), device=self.table.device)
+        ids = d[:width].nonzero()[:, 0]
+        if len(ids):
             feats = self.table[ids].clone()
-            feats[:, 0] = torch.tensor(list(over.values()), device=self.table.device)
+            feats[:, 0] += d[ids]
             with torch.no_grad():
                 delta[ids] = self.bias_of(feats) - self.bias_of(self.table[ids])
         return delta

@@ -1323,7 +1323,7 @@ def lexical_arch(featurizer: str, table: Tensor, lexicon: Lexicon | None) -> dic
 def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None) -> None:
     """Fill ``split.lex_y`` / ``lex_cand``: the feature of every response token and of every
     recorded top-K candidate at its state, with the lexicon's whole-word features given the
-    sample's earlier tokens (``lexical.apply_lexicon`` / ``Lexicon.overrides``)."""
+    sample's earlier tokens (``lexical.apply_lexicon`` / ``Lexicon.deltas``)."""
     lengths = (split.lengths - 1).tolist()
     split.lex_y = contextual_rows(table, split.tokens, lengths, lexicon)
     if split.cand_ids is None:
@@ -1332,10 +1332,9 @@ def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None) -
     cand = table[ids.clamp_max(table.shape[0] - 1)] * (ids < table.shape[0])[..., None]
     if lexicon is not None:
         for j, before in token_windows(split.tokens.tolist(), lengths):
-            over = lexicon.overrides(before)
-            for k, a in enumerate(ids[j].tolist() if over else ()):
-                if a in over and over[a] > float(cand[j, k, 0]):
-                    cand[j, k, 0] = over[a]
+            d = lexicon.deltas(before, table[:, 0], ids[j])
+            if d is not None:
+                cand[j, :, 0] += d
     split.lex_cand = cand
 
 
