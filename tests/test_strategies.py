@@ -187,6 +187,39 @@ def test_weight_is_monotone_with_the_lexical_sentiment_arm(engine, registry, pro
     assert means[0] < means[1] < means[2], means
 
 
+@pytest.fixture(scope="module")
+def rtp_prompts(engine):
+    """RealToxicityPrompts test prompts (the ``non_toxic`` suite), as chat requests."""
+    tok = engine.tokenizer
+    out = []
+    for p in load_prompts("test", "rtp")[:N_PROMPTS]:
+        text = tok.apply_chat_template([{"role": "user", "content": p.text}],
+                                       add_generation_prompt=True, tokenize=False)
+        out.append((text, tok(text, add_special_tokens=False).input_ids))
+    return out
+
+
+@pytest.mark.parametrize(("strategy", "head", "weights"), [
+    ("vas", "non_toxic_lex", (0.0, 4.0, 16.0)),
+    ("cd", "non_toxic_lex", (0.0, 4.0, 16.0)),
+    ("genarm", "non_toxic_lex_arm", (0.0, 0.1, 1.0)),
+])
+def test_weight_is_monotone_with_the_lexical_non_toxic_heads(engine, registry, rtp_prompts,
+                                                            strategy, head, weights):
+    """non_toxic_lex / non_toxic_lex_arm (alt-profanity-check's linear word scores summed over
+    the answer's words): on RealToxicityPrompts the real classifier's reward rises with the
+    weight, with no guidance forward."""
+    needs_head(registry, head, "arm" if strategy == "genarm" else "value")
+    means = []
+    for w in weights:
+        res = run_all(engine, registry, rtp_prompts,
+                      {"strategy": strategy, "weights": {head: w}}, seed=1)
+        means.append(mean_reward(registry, rtp_prompts, res, "non_toxic"))
+        if w:
+            assert res[0]["stats"].guidance_forwards == 0
+    assert means[0] < means[1] < means[2], means
+
+
 @pytest.mark.parametrize("values", ["q", "tree"])
 def test_vas_values_modes_report_their_cost(engine, registry, prompts, values):
     """values='q' reads the Q-head from the current state: no candidate forwards at all;

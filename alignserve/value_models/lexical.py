@@ -25,7 +25,11 @@ only, so GenARM with it costs a vector add per step.
 Featurizers (``FEATURIZERS``; one per reward that has one):
 - ``word_starts`` (``concise``, ``length``): 1 if the token's text starts with whitespace (a
   new word, or a line break before one), else 0. s_t is then about the number of words so far.
-- ``profanity`` (``non_toxic``): alt-profanity-check's P(offensive) of the token's text alone.
+- ``profanity_linear`` (``non_toxic``): alt-profanity-check's linear score of the token's words
+  (``profanity_linear_words``); with its "sum" ``Lexicon`` an answer's features add up to the
+  classifier's decision numerator on the answer's text, however the words were tokenized.
+- ``profanity`` (the previous ``non_toxic`` heads): alt-profanity-check's P(offensive) of the
+  token's text alone, raised to the whole word's with its "max" ``Lexicon``.
 - ``minilm_sentiment`` (``sentiment``): the sentiment reward's MiniLM margin of the token's text
   alone, in units of its temperature, centred on the vocabulary's median.
 """
