@@ -221,7 +221,10 @@ class Lexicon:
     def overrides(self, history: Sequence[int]) -> dict[int, float]:
         """{token id: the feature of the word it would complete} for every token that completes
         the word in progress at the end of ``history`` to a lexicon word."""
-        tail = self.tail(history).lower()
+        return self._completed(self.tail(history).lower())
+
+    def _completed(self, tail: str) -> dict[int, float]:
+        """``overrides`` for the (lower-cased) word in progress ``tail``."""
         out: dict[int, float] = {}
         for ids, v in self.completions.get(tail, ()) if tail else ():
             for i in ids:
@@ -240,7 +243,7 @@ class Lexicon:
         dev = column.device
         idx = torch.arange(column.shape[0], device=dev) if ids is None else ids.to(dev).long()
         inside = idx < len(self.lead)
-        over = self.overrides(history)
+        over = self._completed(tail)
         fill = float("-inf") if self.combine == "max" else 0.0
         done = torch.full((len(idx),), fill, device=dev)  # c(tail + lead) of each token
         if ids is None:
