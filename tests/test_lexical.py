@@ -479,3 +479,29 @@ def test_a_value_heads_name_does_not_read_the_arm_of_the_same_stem(registry) -> 
             build_decoder({"strategy": "genarm", "weights": {name: 1}}, registry=registry)
         assert ei.value.field == f"alignment.weights.{name}"
         assert "is a value head" in str(ei.value)
+        # the hint names the ARMs of the same reward, the lexical one included
+        assert "'sentiment_arm', 'sentiment_lex_arm'" in str(ei.value)
+    # a Q-head in genarm: no advice about values (genarm has none); an ARM in vas: the value
+    # heads of its reward, and the Q-head route
+    with pytest.raises(AlignmentError) as ei:
+        build_decoder({"strategy": "genarm", "weights": {"non_toxic_q": 1}}, registry=registry)
+    assert "values" not in str(ei.value) and "'non_toxic_lex_arm'" in str(ei.value)
+    with pytest.raises(AlignmentError) as ei:
+        build_decoder({"strategy": "vas", "weights": {"non_toxic_lex_arm": 1}},
+                      registry=registry)
+    assert "['non_toxic_lex', 'non_toxic_value']" in str(ei.value)
+    with pytest.raises(AlignmentError) as ei:
+        build_decoder({"strategy": "cd", "weights": {"sentiment_q": 1}}, registry=registry)
+    assert "with values: 'q'" in str(ei.value)
+
+
+@pytest.mark.parametrize("strategy", ["vas", "cd"])
+def test_zero_weight_on_a_lexical_head_reports_the_same_fields(engine, registry,
+                                                               strategy) -> None:
+    """Weight 0 on a lexical head is plain sampling, and its ``alignment`` has the keys the
+    guided run has (``lexical_heads`` empty, ``values`` "none")."""
+    zero = _run(engine, registry, {"strategy": strategy, "weights": {"non_toxic_lex": 0}})
+    guided = _run(engine, registry, {"strategy": strategy, "weights": {"non_toxic_lex": 8}})
+    assert set(zero["info"]) == set(guided["info"]), (zero["info"], guided["info"])
+    assert zero["info"]["lexical_heads"] == {} and zero["info"]["values"] == "none"
+    assert guided["info"]["lexical_heads"] == {"non_toxic_lex": "non_toxic_lex"}

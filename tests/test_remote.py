@@ -215,6 +215,12 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
             assert ei.value.body["param"] == "alignment.weights.vader"
             assert "non_toxic_lex" in ei.value.body["message"]
             assert "--local-backbone" in ei.value.body["message"]
+            # values 'q' on a reward name would read its Q-head in-process: a 400 here, not
+            # the lexical head in its place
+            with pytest.raises(APIStatusError) as ei:
+                chat(srv, {"strategy": name, "values": "q", "weights": {"sentiment": 4}})
+            assert ei.value.status_code == 400 and ei.value.body["param"] == "alignment.values"
+            assert "sentiment_lex" in ei.value.body["message"]
             # a weight named by the reward reads the one value head loaded for it
             by_reward = chat(srv, {"strategy": name, "weights": {"sentiment": 4}}, max_tokens=4)
             assert by_reward.model_extra["alignment"]["values"] == "lexical"

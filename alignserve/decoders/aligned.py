@@ -108,12 +108,7 @@ class AlignedDecoder(Decoder):
                     kinds = sorted(h.name for h in registry.heads.values()
                                    if h.kind == self.head_kind)
                     other = registry.heads.get(name)
-                    hint = "" if other is None else (
-                        f" ({name!r} is {'an' if other.kind[0] in 'aeiou' else 'a'} "
-                        f"{other.kind} head; weight its reward "
-                        f"{other.manifest.get('reward')!r} or "
-                        f"{'an' if self.head_kind[0] in 'aeiou' else 'a'} {self.head_kind} head"
-                        + (", with values: 'q'" if other.kind == "q" else "") + ")")
+                    hint = "" if other is None else self._other_kind_hint(registry, other)
                     note = getattr(registry, "note", None)  # e.g. why heads were left out
                     raise AlignmentError(f"alignment.weights.{name}",
                                          f"no {self.head_kind} head for {name!r}; available: "
@@ -146,6 +141,19 @@ class AlignedDecoder(Decoder):
                     fld = getattr(exc, "field", f"alignment.reward_options.{name}")
                     fld = fld.replace("alignment.options.", "alignment.reward_options.", 1)
                     raise AlignmentError(fld, str(exc)) from None
+
+    def _other_kind_hint(self, registry: Any, other: Any) -> str:
+        """What to weight instead of ``other``, a head of another kind than this strategy
+        reads: the heads of the right kind for its reward, or the reward itself."""
+        reward = other.manifest.get("reward")
+        same = sorted(h.name for h in registry.heads.values()
+                      if h.kind == self.head_kind and h.manifest.get("reward") == reward)
+        a = "an" if other.kind[0] in "aeiou" else "a"
+        q = (", which reads its Q-head with values: 'q'"
+             if other.kind == "q" and self.head_kind == "value" else "")
+        return (f" ({other.name!r} is {a} {other.kind} head; {self.name} reads "
+                f"{self.head_kind} heads: for reward {reward!r} weight "
+                + (f"one of {same} or " if same else "") + f"{reward!r} itself{q})")
 
     backbones: list[str] = []
 

@@ -53,12 +53,10 @@ from .base import Run
 def head_info(heads: Mapping[str, Head], q: bool) -> dict[str, dict[str, str]]:
     """What the response's ``info`` says each weight read: with ``q`` (values='q'),
     ``q_heads`` names the Q-head read for each weighted reward or head; ``lexical_heads`` the
-    lexical value heads valued from token ids (if any), whatever the values mode."""
+    lexical value heads valued from token ids ({} if none), whatever the values mode."""
     info = {"q_heads": {n: h.name for n, h in heads.items() if not is_lexical(h.module)}} \
         if q else {}
-    lexical = {n: h.name for n, h in heads.items() if is_lexical(h.module)}
-    if lexical:
-        info["lexical_heads"] = lexical
+    info["lexical_heads"] = {n: h.name for n, h in heads.items() if is_lexical(h.module)}
     return info
 
 
@@ -139,6 +137,7 @@ class Vas(AlignedDecoder):
         info["values"] = "none"  # all weights 0: no candidate was valued
         if self.opt.values == "q":  # the key a values='q' run reports; no Q-head was read
             info["q_heads"] = {}
+        info["lexical_heads"] = {}  # nor any lexical head
 
     def slots_needed(self, n: int) -> dict[str, int]:
         if self.q_heads:

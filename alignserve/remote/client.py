@@ -170,6 +170,15 @@ class RemoteEngineClient(TextClient):
             raise AlignmentError("no_repeat_ngram_size", "no_repeat_ngram_size is not available "
                                  "in remote mode: the base model server samples the tokens "
                                  "and has no such option; leave it at 0")
+        if (name in ("vas", "cd") and self.backbone is None and opt is not None
+                and opt.values == "q"):
+            by_reward = [w for w, v in dec.weights.items() if v and w not in self.resources.heads]
+            if by_reward:  # in-process these would read Q-heads; here only lexical heads load
+                raise AlignmentError("alignment.values", f"values='q' reads the Q-heads of "
+                                     f"{by_reward}, which read hidden states, and this server "
+                                     "has no local backbone model (--local-backbone DIR); "
+                                     "leave values unset, or weight the lexical value heads "
+                                     f"{self.lexical_heads()} by name")
         if name in HEAD_GUIDED and self.backbone is None:
             kind = "arm" if name == "genarm" else "value"
             for w, v in dec.weights.items():
