@@ -42,15 +42,20 @@ def registry(engine):
                           engine.base.config.hidden_size)
 
 
-@pytest.fixture(scope="module")
-def prompts(engine):
+def chat_prompts(engine, suite: str) -> list[tuple[str, list[int]]]:
+    """The first N_PROMPTS test prompts of ``suite`` as chat requests: (text, token ids)."""
     tok = engine.tokenizer
     out = []
-    for p in load_prompts("test", "mixed")[:N_PROMPTS]:
+    for p in load_prompts("test", suite)[:N_PROMPTS]:
         text = tok.apply_chat_template([{"role": "user", "content": p.text}],
                                        add_generation_prompt=True, tokenize=False)
         out.append((text, tok(text, add_special_tokens=False).input_ids))
     return out
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    return chat_prompts(engine, "mixed")
 
 
 def run_all(engine, registry, prompts, alignment, seed, max_tokens=MAX_TOKENS):
@@ -190,13 +195,7 @@ def test_weight_is_monotone_with_the_lexical_sentiment_arm(engine, registry, pro
 @pytest.fixture(scope="module")
 def rtp_prompts(engine):
     """RealToxicityPrompts test prompts (the ``non_toxic`` suite), as chat requests."""
-    tok = engine.tokenizer
-    out = []
-    for p in load_prompts("test", "rtp")[:N_PROMPTS]:
-        text = tok.apply_chat_template([{"role": "user", "content": p.text}],
-                                       add_generation_prompt=True, tokenize=False)
-        out.append((text, tok(text, add_special_tokens=False).input_ids))
-    return out
+    return chat_prompts(engine, "rtp")
 
 
 @pytest.mark.parametrize(("strategy", "head", "weights"), [
