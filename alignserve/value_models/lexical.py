@@ -161,6 +161,9 @@ class Lexicon:
       table row of a token is ``word_sum(text)``; a continuing token reads
       ``row - c(lead) - c(tail) + c(tail + lead)`` (c = ``words.get``, 0 for other words), so
       the word in progress is counted as the word it has become so far (telescoping).
+      Approximate where the word in progress began more than ``TAIL_TOKENS`` tokens back (it is
+      read from its last ones) or holds a letter the tokenizer stores as raw bytes (its pieces
+      decode to U+FFFD, not a word character, so the word ends there for the lexicon only).
     """
 
     def __init__(self, texts: Sequence[str], words: dict[str, float],
