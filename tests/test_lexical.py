@@ -207,6 +207,22 @@ def test_lexical_arm_context_delta_with_a_sum_lexicon() -> None:
     assert d[12:].eq(0).all() and not arm.context_delta([2, 5], 14).any()
 
 
+@pytest.mark.parametrize("combine", ["none", "max", "sum"])
+def test_lexical_arm_bias_at_some_ids_is_the_dense_bias_there(combine: str) -> None:
+    """Remote GenARM reads the bias of the remote's top-k only (``bias_at``): the same numbers
+    as the full-vocabulary bias plus context delta, ids past the table included."""
+    lex, table = _sum_lexicon()
+    arm = LexicalARM(12, 1, hidden=4)
+    arm.table.copy_(table)
+    torch.nn.init.normal_(arm.fc2.weight)
+    arm.lexicon = {"none": None, "max": _toy_lexicon(), "sum": lex}[combine]
+    arm.eval()
+    ids = [3, 1, 13, 0, 8, 11]
+    for history in ([], [2], [0], [2, 5], [4, 0]):
+        dense = arm.bias(14) + arm.context_delta(history, 14)
+        assert torch.allclose(arm.bias_at(history, ids), dense[ids], atol=1e-6)
+
+
 def test_profanity_linear_words_are_the_classifiers_linear_score() -> None:
     """alt-profanity-check's decision on a text is the sum of our word scores over the text
     divided by the norm of its TF-IDF vector, plus the intercept (scikit-learn's own analyzer

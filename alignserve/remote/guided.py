@@ -204,8 +204,7 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
         def arm_row(head: Head, lp: torch.Tensor, ids: list[int], h: Any,
                     pool: PrefixMean | None, done: list[int]) -> torch.Tensor:
             if head.runner == "tokens":  # LexicalARM: a per-token bias on the base
-                bias = head.module.bias(vocab) + head.module.context_delta(done, vocab)
-                return torch.log_softmax(lp + bias[torch.tensor(ids)], -1)
+                return torch.log_softmax(lp + head.module.bias_at(done, ids), -1)
             assert embed is not None
             emb = embed[torch.tensor(ids)]  # [k, D]
             return torch.log_softmax(head.module.base_scale * lp + head.module.delta(

@@ -459,6 +459,19 @@ class LexicalARM(nn.Module):
                 delta[ids] = self.bias_of(feats) - self.bias_of(self.table[ids])
         return delta
 
+    def bias_at(self, history: Sequence[int], ids: Sequence[int]) -> Tensor:
+        """[k] fp32 logit bias of the tokens ``ids`` at the end of ``history``: the entries
+        ``ids`` of ``bias() + context_delta(history)``, computed for those k tokens only (remote
+        GenARM reads the remote's top-k); ids past the table read 0."""
+        idx = torch.tensor(list(ids), dtype=torch.long, device=self.table.device)
+        inside = idx < self.table.shape[0]
+        feats = self.table[idx.clamp_max(self.table.shape[0] - 1)].clone()
+        d = None if self.lexicon is None else self.lexicon.deltas(history, self.table[:, 0], idx)
+        if d is not None:
+            feats[:, 0] += d
+        with torch.no_grad():
+            return self.bias_of(feats) * inside
+
     def bias(self, width: int | None = None) -> Tensor:
         """[width] fp32 logit bias per token id (default width: the table's vocabulary); ids past
         the tokenizer's vocabulary (a model's padded embedding slots) get 0."""
