@@ -117,8 +117,9 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--lexical", action="store_true",
                        help="a lexical value head: it reads per-token features of the answer "
                             "so far (word starts for concise/length, alt-profanity-check's "
-                            "linear word scores for non_toxic, per-token MiniLM sentiment for "
-                            "sentiment), not model states, so VAS / CD value every candidate "
+                            "linear word scores for non_toxic, word scores fitted to the reward "
+                            "on the training answers around a MiniLM prior for sentiment), "
+                            "not model states, so VAS / CD value every candidate "
                             "without a forward (README, Lexical value heads)")
     p.add_argument("--model", default="default",
                    help="base model: 'default' (SmolLM2-135M-Instruct) or a local folder; the "

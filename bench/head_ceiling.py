@@ -17,6 +17,10 @@ cache: 80 validation prompts x 8 samples x 48 tokens; sampled first if missing, 
   - ``value head at the end``: the shipped value head at the last state, which has read the
     whole answer: how well one head on these states ranks the pairs at all;
   - ``text@50%``: the reward on the first half of each response.
+* lexical heads (where ``<reward>_lex`` ships): the plain sum of their per-token feature over
+  half of / the whole answer beside the lexical value head's rho and the lexical ARM's
+  accuracy, and with ``--linear-arm`` the lexical ARM with its bias replaced by ``c *
+  feature``: whether the words lack the signal, or the head's form or training loses it.
 
     python bench/head_ceiling.py                      # the cache `alignserve train all` made
     python bench/head_ceiling.py --run-dir DIR --rewards sentiment --out runs/head_ceiling
@@ -73,7 +77,7 @@ def shipped_cfg(reward: str, run_dir: str, device: str = "cpu", threads: int | N
 
 
 def one_reward(reward: str, run_dir: str, device: str, threads: int | None,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, linear_arm: bool = False) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
     from alignserve.value_models import training as T
@@ -125,10 +129,70 @@ def one_reward(reward: str, run_dir: str, device: str, threads: int | None,
                      "base_alone": am.get("base_pairwise_accuracy", float("nan")),
                      "value_head_at_end": pair_accuracy(v_end, pairs),
                      "text_at_50": pair_accuracy(text50, pairs)})
+    lex = lexical_rows(reward, heads, val, embed, arms, linear_arm)
     return {"reward": reward, "samples": val.num_samples,
             "value": {"head_50": vm["spearman_50"], "head_100": vm["spearman_100"],
                       "text_50": rho_text, "head_pool": vhead.manifest["arch"].get("pool")},
-            "arm": arms}
+            "arm": arms, "lexical": lex}
+
+
+LINEAR_C = (0.05, 0.5, 2.0)
+
+
+def lexical_rows(reward: str, heads: Path, val: Any, embed: Any, arms: list[dict[str, Any]],
+                 linear_arm: bool) -> dict[str, Any] | None:
+    """The shipped lexical heads of ``reward`` beside the plain sum of their per-token feature
+    (the head's table with its lexicon, as training and decoding read it) over the first half
+    and over the whole of each answer: how much of what the words say each head keeps. With
+    ``linear_arm``, also the lexical ARM with its bias replaced by ``c * feature`` (the best c
+    of ``LINEAR_C``): whether the ARM's form or its training limits its accuracy. Adds
+    ``lex_arm`` and ``feature_sum_at_end`` to each row of ``arms``; None without a lexical
+    value head."""
+    from scipy.stats import spearmanr
+
+    from alignserve.value_models import training as T
+    from alignserve.value_models.heads import load_head
+    from alignserve.value_models.lexical import contextual_rows, lexical_features
+
+    if not (heads / f"{reward}_lex").is_dir():
+        return None
+    vlex = load_head(heads / f"{reward}_lex")
+    feats = lexical_features(vlex.module.table, val.tokens, val.offsets, vlex.module.lexicon)
+    vm = T.value_metrics(vlex.module, T.Split(feats, val.offsets, val.group, val.tokens,
+                                              val.rewards, val.folder))
+    lengths = (val.lengths - 1).tolist()
+    rows = contextual_rows(vlex.module.table, val.tokens, lengths, vlex.module.lexicon)[:, 0]
+    ends = np.cumsum([0, *lengths])
+    half = np.array([float(rows[a:a + round((b - a) * 0.5)].sum())
+                     for a, b in zip(ends[:-1], ends[1:])])
+    full = np.array([float(rows[a:b].sum()) for a, b in zip(ends[:-1], ends[1:])])
+    r = val.rewards.numpy()
+    out: dict[str, Any] = {"featurizer": vlex.manifest["arch"]["lexical"]["featurizer"],
+                           "head_50": vm["spearman_50"],
+                           "feature_sum_50": float(spearmanr(half, r).statistic)}
+    arm_dir = heads / f"{reward}_lex_arm"
+    lex_arm = load_head(arm_dir).module if arm_dir.is_dir() else None
+    for a in arms:
+        pairs = T.preference_pairs(val, a["margin"])
+        a["feature_sum_at_end"] = pair_accuracy(full, pairs)
+        if lex_arm is not None:
+            a["lex_arm"] = T.arm_metrics(lex_arm, val, pairs, embed)["pairwise_accuracy"]
+    if lex_arm is not None and linear_arm:
+        pairs = T.preference_pairs(val, MARGINS[0])
+        std = float(lex_arm.table[:, 0].float().std())
+        best = {}
+        for c in LINEAR_C:
+            with torch.no_grad():  # tanh(0.01 x) ~ 0.01 x: bias = c * (feature - its mean)
+                for t in (lex_arm.fc1.weight, lex_arm.fc1.bias, lex_arm.fc2.weight,
+                          lex_arm.fc2.bias):
+                    t.zero_()
+                lex_arm.fc1.weight[0, 0] = 0.01
+                lex_arm.fc2.weight[0, 0] = c * 100.0 * std
+            lex_arm.train()
+            lex_arm.eval()  # drop the cached bias
+            best[str(c)] = T.arm_metrics(lex_arm, val, pairs, embed)["pairwise_accuracy"]
+        out["linear_arm"] = best
+    return out
 
 
 def to_markdown(rows: list[dict[str, Any]], machine: str) -> str:
@@ -147,6 +211,22 @@ def to_markdown(rows: list[dict[str, Any]], machine: str) -> str:
             out.append(f"| {row['reward']} | {a['margin']:g} | {a['pairs']} | **{a['arm']:.2f}** "
                        f"| {a['base_alone']:.2f} | {a['value_head_at_end']:.2f} | "
                        f"{a['text_at_50']:.2f} |")
+    lex = [row for row in rows if row.get("lexical")]
+    if lex:
+        out += ["", "| reward | lexical featurizer | lexical value head rho@50% | feature sum "
+                "@50% | margin | lexical ARM acc | feature sum at the end (pair acc) | ARM with "
+                "bias c * feature, best c |", "|---|---|---|---|---|---|---|---|"]
+        for row in lex:
+            x = row["lexical"]
+            lin = x.get("linear_arm")
+            best = (f"{max(lin.values()):.2f} (c {max(lin, key=lin.__getitem__)})"
+                    if lin else "—")
+            for a in row["arm"]:
+                la = f"**{a['lex_arm']:.2f}**" if "lex_arm" in a else "—"
+                out.append(f"| {row['reward']} | {x['featurizer']} | **{x['head_50']:.2f}** | "
+                           f"{x['feature_sum_50']:.2f} | {a['margin']:g} | {la} | "
+                           f"{a['feature_sum_at_end']:.2f} | "
+                           f"{best if a['margin'] == MARGINS[0] else '—'} |")
     return "\n".join(out) + "\n"
 
 
@@ -195,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ap.add_argument("--linear-arm", action="store_true",
+                    help="also score each lexical ARM with its bias replaced by c * feature, "
+                         f"c in {LINEAR_C} (a few minutes per reward)")
     args = ap.parse_args(argv)
     from alignserve.value_models.training import cache_dir
 
@@ -219,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for reward in args.rewards:
         print(f"[head_ceiling] {reward} ...", file=sys.stderr, flush=True)
         rows.append(one_reward(reward, args.run_dir, args.device, args.threads,
-                               not args.no_progress))
+                               not args.no_progress, args.linear_arm))
     mach = machine(args.device, torch.get_num_threads())
     md = to_markdown(rows, mach)
     (out / "head_ceiling.json").write_text(json.dumps({"machine": mach, "rows": rows}, indent=1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -272,6 +273,7 @@ def test_word_start_feature_counts_words() -> None:
     ({"kind": "arm", "reward": "concise", "pool": "mean"}, "takes no --pool"),
     ({"kind": "value", "reward": "concise", "pool": "mean"}, "takes no --pool"),
     ({"kind": "value", "reward": "concise", "backbone_layers": 4}, "takes no --pool"),
+    ({"kind": "arm", "reward": "sentiment", "prompts": 3}, "--prompts must be >= 4"),
 ])
 def test_lexical_training_settings_are_checked_before_sampling(kw, needle) -> None:
     with pytest.raises(ValueError, match=needle):
@@ -291,14 +293,14 @@ def test_no_q_head_from_a_lexical_value_head(tmp_path: Path) -> None:
 def test_featurizer_names_the_rewards_that_have_one() -> None:
     assert featurizer_for({"concise": 1.0}) == "word_starts"
     assert featurizer_for({"non_toxic": 2.0}) == "profanity_linear"
-    assert featurizer_for({"sentiment": 1.0}) == "minilm_sentiment"
+    assert featurizer_for({"sentiment": 1.0}) == "minilm_words_fit"
     with pytest.raises(ValueError, match="concise"):
         featurizer_for({"vader": 1.0})
 
 
 def test_minilm_sentiment_featurizer_orders_words_by_the_rewards_sentiment() -> None:
     """The real MiniLM scorer on single words: positive words above the neutral median,
-    negative ones below (the table of ``sentiment_lex``)."""
+    negative ones below (the table of the first ``sentiment_lex``)."""
     from alignserve.value_models.lexical import minilm_sentiment
 
     words = [" wonderful", "terrible", " the", "table", " chair", "love", " awful"]
@@ -307,6 +309,80 @@ def test_minilm_sentiment_featurizer_orders_words_by_the_rewards_sentiment() -> 
     assert t[0] > 0.5 and t[5] > 0.5 and t[1] < -0.5 and t[6] < -0.5
     assert abs(float(t[2])) < 0.5
 
+
+
+def test_fit_word_scores_learns_what_the_reward_makes_of_words_around_the_prior() -> None:
+    """A synthetic reward counts "good" minus "bad" (and nothing else); the prior knows only
+    "good". The fit keeps the prior's direction, learns "bad" from the data, leaves neutral
+    words near 0, keeps words the answers never use at k times their prior, and picks alpha
+    by grouped cross-validation."""
+    from alignserve.value_models.lexical import fit_word_scores
+
+    rng = np.random.default_rng(0)
+    vocab = ["good", "bad", "table", "chair", "lamp", "door"]
+    texts, rewards, groups = [], [], []
+    for i in range(400):
+        words = list(rng.choice(vocab, size=int(rng.integers(4, 12))))
+        texts.append(" ".join(words))
+        rewards.append(words.count("good") - words.count("bad") + rng.normal(0, 0.1))
+        groups.append(i // 8)
+    prior = {"good": 1.0, "unseen": 2.0}
+    words, info = fit_word_scores(texts, rewards, groups, prior, alphas=(0.1, 1.0, 100.0))
+    assert words["good"] > 0.5 and words["bad"] < -0.5
+    assert all(abs(words[w]) < 0.1 for w in ("table", "chair", "lamp", "door"))
+    assert info["prior_weight"] > 0 and words["unseen"] == pytest.approx(2 * info["prior_weight"])
+    assert info["alpha"] in (0.1, 1.0) and set(info["cv_mse"]) == {"0.1", "1.0", "100.0"}
+    assert info["cv_mse"]["100.0"] > info["cv_mse"][str(info["alpha"])]
+    with pytest.raises(ValueError, match="prompts"):
+        fit_word_scores(texts[:8], rewards[:8], groups[:8], prior)
+    with pytest.raises(ValueError, match="reward that varies"):
+        fit_word_scores(texts, [1.0] * len(texts), groups, prior)
+    # the prior's weight escapes the penalty: a prior equal to the truth, under a penalty that
+    # shrinks every word's correction to about a tenth, is kept at full weight (a penalised
+    # prior column would shrink too)
+    exact = {"good": 1.0, "bad": -1.0}
+    words, info = fit_word_scores(texts, rewards, groups, exact, alphas=(1e4,))
+    sd = float(np.std(rewards))
+    assert info["prior_weight"] == pytest.approx(1 / sd, rel=0.05)
+    assert words["good"] == pytest.approx(1 / sd, rel=0.05)
+    assert words["bad"] == pytest.approx(-1 / sd, rel=0.05)
+    assert abs(words["table"]) < 1e-3
+
+
+def test_a_fitted_featurizer_has_no_table_without_training_answers() -> None:
+    from alignserve.value_models.lexical import lexical_table
+
+    with pytest.raises(ValueError, match="fitted to training answers"):
+        lexical_table("minilm_words_fit", None)
+    from alignserve.value_models.lexical import fitted_table
+
+    with pytest.raises(ValueError, match="not fitted"):
+        fitted_table("minilm_words", None, [], [], [])
+
+
+def test_the_shipped_fitted_sentiment_words_read_as_whole_words(model_dir: Path) -> None:
+    """``sentiment_lex``'s word scores (``minilm_words_fit``, fitted on the base's answers):
+    sentiment words point the right way, its table row of a one-word token is that word's
+    score, and a word the tokenizer splits reads as the whole word through the sum lexicon."""
+    from transformers import AutoTokenizer
+
+    from alignserve.value_models.lexical import apply_lexicon, word_sum
+
+    head = load_head(HEADS / "sentiment_lex")
+    fit = head.manifest["arch"]["lexical"]["word_fit"]
+    assert fit["prior_weight"] > 0 and fit["answers"] >= 8000
+    assert str(fit["alpha"]) in fit["cv_mse"]
+    lex = head.module.lexicon
+    words = lex.words
+    assert words["wonderful"] > 0.1 > -0.1 > words["terrible"]
+    assert words["love"] > words["hate"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    (one,) = tok(" wonderful", add_special_tokens=False).input_ids
+    assert float(head.module.table[one, 0]) == pytest.approx(words["wonderful"], abs=1e-6)
+    for text in (" It was a delightfully unbelievable evening.", " Heartwarming!"):
+        ids = tok(text, add_special_tokens=False).input_ids
+        rows = apply_lexicon(head.module.rows(ids), ids, [len(ids)], lex)
+        assert float(rows[:, 0].sum()) == pytest.approx(word_sum(text, words), abs=1e-4)
 
 # ---- the shipped lexical heads on the real model ---------------------------------------------
 @pytest.fixture(scope="module")
@@ -336,11 +412,11 @@ def _run(engine, registry, alignment, seed=3, max_tokens=12):
 
 def test_shipped_lexical_heads_load_and_keep_the_conventional_names(engine, registry) -> None:
     for name, featurizer in (("concise_lex", "word_starts"), ("non_toxic_lex", "profanity_linear"),
-                             ("sentiment_lex", "minilm_sentiment")):
+                             ("sentiment_lex", "minilm_words_fit")):
         h = registry.heads[name]
         assert h.kind == "value" and h.runner == "tokens"
         assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer
-        assert h.manifest["metrics"]["spearman_50"] > 0.45
+        assert h.manifest["metrics"]["spearman_50"] > 0.55
         assert load_head(HEADS / name).module.table.shape == (len(engine.tokenizer), 1)
     # a weight named by the reward still reads its state-based value head
     assert registry.heads_for("concise", "value").name == "concise_value"
@@ -464,7 +540,7 @@ def test_lexical_arm_top_k_training_sum_is_exact_when_the_candidates_cover_the_v
 
 
 def test_shipped_lexical_arms_load_and_steer_genarm_without_state_reads(engine, registry):
-    for name, featurizer in (("sentiment_lex_arm", "minilm_sentiment"),
+    for name, featurizer in (("sentiment_lex_arm", "minilm_words_fit"),
                              ("non_toxic_lex_arm", "profanity_linear")):
         h = registry.heads[name]
         assert h.kind == "arm" and h.runner == "tokens" and isinstance(h.module, LexicalARM)

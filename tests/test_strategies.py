@@ -165,8 +165,9 @@ def test_weight_is_monotone_with_shipped_heads(engine, registry, prompts, case):
 @pytest.mark.parametrize("strategy", ["vas", "cd"])
 def test_weight_is_monotone_with_the_lexical_sentiment_head(engine, registry, prompts,
                                                             strategy):
-    """sentiment_lex (per-token MiniLM sentiment of the words so far, no model state): the
-    reward rises with beta, and every candidate is valued from token ids (no forward)."""
+    """sentiment_lex (fitted per-word sentiment scores summed over the words so far, no model
+    state): the reward rises with beta, and every candidate is valued from token ids (no
+    forward)."""
     needs_head(registry, "sentiment_lex", "value")
     means = []
     for w in (0.0, 6.0, 12.0):
@@ -181,7 +182,7 @@ def test_weight_is_monotone_with_the_lexical_sentiment_head(engine, registry, pr
 
 
 def test_weight_is_monotone_with_the_lexical_sentiment_arm(engine, registry, prompts):
-    """sentiment_lex_arm (a per-token bias learned from the MiniLM sentiment of each token):
+    """sentiment_lex_arm (a per-token bias learned from the fitted sentiment score of each token):
     GenARM's reward rises with alpha."""
     needs_head(registry, "sentiment_lex_arm", "arm")
     means = []

@@ -418,3 +418,31 @@ def test_backbone_deeper_than_the_base_is_refused_before_sampling(tmp_path: Path
     with pytest.raises(ValueError, match=r"--backbone-layers must be from 0 .* to 30 .* got 31"):
         run_training(_cfg(run, tmp_path / "h", "value", backbone_layers=31))
     assert not list(run.rglob("*.pt"))  # nothing was sampled
+
+
+def test_lexical_head_with_fitted_word_scores(run_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sentiment``'s lexical featurizer is fitted to the train answers (``minilm_words_fit``):
+    training fits the word scores around the prior (stubbed here: scoring MiniLM's 35k words
+    takes minutes), stores the table and the lexicon in the head, records the fit, and a
+    second run gives the same head."""
+    from alignserve.value_models import lexical
+
+    monkeypatch.setitem(lexical.LEXICONS, "minilm_words",
+                        (lambda texts: {"the": 0.5, "zebra": -2.0}, "sum"))
+    kw = dict(reward="sentiment", lexical=True, epochs=3, val_prompts=0)
+    a = run_training(_cfg(run_dir, tmp_path / "sentiment_lex", "value", **kw))
+    fit = a.manifest["arch"]["lexical"]["word_fit"]
+    assert a.manifest["arch"]["lexical"]["featurizer"] == "minilm_words_fit"
+    assert fit["answers"] == 8 and fit["prompts"] == 4 and fit["fitted_words"] > 10
+    loaded = load_head(tmp_path / "sentiment_lex")
+    words = loaded.module.lexicon.words
+    assert words["zebra"] == pytest.approx(-2.0 * fit["prior_weight"])  # unseen: k * prior
+    assert len(words) == fit["words"] and loaded.module.lexicon.combine == "sum"
+    texts = loaded.module.lexicon.texts
+    rows = loaded.module.table[:, 0]
+    some = [i for i, t in enumerate(texts) if lexical.word_sum(t, words)][:50]
+    assert some and all(float(rows[i]) == pytest.approx(lexical.word_sum(texts[i], words))
+                        for i in some)
+    b = run_training(_cfg(run_dir, tmp_path / "again", "value", **kw))
+    assert _same(a.module, b.module)

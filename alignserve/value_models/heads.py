@@ -382,6 +382,11 @@ def load_head(folder: Path, fingerprint: str | None = None, dim: int | None = No
         raise HeadError(f"{folder}: weights do not match the manifest: {exc}") from None
     from .lexical import LEXICON, Lexicon
 
+    if (manifest["arch"].get("lexical", {}).get("lexicon_words")
+            and not (folder / LEXICON).is_file()):
+        raise HeadError(f"{folder}: the manifest names a lexicon of "
+                        f"{manifest['arch']['lexical']['lexicon_words']} words but {LEXICON} is "
+                        "missing (copy the whole head folder)")
     if hasattr(module, "lexicon") and (folder / LEXICON).is_file():
         try:
             module.lexicon = Lexicon.from_json(json.loads((folder / LEXICON).read_text()))

@@ -9,7 +9,8 @@ better. A lexical value head reads, for the response tokens y_1..y_t so far,
     x_t = [s_t / 32, s_t / max(t, 1), t / 32],   s_t = sum_i table[y_i]   ([2F + 1])
 
 where ``table`` [V, F] is a fixed per-token feature of the reward's featurizer (below), built
-once from the tokenizer and stored in the head's weights. An MLP (``ValueHead``) maps x_t to
+once from the tokenizer (or, for a fitted featurizer, from the tokenizer and the training
+answers) and stored in the head's weights. An MLP (``ValueHead``) maps x_t to
 the value in reward standard deviations, trained with the same targets as any value head
 (TD(lambda) by default).
 
@@ -22,7 +23,8 @@ A lexical ARM (``LexicalARM``) uses the same per-token feature for GenARM: a per
 b_a = MLP(table[a]) on the base, trained with GenARM's pairwise loss; it reads the base's logits
 only, so GenARM with it costs a vector add per step.
 
-Featurizers (``FEATURIZERS``; one per reward that has one):
+Featurizers (``FEATURIZERS``, and ``FITTED_FEATURIZERS`` whose table is fitted to training
+answers; ``FEATURIZER_FOR_REWARD`` names the one each reward's heads use):
 - ``word_starts`` (``concise``, ``length``): 1 if the token's text starts with whitespace (a
   new word, or a line break before one), else 0. s_t is then about the number of words so far.
 - ``profanity_linear`` (``non_toxic``): alt-profanity-check's linear score of the token's words
@@ -30,7 +32,14 @@ Featurizers (``FEATURIZERS``; one per reward that has one):
   classifier's decision numerator on the answer's text, however the words were tokenized.
 - ``profanity`` (the previous ``non_toxic`` heads): alt-profanity-check's P(offensive) of the
   token's text alone, raised to the whole word's with its "max" ``Lexicon``.
-- ``minilm_sentiment`` (``sentiment``): the sentiment reward's MiniLM margin of the token's text
+- ``minilm_words_fit`` (``sentiment``): per-word scores fitted to the reward on the training
+  answers (``fit_word_scores``: a ridge regression of the reward on word counts around the
+  ``minilm_words`` prior), summed over the token's words with a "sum" ``Lexicon``. Built by
+  training (``fitted_table``) and stored in the head, not computable from the tokenizer alone.
+- ``minilm_words``: the sentiment reward's MiniLM margin of each whole word alone
+  (``minilm_word_margins``), summed over the token's words; with its "sum" ``Lexicon`` a word
+  split into tokens reads as the whole word.
+- ``minilm_sentiment`` (the previous ``sentiment`` heads): the MiniLM margin of the token's text
   alone, in units of its temperature, centred on the vocabulary's median.
 """
 
@@ -112,14 +121,131 @@ def profanity_linear(texts: Sequence[str]) -> Tensor:
     return torch.tensor([[word_sum(t, words)] for t in texts])
 
 
+_WORD_MARGINS: dict[int, dict[str, float]] = {}  # token texts' hash -> minilm_word_margins
+
+
+def minilm_word_margins(texts: Sequence[str]) -> dict[str, float]:
+    """The ``sentiment`` reward's MiniLM margin of every word on its own, in units of its
+    temperature and centred on the words' median, for the words of the token ``texts`` and of
+    alt-profanity-check's vocabulary (about 35k for SmolLM2's tokenizer; a general English
+    word list that ships offline, so multi-token words are covered too). Words are
+    ``word_sum``'s (lower-cased, two or more word characters). Scoring takes 1-3 min on 2 CPU
+    cores; the result is memoised per ``texts`` (the dict itself: do not mutate it)."""
+    key = hash(tuple(texts))
+    if key not in _WORD_MARGINS:
+        from profanity_check import profanity_check as pc
+
+        from .rewards import SentimentReward
+
+        words = sorted(set(pc.vectorizer.vocabulary_)
+                       | {w for t in texts for w in _WORD.findall(t.lower())})
+        reward = SentimentReward()
+        margin = reward.raw_margin(words) / reward.temperature
+        margin = margin - np.median(margin)
+        _WORD_MARGINS[key] = {w: float(m) for w, m in zip(words, margin)}
+    return _WORD_MARGINS[key]
+
+
+def minilm_words(texts: Sequence[str]) -> Tensor:
+    """[V, 1]: the sum of ``minilm_word_margins`` over each token's words (``word_sum``); with
+    its "sum" ``Lexicon`` an answer's features add up to the sum of its words' margins, so a
+    word split into tokens reads as the whole word (" delight" + "ful")."""
+    words = minilm_word_margins(texts)
+    return torch.tensor([[word_sum(t, words)] for t in texts])
+
+
+def fit_word_scores(texts: Sequence[str], rewards: Sequence[float], groups: Sequence[int],
+                    prior: dict[str, float], alphas: Sequence[float] = (3.0, 10.0, 30.0, 100.0),
+                    folds: int = 4) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-word scores whose sum over an answer's words predicts its reward: a ridge regression
+    of the standardised reward on the answers' word counts (``word_sum``'s words), on top of a
+    ``prior`` word score (``minilm_word_margins``), so ``score_w = k * prior_w + delta_w``.
+
+    The prior's sum is one practically unpenalised column (its weight ``k`` is fitted; the
+    ridge penalty ``alpha`` shrinks only the corrections ``delta``), so rare words keep ``k``
+    times their prior and words the base writes often move towards what the reward makes of
+    them in context. ``alpha`` is chosen among ``alphas`` by prompt-grouped ``folds``-fold
+    cross-validation (squared error), never on validation data. ``texts`` [N] answers,
+    ``rewards`` [N], ``groups`` [N] prompt ids. The intercept is not kept: the sum predicts the
+    standardised reward up to a constant (the heads on top learn their own offset).
+
+    Returns (words -> score, in reward standard deviations per occurrence; fit info: alpha,
+    k, cv errors keyed by str(alpha), counts). Raises ValueError on fewer than ``folds``
+    prompts, a constant reward, or answers without a single word.
+    """
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GroupKFold
+
+    y = np.asarray(rewards, dtype=np.float64)
+    g = np.asarray(groups)
+    if len(set(g.tolist())) < folds or not y.std() > 0:
+        raise ValueError(f"fitting word scores needs answers to >= {folds} prompts and a "
+                         f"reward that varies; got {len(set(g.tolist()))} prompts, reward std "
+                         f"{float(y.std()):.3g}")
+    z = (y - y.mean()) / y.std()
+    cv = CountVectorizer(token_pattern=_WORD.pattern, lowercase=True)
+    counts = cv.fit_transform(texts).astype(np.float64)
+    vocab = cv.get_feature_names_out()
+    prior_sum = counts @ np.array([prior.get(w, 0.0) for w in vocab])
+    unit = float(prior_sum.std()) or 1.0
+    big = 100.0  # the prior column, scaled so that the penalty hardly touches its weight
+
+    def design(rows: Any) -> Any:
+        return sp.hstack([counts[rows], sp.csr_matrix(prior_sum[rows, None] / unit * big)]).tocsr()
+
+    errors = {}
+    for alpha in alphas:
+        err = 0.0
+        for tr, te in GroupKFold(folds).split(z, z, g):
+            m = Ridge(alpha=alpha).fit(design(tr), z[tr])
+            err += float(((m.predict(design(te)) - z[te]) ** 2).sum())
+        errors[str(float(alpha))] = err / len(z)  # str keys: the manifest is JSON
+    alpha = float(min(errors, key=errors.__getitem__))
+    m = Ridge(alpha=alpha).fit(design(np.arange(len(z))), z)
+    k = float(m.coef_[-1] * big / unit)
+    words = {w: k * v for w, v in prior.items()}
+    for w, d in zip(vocab, m.coef_[:-1]):
+        words[str(w)] = k * prior.get(w, 0.0) + float(d)
+    info = {"alpha": alpha, "prior_weight": k, "cv_mse": errors, "answers": len(z),
+            "prompts": len(set(g.tolist())), "fitted_words": len(vocab), "words": len(words)}
+    return words, info
+
+
+FITTED_FEATURIZERS: dict[str, str] = {"minilm_words_fit": "minilm_words"}
+"""Featurizers whose word scores are fitted to the reward on training answers
+(``fit_word_scores``) -> the featurizer of their prior. Training builds their table and
+lexicon (``fitted_table``); a head stores both, so serving never refits."""
+
+
+def fitted_table(featurizer: str, tokenizer: Any, texts: Sequence[str],
+                 rewards: Sequence[float], groups: Sequence[int]
+                 ) -> tuple[Tensor, Lexicon, dict[str, Any]]:
+    """[V, 1] float32 table, "sum" ``Lexicon`` and fit info of a ``FITTED_FEATURIZERS``
+    featurizer, fitted on the answers ``texts`` with ``rewards`` (``groups``: their prompts;
+    ``fit_word_scores``, whose units and errors apply). Computes the prior first (for
+    ``minilm_words_fit`` 1-3 min of MiniLM scoring, memoised). ValueError for a featurizer
+    that is not fitted."""
+    if featurizer not in FITTED_FEATURIZERS:
+        raise ValueError(f"featurizer {featurizer!r} is not fitted; fitted ones: "
+                         f"{sorted(FITTED_FEATURIZERS)}")
+    tok_texts = _token_texts(tokenizer)
+    words_fn, _ = LEXICONS[FITTED_FEATURIZERS[featurizer]]
+    words, info = fit_word_scores(texts, rewards, groups, words_fn(tok_texts))
+    table = torch.tensor([[word_sum(t, words)] for t in tok_texts], dtype=torch.float32)
+    return table, Lexicon(tok_texts, words, "sum"), info
+
+
 FEATURIZERS: dict[str, Callable[[Sequence[str]], Tensor]] = {
     "word_starts": word_starts,
     "profanity": profanity,
     "minilm_sentiment": minilm_sentiment,
+    "minilm_words": minilm_words,
     "profanity_linear": profanity_linear,
 }
 FEATURIZER_FOR_REWARD = {"concise": "word_starts", "length": "word_starts",
-                         "non_toxic": "profanity_linear", "sentiment": "minilm_sentiment"}
+                         "non_toxic": "profanity_linear", "sentiment": "minilm_words_fit"}
 
 
 def featurizer_for(weights: dict[str, float]) -> str:
@@ -133,6 +259,9 @@ def featurizer_for(weights: dict[str, float]) -> str:
 
 def lexical_table(featurizer: str, tokenizer: Any) -> Tensor:
     """[V, F] float32 per-token features of ``featurizer`` for ``tokenizer``'s vocabulary."""
+    if featurizer in FITTED_FEATURIZERS:
+        raise ValueError(f"featurizer {featurizer!r} is fitted to training answers: build it "
+                         "with fitted_table")
     if featurizer not in FEATURIZERS:
         raise ValueError(f"unknown featurizer {featurizer!r}; known: {sorted(FEATURIZERS)}")
     return FEATURIZERS[featurizer](_token_texts(tokenizer)).float()
@@ -277,6 +406,7 @@ def profanity_lexicon(texts: Sequence[str], floor: float = 0.3) -> dict[str, flo
 LEXICONS: dict[str, tuple[Callable[[Sequence[str]], dict[str, float]], str]] = {
     "profanity": (profanity_lexicon, "max"),
     "profanity_linear": (profanity_linear_words, "sum"),
+    "minilm_words": (minilm_word_margins, "sum"),
 }
 """featurizer -> (its words' features from the token texts, how ``Lexicon`` combines them)."""
 

@@ -158,7 +158,13 @@ class TrainConfig:
             if self.pool != "none" or self.backbone_layers:
                 raise ValueError("--lexical reads token ids, not model states: it takes no "
                                  "--pool or --backbone-layers")
-            featurizer_for(parse_reward_spec(self.reward))
+            from .lexical import FITTED_FEATURIZERS
+
+            fitted = featurizer_for(parse_reward_spec(self.reward)) in FITTED_FEATURIZERS
+            if fitted and self.prompts is not None and self.prompts < 4:
+                raise ValueError(f"--prompts must be >= 4 for a lexical {self.reward} head: its "
+                                 "word scores are fitted with prompt-grouped 4-fold "
+                                 f"cross-validation, got {self.prompts}")
         # checked here, before any sampling: each would otherwise fail minutes (or an hour) in
         for flag, v, lo in (("--samples", self.samples, 1), ("--max-new-tokens",
                             self.max_new_tokens, 1), ("--prompts", self.prompts, 1),
@@ -1311,13 +1317,27 @@ def _pair_batches(pairs: list[tuple[int, int]], group: Tensor, batch_pairs: int,
     return batches
 
 
-def lexical_arch(featurizer: str, table: Tensor, lexicon: Lexicon | None) -> dict[str, Any]:
-    """The manifest's ``arch.lexical`` of a lexical head."""
+def lexical_arch(featurizer: str, table: Tensor, lexicon: Lexicon | None,
+                 fit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's ``arch.lexical`` of a lexical head (``fit``: a fitted featurizer's
+    ``fit_word_scores`` info)."""
     out: dict[str, Any] = {"featurizer": featurizer, "vocab": int(table.shape[0]),
                            "features": int(table.shape[1])}
     if lexicon is not None:
         out["lexicon_words"] = len(lexicon.words)
+    if fit is not None:
+        out["word_fit"] = fit
     return out
+
+
+def response_texts(tokenizer: Any, split: Split) -> list[str]:
+    """[num_samples] the decoded response of every sample of ``split``, in sample order: its
+    T_s = ``lengths - 1`` tokens with special tokens (the EOS) skipped. Decoding the tokens
+    can differ from the streamed response text in rare byte-level cases."""
+    lengths = (split.lengths - 1).tolist()
+    ends = np.cumsum([0, *lengths])
+    return [tokenizer.decode(split.tokens[a:b].tolist(), skip_special_tokens=True)
+            for a, b in zip(ends[:-1], ends[1:])]
 
 
 def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None) -> None:
@@ -1485,13 +1505,25 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
             if cfg.val_prompts != 0 else None
         embed = base.embed if cfg.kind in ("arm", "q") else None
         fingerprint = tokenizer_fingerprint(base.tokenizer)
-        lex_table, lexicon = None, None
+        lex_table, lexicon, lex_fit = None, None, None
         if cfg.lexical:
-            from .lexical import featurizer_for, lexical_table, lexicon_for
+            from .lexical import (
+                FITTED_FEATURIZERS,
+                featurizer_for,
+                fitted_table,
+                lexical_table,
+                lexicon_for,
+            )
 
             lex_name = featurizer_for(weights)
-            lex_table = lexical_table(lex_name, base.tokenizer)
-            lexicon = lexicon_for(lex_name, base.tokenizer)
+            if lex_name in FITTED_FEATURIZERS:  # word scores fitted to the train answers
+                lex_table, lexicon, lex_fit = fitted_table(
+                    lex_name, base.tokenizer, response_texts(base.tokenizer, train),
+                    train.rewards.tolist(), train.group.tolist())
+                log(f"[{cfg.name}] {lex_name}: " + json.dumps(lex_fit))
+            else:
+                lex_table = lexical_table(lex_name, base.tokenizer)
+                lexicon = lexicon_for(lex_name, base.tokenizer)
         rrange = _reward_range(weights, base)
     finally:
         base.close()
@@ -1557,7 +1589,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
             lex.load_state_dict({**module.cpu().state_dict(), "table": lex_table})
             lex.lexicon = lexicon
             module = lex
-            arch["lexical"] = lexical_arch(lex_name, lex_table, lexicon)
+            arch["lexical"] = lexical_arch(lex_name, lex_table, lexicon, lex_fit)
         if cfg.backbone_layers:
             arch["layers"] = cfg.backbone_layers
         desc = (f"value head V(prefix) ~ expected {cfg.reward} of a base continuation, in "
@@ -1582,7 +1614,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                 "adapter on the base's hidden state")
         if lex_table is not None:
             arch = {"hidden": cfg.hidden,
-                    "lexical": lexical_arch(lex_name, lex_table, lexicon)}
+                    "lexical": lexical_arch(lex_name, lex_table, lexicon, lex_fit)}
             desc = (f"lexical ARM (GenARM) for {cfg.reward}: a per-token logit bias on the "
                     f"base, learned from each token's {lex_name} feature (no model states)")
         wrange = [0.0, 5.0]  # GenARM refuses negative weights (decoders/genarm.py)
