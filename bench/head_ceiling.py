@@ -145,7 +145,9 @@ def lexical_rows(reward: str, heads: Path, val: Any, embed: Any, arms: list[dict
     (the head's table with its lexicon, as training and decoding read it) over the first half
     and over the whole of each answer: how much of what the words say each head keeps. With
     ``linear_arm``, also the lexical ARM with its bias replaced by ``c * feature`` (the best c
-    of ``LINEAR_C``): whether the ARM's form or its training limits its accuracy. Adds
+    of ``LINEAR_C``, signed as the feature's orientation): whether the ARM's form or its
+    training limits its accuracy. Features are oriented to rise with the reward (their sign
+    flipped where their sum over whole answers ranks the reward negatively). Adds
     ``lex_arm`` and ``feature_sum_at_end`` to each row of ``arms``; None without a lexical
     value head."""
     from scipy.stats import spearmanr
@@ -167,7 +169,12 @@ def lexical_rows(reward: str, heads: Path, val: Any, embed: Any, arms: list[dict
                      for a, b in zip(ends[:-1], ends[1:])])
     full = np.array([float(rows[a:b].sum()) for a, b in zip(ends[:-1], ends[1:])])
     r = val.rewards.numpy()
+    # a feature may point against the reward (non_toxic's is an offensiveness score, concise's
+    # a word count): orient it by its rank correlation with the reward over whole answers
+    sign = 1.0 if spearmanr(full, r).statistic >= 0 else -1.0
+    half, full = sign * half, sign * full
     out: dict[str, Any] = {"featurizer": vlex.manifest["arch"]["lexical"]["featurizer"],
+                           "orientation": sign,
                            "head_50": vm["spearman_50"],
                            "feature_sum_50": float(spearmanr(half, r).statistic)}
     arm_dir = heads / f"{reward}_lex_arm"
@@ -187,7 +194,7 @@ def lexical_rows(reward: str, heads: Path, val: Any, embed: Any, arms: list[dict
                           lex_arm.fc2.bias):
                     t.zero_()
                 lex_arm.fc1.weight[0, 0] = 0.01
-                lex_arm.fc2.weight[0, 0] = c * 100.0 * std
+                lex_arm.fc2.weight[0, 0] = sign * c * 100.0 * std
             lex_arm.train()
             lex_arm.eval()  # drop the cached bias
             best[str(c)] = T.arm_metrics(lex_arm, val, pairs, embed)["pairwise_accuracy"]
@@ -214,8 +221,8 @@ def to_markdown(rows: list[dict[str, Any]], machine: str) -> str:
     lex = [row for row in rows if row.get("lexical")]
     if lex:
         out += ["", "| reward | lexical featurizer | lexical value head rho@50% | feature sum "
-                "@50% | margin | lexical ARM acc | feature sum at the end (pair acc) | ARM with "
-                "bias c * feature, best c |", "|---|---|---|---|---|---|---|---|"]
+                "@50% (oriented) | margin | lexical ARM acc | feature sum at the end (pair "
+                "acc) | ARM with bias c * feature, best c |", "|---|---|---|---|---|---|---|---|"]
         for row in lex:
             x = row["lexical"]
             lin = x.get("linear_arm")
