@@ -103,6 +103,12 @@ def word_sum(text: str, words: dict[str, float]) -> float:
     return float(sum(words.get(w, 0.0) for w in _WORD.findall(text.lower())))
 
 
+def word_sum_table(texts: Sequence[str], words: dict[str, float]) -> Tensor:
+    """[len(texts), 1] float32: ``word_sum`` of each token text (the table of a "sum"
+    lexicon's featurizer)."""
+    return torch.tensor([[word_sum(t, words)] for t in texts], dtype=torch.float32)
+
+
 def profanity_linear_words(texts: Sequence[str] | None = None) -> dict[str, float]:
     """alt-profanity-check's linear score of every word of its vocabulary: the word's TF-IDF
     weight (idf) times the LinearSVC coefficient, averaged over the calibrated folds. The
@@ -121,7 +127,7 @@ def profanity_linear(texts: Sequence[str]) -> Tensor:
     """[V, 1]: the sum of alt-profanity-check's linear word scores over each token's text
     (``word_sum`` with ``profanity_linear_words``); 0 for tokens with no scored word."""
     words = profanity_linear_words()
-    return torch.tensor([[word_sum(t, words)] for t in texts])
+    return word_sum_table(texts, words)
 
 
 _WORD_MARGINS: dict[int, dict[str, float]] = {}  # token texts' hash -> minilm_word_margins
@@ -154,7 +160,7 @@ def minilm_words(texts: Sequence[str]) -> Tensor:
     its "sum" ``Lexicon`` an answer's features add up to the sum of its words' margins, so a
     word split into tokens reads as the whole word (" delight" + "ful")."""
     words = minilm_word_margins(texts)
-    return torch.tensor([[word_sum(t, words)] for t in texts])
+    return word_sum_table(texts, words)
 
 
 def fit_word_scores(texts: Sequence[str], rewards: Sequence[float], groups: Sequence[int],
@@ -236,8 +242,7 @@ def fitted_table(featurizer: str, tokenizer: Any, texts: Sequence[str],
     tok_texts = _token_texts(tokenizer)
     words_fn, _ = LEXICONS[FITTED_FEATURIZERS[featurizer]]
     words, info = fit_word_scores(texts, rewards, groups, words_fn(tok_texts))
-    table = torch.tensor([[word_sum(t, words)] for t in tok_texts], dtype=torch.float32)
-    return table, Lexicon(tok_texts, words, "sum"), info
+    return word_sum_table(tok_texts, words), Lexicon(tok_texts, words, "sum"), info
 
 
 FEATURIZERS: dict[str, Callable[[Sequence[str]], Tensor]] = {
