@@ -119,6 +119,21 @@ def test_fork_copies_prefix(runner, ids):
     runner.free(f)
 
 
+def test_an_engine_with_one_kv_slot_serves_plain_sampling(model_dir, engine):
+    """A one-slot engine (``--slots 1``): plain sampling forks no copy (n = 1), which must not
+    index the 1-slot cache with an empty slot list (torch refuses that overlap). Greedy, so
+    it returns the same tokens as the 8-slot engine."""
+    one = Engine(EngineConfig(model_dir=model_dir, slots=1, max_len=64, max_waiting=2))
+    try:
+        got = one.generate(_req(one, "1, 2, 3,", temperature=0, max_tokens=4, ignore_eos=True))
+    finally:
+        one.shutdown()
+    want = engine.generate(_req(engine, "1, 2, 3,", temperature=0, max_tokens=4,
+                                ignore_eos=True))
+    assert len(got["choices"][0]["tokens"]) == 4
+    assert got["choices"][0]["tokens"] == want["choices"][0]["tokens"]
+
+
 @pytest.fixture(scope="module")
 def engine(model_dir):
     eng = Engine(EngineConfig(model_dir=model_dir, slots=8, max_len=256, max_waiting=4))

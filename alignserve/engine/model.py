@@ -139,6 +139,8 @@ class KVCache:
     def copy_rows(self, src: int, dst: Tensor | list[int], length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into each slot of ``dst`` (fork)."""
         dst_t = torch.as_tensor(dst, dtype=torch.long)
+        if not len(dst_t):  # nothing to copy (indexing a 1-slot cache with [] would raise)
+            return
         for k, v in zip(self.k, self.v):
             k[dst_t, :length] = k[src, :length]
             v[dst_t, :length] = v[src, :length]

@@ -73,7 +73,7 @@ class ModelRunner:
         if n > self.num_free:
             raise EngineError(f"{self.name}: fork({n}) needs more free slots than {self.num_free}")
         out = [self.new_seq() for _ in range(n)]
-        if seq.length:
+        if seq.length and out:
             self.cache.copy_rows(seq.slot, [s.slot for s in out], seq.length)
         for s in out:
             s.tokens = list(seq.tokens)
