@@ -30,7 +30,8 @@ reward at <= 1/2 of Best-of-8's wall time per answer, at 1 and at N clients, wit
 >= 0.95x plain's and no degenerate answer.
 
 Outputs in ``--out`` (default ``runs/frontier``): ``frontier.json`` (every number, the exact
-settings, sample answers), ``frontier.md`` (README-ready tables and verdicts) and
+settings, sample answers), ``answers.jsonl`` (every answer at one client with its
+reward, one JSON object a line), ``frontier.md`` (README-ready tables and verdicts) and
 ``frontier.png`` (reward vs wall time relative to plain, Best-of-N as the reference curve; one
 column per objective, one row per concurrency level).
 
@@ -359,9 +360,12 @@ def evaluate(plan: Plan, backend: Any, cfg: Config, bar: Any) -> list[dict[str, 
             / len(resp)
         row["errors"] += sum(r.error is not None for r in many.responses)
         row["short"] = short_label(st)
-        row["samples"] = [{"prompt": j.prompt, "seed": j.seed, "text": t,
-                           "reward": float(rewards[plan.objective][i])}
-                          for i, (j, t) in enumerate(zip(plan.jobs, texts)) if i < 6]
+        answers = [{"objective": plan.objective, "setting": st.key, "prompt": j.prompt,
+                    "seed": j.seed, "text": t, "reward": float(rewards[plan.objective][i])}
+                   for i, (j, t) in enumerate(zip(plan.jobs, texts))]
+        row["samples"] = [{k: a[k] for k in ("prompt", "seed", "text", "reward")}
+                          for a in answers[:6]]
+        row["_answers"] = answers  # every answer: answers.jsonl, not frontier.json
         rows.append(row)
     plain = next(r for r in rows if r["strategy"] == "sample")
     for r in rows:
@@ -588,8 +592,14 @@ def jsonable(x: Any) -> Any:
 def write(doc: Mapping[str, Any], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "frontier.json", "md": out / "frontier.md",
-             "png": out / "frontier.png"}
+             "png": out / "frontier.png", "answers": out / "answers.jsonl"}
+    answers = [a for o in doc["objectives"] for r in o["rows"] for a in r.get("_answers", [])]
+    doc = {**doc, "objectives": [
+        {**o, "rows": [{k: v for k, v in r.items() if k != "_answers"} for r in o["rows"]]}
+        for o in doc["objectives"]]}
     paths["json"].write_text(json.dumps(jsonable(doc), indent=2, ensure_ascii=False) + "\n")
+    paths["answers"].write_text("".join(json.dumps(jsonable(a), ensure_ascii=False) + "\n"
+                                        for a in answers))
     paths["md"].write_text(markdown(doc))
     plot(doc, paths["png"])
     return paths
