@@ -121,6 +121,19 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                             "on the training answers around a MiniLM prior for sentiment), "
                             "not model states, so VAS / CD value every candidate "
                             "without a forward (README, Lexical value heads)")
+    if kind != "q":
+        p.add_argument("--featurizer", default=None,
+                       choices=["word_starts", "profanity", "profanity_linear",
+                                "minilm_sentiment", "minilm_words", "minilm_words_fit"],
+                       help="with --lexical: the per-token feature, instead of the reward's "
+                            "own (concise/length: word_starts, non_toxic: profanity_linear, "
+                            "sentiment: minilm_words_fit; minilm_sentiment is MiniLM's "
+                            "margin of each token's text, the first sentiment featurizer)")
+        p.add_argument("--word-fit-alpha", type=float, default=None,
+                       help="with --lexical for sentiment (word scores fitted to the reward): "
+                            "the ridge penalty on the words' corrections to the MiniLM prior; "
+                            "larger keeps the scores closer to the prior (default: chosen "
+                            "among 3, 10, 30, 100 by prompt-grouped 4-fold cross-validation)")
     p.add_argument("--model", default="default",
                    help="base model: 'default' (SmolLM2-135M-Instruct) or a local folder; the "
                         "head only works with this model's tokenizer (default 'default')")
@@ -192,10 +205,16 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--lexical", action="store_true",
                        help="a lexical ARM: a per-token logit bias on the base, learned from "
                             "the reward's per-token feature (as --lexical value heads), trained "
-                            "on the increment over the base; it reads no model states, so "
+                            "as --arm-reward; it reads no model states, so "
                             "GenARM with it costs a vector add (README, Lexical ARMs)")
         p.add_argument("--hidden", type=int, default=16,
                        help="hidden units of a lexical ARM's bias MLP (default 16)")
+        p.add_argument("--arm-reward", default=None, choices=["token", "increment"],
+                       help="the reward a lexical ARM is trained as: 'token', sum_t b(y_t), "
+                            "the sum of the tokens' learned scores (default), or 'increment' "
+                            "over the base, sum_t log pi_r - log p_base (the form of the "
+                            "ARMs shipped before 2026-12-01); GenARM decodes both as the "
+                            "base + alpha * b")
         p.add_argument("--beta-r", type=float, default=0.05,
                        help="beta_r of GenARM's loss -log sigmoid(beta_r (log pi_r(y_w) - "
                             "log pi_r(y_l))) (default 0.05, the published value)")
@@ -326,6 +345,9 @@ def train(args: argparse.Namespace) -> int:
         pool=args.pool,
         backbone_layers=getattr(args, "backbone_layers", 0),
         lexical=getattr(args, "lexical", False),
+        arm_reward=getattr(args, "arm_reward", None),
+        word_fit_alpha=getattr(args, "word_fit_alpha", None),
+        featurizer=getattr(args, "featurizer", None),
         rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
         aux_partial=getattr(args, "aux_partial", 0.0), aux_every=getattr(args, "aux_every", 4),
         refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),

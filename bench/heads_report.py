@@ -35,11 +35,16 @@ def main(root: str | None = None) -> int:
                        f"{tr.get('calibration_scale', 1.0):.2f}")
             target, ok = "", None  # no quality target: a cost lever (VAS / CD values "q")
         else:
-            of = " of the increment over the base" if "lexical" in m.get("arch", {}) else ""
+            arch = m.get("arch", {})
+            form = arch.get("reward_form", "increment") if "lexical" in arch else None
+            of = {None: "", "increment": " of the increment over the base",
+                  "token": " of the per-token reward"}[form]
+            inc = (f"; the increment's {met['delta_pairwise_accuracy']:.2f}"
+                   if form == "token" and "delta_pairwise_accuracy" in met else "")
             quality = (f"pairwise acc{of} "
                        f"**{met.get('pairwise_accuracy', float('nan')):.2f}** "
                        f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
-                       f"{met.get('pairs', 0)} pairs)")
+                       f"{met.get('pairs', 0)} pairs{inc})")
             target = "accuracy >= 0.75"
             ok = met.get("pairwise_accuracy", 0) >= 0.75
         pool = m.get("arch", {}).get("pool", "none")

@@ -208,6 +208,27 @@ def test_lexical_arm_context_delta_with_a_sum_lexicon() -> None:
     assert d[12:].eq(0).all() and not arm.context_delta([2, 5], 14).any()
 
 
+def test_lexical_arm_caches_the_delta_per_word_in_progress() -> None:
+    """In eval mode the bias change is kept per word in progress: another history ending in
+    the same word reads the cached change, which equals a fresh computation at any width;
+    ``train()`` drops the cache, and training mode never fills it."""
+    lex, table = _sum_lexicon()
+    arm = LexicalARM(12, 1, hidden=4)
+    arm.table.copy_(table)
+    torch.nn.init.normal_(arm.fc2.weight)
+    arm.lexicon = lex
+    arm.eval()
+    first = arm.context_delta([2], 14)
+    assert list(arm._deltas) == [("ba", arm.table.device)]
+    again = arm.context_delta([4, 5, 2], 14)  # another history ending in the same word
+    assert torch.equal(first, again) and len(arm._deltas) == 1
+    assert torch.equal(arm.context_delta([2], 9), first[:9])  # narrower width, same cache
+    arm.train()
+    assert not arm._deltas
+    fresh = arm.context_delta([2], 14)
+    assert torch.equal(fresh, first) and not arm._deltas
+
+
 @pytest.mark.parametrize("combine", ["none", "max", "sum"])
 def test_lexical_arm_bias_at_some_ids_is_the_dense_bias_there(combine: str) -> None:
     """Remote GenARM reads the bias of the remote's top-k only (``bias_at``): the same numbers
@@ -274,10 +295,61 @@ def test_word_start_feature_counts_words() -> None:
     ({"kind": "value", "reward": "concise", "pool": "mean"}, "takes no --pool"),
     ({"kind": "value", "reward": "concise", "backbone_layers": 4}, "takes no --pool"),
     ({"kind": "arm", "reward": "sentiment", "prompts": 3}, "--prompts must be >= 4"),
+    ({"kind": "arm", "reward": "concise", "arm_reward": "bonus"}, "--arm-reward must be one"),
+    ({"kind": "arm", "reward": "concise", "arm_reward": "token", "lexical": False},
+     "--arm-reward is for lexical ARMs"),
+    ({"kind": "value", "reward": "concise", "arm_reward": "token"},
+     "--arm-reward is for lexical ARMs"),
+    ({"kind": "value", "reward": "concise", "featurizer": "bag"}, "--featurizer must be one"),
+    ({"kind": "value", "reward": "concise", "featurizer": "word_starts", "lexical": False},
+     "are for lexical heads"),
+    ({"kind": "value", "reward": "concise", "word_fit_alpha": 30.0},
+     "--word-fit-alpha must be > 0 and is for a featurizer fitted"),
+    ({"kind": "value", "reward": "sentiment", "word_fit_alpha": 0.0},
+     "--word-fit-alpha must be > 0"),
+    ({"kind": "value", "reward": "sentiment", "featurizer": "minilm_sentiment",
+      "word_fit_alpha": 30.0}, "--word-fit-alpha must be > 0 and is for a featurizer fitted"),
 ])
 def test_lexical_training_settings_are_checked_before_sampling(kw, needle) -> None:
     with pytest.raises(ValueError, match=needle):
-        TrainConfig(out="/tmp/x", lexical=True, **kw).resolved()
+        TrainConfig(**{"out": "/tmp/x", "lexical": True, **kw}).resolved()
+
+
+def test_a_lexical_arm_is_trained_as_a_per_token_reward_by_default() -> None:
+    lex = TrainConfig(kind="arm", reward="concise", out="/tmp/x", lexical=True).resolved()
+    assert lex.arm_reward == "token"
+    states = TrainConfig(kind="arm", reward="concise", out="/tmp/x").resolved()
+    assert states.arm_reward is None  # an ARM on model states has no such choice
+
+
+def test_token_reward_is_the_sum_of_the_tokens_scores_in_context() -> None:
+    """The ``"token"`` reward of a lexical ARM: sum_t b(y_t), read from each token's
+    in-context feature (``lex_y``), not from its table row. An unknown form is refused, also
+    from a manifest."""
+    from types import SimpleNamespace
+
+    from alignserve.value_models.heads import HeadError, build_module
+    from alignserve.value_models.training import lexical_token_rewards
+
+    torch.manual_seed(0)
+    arm = LexicalARM(6, 1, hidden=4, reward_form="token")
+    arm.table.copy_(torch.tensor([[0.0], [1.0], [2.0], [-1.0], [0.5], [3.0]]))
+    torch.nn.init.normal_(arm.fc2.weight)
+    b = arm.bias().detach()
+    # two samples: tokens [1, 2] and [5, 3, 3] (their lex_y: the table rows, 1 more in row 1)
+    lex_y = arm.table[[1, 2, 5, 3, 3]].clone()
+    lex_y[1, 0] += 1.0  # an in-context feature (a word completed) differs from the table's
+    split = SimpleNamespace(lex_y=lex_y, lengths=torch.tensor([3, 4]),
+                            tokens=torch.tensor([1, 2, 5, 3, 3]), offsets=torch.tensor([0, 3, 7]))
+    got = lexical_token_rewards(arm, split, [0, 1]).detach()
+    with torch.no_grad():
+        first = float(b[1] + arm.bias_of(lex_y[1:2])[0])
+    assert abs(first - float(b[1] + b[2])) > 1e-3  # the context matters here
+    assert got.tolist() == pytest.approx([first, float(b[5] + 2 * b[3])], abs=1e-5)
+    with pytest.raises(ValueError, match="reward_form must be one of"):
+        LexicalARM(6, 1, reward_form="bonus")
+    with pytest.raises(HeadError, match="arch.reward_form"):
+        build_module("arm", {"reward_form": "bonus", "lexical": {"vocab": 6, "features": 1}})
 
 
 def test_no_q_head_from_a_lexical_value_head(tmp_path: Path) -> None:
@@ -418,6 +490,9 @@ def test_shipped_lexical_heads_load_and_keep_the_conventional_names(engine, regi
         assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer
         assert h.manifest["metrics"]["spearman_50"] > 0.55
         assert load_head(HEADS / name).module.table.shape == (len(engine.tokenizer), 1)
+    margin = registry.heads["sentiment_lex_margin"]  # the first sentiment featurizer, kept
+    assert margin.manifest["arch"]["lexical"]["featurizer"] == "minilm_sentiment"
+    assert margin.module.lexicon is None and margin.manifest["metrics"]["spearman_50"] > 0.4
     # a weight named by the reward still reads its state-based value head
     assert registry.heads_for("concise", "value").name == "concise_value"
     assert registry.heads_for("non_toxic", "value").name == "non_toxic_value"
@@ -545,7 +620,8 @@ def test_shipped_lexical_arms_load_and_steer_genarm_without_state_reads(engine, 
         h = registry.heads[name]
         assert h.kind == "arm" and h.runner == "tokens" and isinstance(h.module, LexicalARM)
         assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer
-        assert h.manifest["metrics"]["pairwise_accuracy"] > 0.6
+        assert h.module.reward_form == h.manifest["arch"]["reward_form"] == "token"
+        assert h.manifest["metrics"]["pairwise_accuracy"] > 0.75
     # a weight named by the reward still reads its state ARM
     assert registry.heads_for("sentiment", "arm").name == "sentiment_arm"
     plain = _run(engine, registry, None)

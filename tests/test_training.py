@@ -114,16 +114,20 @@ def test_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) ->
     assert _same(a.module, b.module)
 
 
-def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) -> None:
-    """A lexical ARM (per-token bias from the word-start feature) trains on the increment over
-    the base, saves its token table and loads as a LexicalARM that reads no states."""
+@pytest.mark.parametrize("arm_reward", ["increment", "token"])
+def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path,
+                                                       arm_reward: str) -> None:
+    """A lexical ARM (per-token bias from the word-start feature) trains as its reward form
+    (the increment over the base, or the per-token reward), saves its token table and reward
+    form and loads as a LexicalARM that reads no states."""
     kw = dict(epochs=6, margin=0.0, batch_size=2, lr=5e-2, val_prompts=0, lexical=True,
-              hidden=4)
+              hidden=4, arm_reward=arm_reward)
     a = run_training(_cfg(run_dir, tmp_path / "concise_lex_arm", "arm", **kw))
     hist = a.manifest["training"]["history"]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"], hist
     loaded = load_head(tmp_path / "concise_lex_arm")
     assert isinstance(loaded.module, LexicalARM) and loaded.runner == "tokens"
+    assert loaded.module.reward_form == arm_reward == loaded.manifest["arch"]["reward_form"]
     assert loaded.manifest["arch"]["lexical"]["featurizer"] == "word_starts"
     assert loaded.module.table.sum() > 0  # the word-start feature of the vocabulary
     b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
@@ -446,3 +450,27 @@ def test_lexical_head_with_fitted_word_scores(run_dir: Path, tmp_path: Path,
                         for i in some)
     b = run_training(_cfg(run_dir, tmp_path / "again", "value", **kw))
     assert _same(a.module, b.module)
+
+
+def test_lexical_featurizer_and_word_fit_alpha_are_honoured(run_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            model_dir: Path) -> None:
+    """``--word-fit-alpha`` fixes the ridge penalty of the fitted word scores (no
+    cross-validated choice), and ``--featurizer`` replaces the reward's own featurizer: a
+    sentiment head on word starts has that table and no lexicon."""
+    from alignserve.value_models import lexical
+
+    monkeypatch.setitem(lexical.LEXICONS, "minilm_words",
+                        (lambda texts: {"the": 0.5, "zebra": -2.0}, "sum"))
+    kw = dict(reward="sentiment", lexical=True, epochs=1, val_prompts=0)
+    a = run_training(_cfg(run_dir, tmp_path / "fixed", "value", word_fit_alpha=1000.0, **kw))
+    fit = a.manifest["arch"]["lexical"]["word_fit"]
+    assert fit["alpha"] == 1000.0 and list(fit["cv_mse"]) == ["1000.0"]
+    assert a.manifest["training"]["word_fit_alpha"] == 1000.0
+    b = run_training(_cfg(run_dir, tmp_path / "starts", "value", featurizer="word_starts", **kw))
+    assert b.manifest["arch"]["lexical"]["featurizer"] == "word_starts"
+    assert "word_fit" not in b.manifest["arch"]["lexical"] and b.module.lexicon is None
+    from transformers import AutoTokenizer
+
+    want = lexical.lexical_table("word_starts", AutoTokenizer.from_pretrained(str(model_dir)))
+    assert torch.equal(load_head(tmp_path / "starts").module.table, want)

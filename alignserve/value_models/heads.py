@@ -328,7 +328,11 @@ def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
         from .lexical import LexicalARM
 
         lex = arch["lexical"]
-        return LexicalARM(lex["vocab"], lex["features"], arch.get("hidden", 16))
+        try:
+            return LexicalARM(lex["vocab"], lex["features"], arch.get("hidden", 16),
+                              arch.get("reward_form", "increment"))
+        except ValueError as exc:
+            raise HeadError(f"arch.reward_form: {exc}") from exc
     if kind == "arm":
         return ARMHead(arch["dim"], arch.get("rank", 32), pool)
     if kind == "q":

@@ -49,6 +49,7 @@ answers; ``FEATURIZER_FOR_REWARD`` names the one each reward's heads use):
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -229,11 +230,12 @@ lexicon (``fitted_table``); a head stores both, so serving never refits."""
 
 
 def fitted_table(featurizer: str, tokenizer: Any, texts: Sequence[str],
-                 rewards: Sequence[float], groups: Sequence[int]
+                 rewards: Sequence[float], groups: Sequence[int], alpha: float | None = None
                  ) -> tuple[Tensor, Lexicon, dict[str, Any]]:
     """[V, 1] float32 table, "sum" ``Lexicon`` and fit info of a ``FITTED_FEATURIZERS``
     featurizer, fitted on the answers ``texts`` with ``rewards`` (``groups``: their prompts;
-    ``fit_word_scores``, whose units and errors apply). Computes the prior first (for
+    ``fit_word_scores``, whose units and errors apply; ``alpha``: its ridge penalty, default
+    chosen by cross-validation). Computes the prior first (for
     ``minilm_words_fit`` 1-3 min of MiniLM scoring, memoised). ValueError for a featurizer
     that is not fitted."""
     if featurizer not in FITTED_FEATURIZERS:
@@ -241,7 +243,8 @@ def fitted_table(featurizer: str, tokenizer: Any, texts: Sequence[str],
                          f"{sorted(FITTED_FEATURIZERS)}")
     tok_texts = _token_texts(tokenizer)
     words_fn, _ = LEXICONS[FITTED_FEATURIZERS[featurizer]]
-    words, info = fit_word_scores(texts, rewards, groups, words_fn(tok_texts))
+    kw = {} if alpha is None else {"alphas": (float(alpha),)}
+    words, info = fit_word_scores(texts, rewards, groups, words_fn(tok_texts), **kw)
     return word_sum_table(tok_texts, words), Lexicon(tok_texts, words, "sum"), info
 
 
@@ -279,6 +282,7 @@ LEXICON = "lexicon.json"  # a head folder's whole-word lexicon (``Lexicon``), wh
 _LEAD = re.compile(r"^\w+")
 _TRAIL = re.compile(r"\w+$")
 TAIL_TOKENS = 8  # tokens looked back for the word in progress
+DELTA_CACHE = 4096  # words in progress whose bias change a LexicalARM keeps (LRU)
 
 
 class Lexicon:
@@ -377,7 +381,11 @@ class Lexicon:
         [k] (default: every id of ``column``), whose table values are ``column[ids]``
         (``column`` [V'], the table's column 0, any width). [k] (or [V']) float on
         ``column``'s device; None when nothing changes (the answer does not end in a word)."""
-        tail = self.tail(history).lower()
+        return self.tail_deltas(self.tail(history).lower(), column, ids)
+
+    def tail_deltas(self, tail: str, column: Tensor, ids: Tensor | None = None) -> Tensor | None:
+        """``deltas`` for the lower-cased word in progress ``tail`` (it depends on nothing
+        else, so callers may cache it per tail)."""
         if not tail:
             return None
         dev = column.device
@@ -548,30 +556,50 @@ class LexicalARM(nn.Module):
     is r(y) = sum_t log pi_r(y_t | y<t), trained with GenARM's pairwise loss like ``ARMHead``.
 
     It has no prior scale to discount the base's likelihood (it must keep the base's
-    temperature), so its reward is the increment over the base, r(y) = sum_t log pi_r(y_t) -
-    log p_base(y_t) (``increment``; ``training.train_arm``). Decoding needs no model states:
-    GenARM adds alpha (log pi_r - log p) = alpha * b + const to the base's log-probs
-    (``decoders.genarm.mixture``), the base at its own temperature with a per-token logit bias.
+    temperature), so its reward reads the bias, not pi_r itself (``reward_form``; trained by
+    ``training.train_arm``):
+
+    - ``"increment"``: the increment over the base, r(y) = sum_t log pi_r(y_t) - log p_base(y_t)
+      = sum_t b(y_t) - log E_base[e^b] (the DPO-style implicit reward against the reference);
+      each step subtracts the bias the base already expected, which caps how well it can rank
+      answers (``bench/head_ceiling.py --linear-arm``);
+    - ``"token"``: a per-token reward, r(y) = sum_t b(y_t): the sum of the tokens' learned
+      scores (in context, with the lexicon's whole-word features); the bias's learned offset
+      is a reward per token, i.e. the length preference. It is GenARM's reward of the ARM
+      pi_r = softmax(b) measured against a uniform reference (log pi_r - log(1/V) = b + const),
+      up to that per-token constant.
+
+    Decoding is the same for both and needs no model states: GenARM adds alpha * b + const to
+    the base's log-probs (``decoders.genarm.mixture``), the base at its own temperature with a
+    per-token logit bias, the token-level form of sampling from p_base * exp(alpha r).
     ``fc2`` starts at zero: the ARM starts as the base.
     The bias is cached per (device, width) while the module is in eval mode (it is frozen once
     loaded); ``train()`` drops the cache.
     """
 
     pool = "none"
-    increment = True  # its reward is sum_t log pi_r - log p_base (GenARM's mixture reads it)
+    increment = True  # GenARM adds alpha * (log pi_r - log p_base) = alpha * b + const
+    REWARD_FORMS = ("increment", "token")
 
-    def __init__(self, vocab: int, features: int, hidden: int = 16) -> None:
+    def __init__(self, vocab: int, features: int, hidden: int = 16,
+                 reward_form: str = "increment") -> None:
         super().__init__()
+        if reward_form not in self.REWARD_FORMS:
+            raise ValueError(f"reward_form must be one of {self.REWARD_FORMS}, got "
+                             f"{reward_form!r}")
+        self.reward_form = reward_form
         self.register_buffer("table", torch.zeros(vocab, features))
         self.fc1 = nn.Linear(features, hidden)
         self.fc2 = nn.Linear(hidden, 1)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
         self._cache: dict[tuple[Any, int], Tensor] = {}
+        self._deltas: OrderedDict[tuple[str, Any], tuple[Tensor, Tensor]] = OrderedDict()
         self.lexicon: Lexicon | None = None  # whole-word features (``Lexicon``), if any
 
     def train(self, mode: bool = True) -> LexicalARM:
         self._cache = {}
+        self._deltas = OrderedDict()
         return super().train(mode)
 
     def bias_of(self, features: Tensor) -> Tensor:
@@ -584,18 +612,45 @@ class LexicalARM(nn.Module):
     def context_delta(self, history: Sequence[int], width: int) -> Tensor:
         """[width] change of the bias at the end of ``history`` (token ids): with a lexicon,
         the tokens that continue the word in progress take the feature the lexicon gives them
-        (``Lexicon.deltas``); zeros otherwise."""
+        (``Lexicon.deltas``); zeros otherwise. The change depends on the word in progress
+        only, so in eval mode its sparse form (ids, values) is cached per word (LRU,
+        ``DELTA_CACHE`` words); ``train()`` drops the cache."""
         delta = torch.zeros(width, device=self.table.device)
-        d = None if self.lexicon is None else self.lexicon.deltas(history, self.table[:, 0])
-        if d is None:
+        if self.lexicon is None:
             return delta
-        ids = d[:width].nonzero()[:, 0]
-        if len(ids):
-            feats = self.table[ids].clone()
-            feats[:, 0] += d[ids]
-            with torch.no_grad():
-                delta[ids] = self.bias_of(feats) - self.bias_of(self.table[ids])
+        tail = self.lexicon.tail(history).lower()
+        if not tail:
+            return delta
+        key = (tail, self.table.device)
+        hit = None if self.training else self._deltas.get(key)
+        if hit is None:
+            hit = self._sparse_delta(tail)
+            if not self.training:
+                self._deltas[key] = hit
+                if len(self._deltas) > DELTA_CACHE:
+                    self._deltas.popitem(last=False)
+        else:
+            self._deltas.move_to_end(key)
+        ids, vals = hit
+        keep = ids < width
+        delta[ids[keep]] = vals[keep]
         return delta
+
+    def _sparse_delta(self, tail: str) -> tuple[Tensor, Tensor]:
+        """(ids [k] long, bias changes [k] fp32) of the tokens whose bias the word in
+        progress ``tail`` changes."""
+        assert self.lexicon is not None
+        d = self.lexicon.tail_deltas(tail, self.table[:, 0])
+        if d is None:
+            ids = torch.zeros(0, dtype=torch.long, device=self.table.device)
+            return ids, torch.zeros(0, device=self.table.device)
+        ids = d.nonzero()[:, 0]
+        feats = self.table[ids].clone()
+        feats[:, 0] += d[ids]
+        with torch.no_grad():
+            before = self.bias_of(self.table[ids]) if self.training \
+                else self.bias(self.table.shape[0])[ids]  # eval: the cached table bias
+            return ids, (self.bias_of(feats) - before).float()
 
     def bias_at(self, history: Sequence[int], ids: Sequence[int]) -> Tensor:
         """[k] fp32 logit bias of the tokens ``ids`` at the end of ``history``: the entries

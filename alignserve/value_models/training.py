@@ -119,6 +119,9 @@ class TrainConfig:
     pool: str = "none"  # value heads, ARMs: "mean" reads [h_t, mean(h_0..h_t)] (Q: their V's)
     backbone_layers: int = 0  # 0: read the base's final states; L: a backbone of its first L
     lexical: bool = False  # value heads / ARMs: per-token features of the reward (lexical.py)
+    arm_reward: str | None = None  # lexical ARMs: "token" (None: the default) or "increment"
+    word_fit_alpha: float | None = None  # fitted lexical featurizers: ridge alpha (None: CV)
+    featurizer: str | None = None  # lexical heads: None = the reward's (FEATURIZER_FOR_REWARD)
     rank: int = 32
     lam: float = 0.95
     aux_partial: float = 0.0  # value heads: weight of the partial-text reward auxiliary loss
@@ -135,6 +138,18 @@ class TrainConfig:
     progress: bool = True
     command: str = field(default_factory=lambda: shlex.join(["alignserve", *sys.argv[1:]]))
 
+    def lexical_featurizer(self) -> str:
+        """A lexical head's featurizer: ``featurizer``, else the reward's own
+        (``lexical.FEATURIZER_FOR_REWARD``). ValueError for an unknown one."""
+        from .lexical import FEATURIZERS, FITTED_FEATURIZERS, featurizer_for
+
+        name = featurizer_for(parse_reward_spec(self.reward))  # one reward with a featurizer
+        name = self.featurizer or name
+        known = sorted([*FEATURIZERS, *FITTED_FEATURIZERS])
+        if name not in known:
+            raise ValueError(f"--featurizer must be one of {known}, got {name!r}")
+        return name
+
     def resolved(self) -> TrainConfig:
         """Fill method-dependent defaults so the manifest records the values actually used."""
         value = self.kind in ("value", "q")
@@ -149,9 +164,16 @@ class TrainConfig:
         if self.pool != "none" and (self.kind == "q" or self.backbone_layers):
             raise ValueError("--pool is for value heads and ARMs on the base's states (a "
                              "Q-head takes its value head's)")
+        if self.arm_reward is not None and self.arm_reward not in LexicalARM.REWARD_FORMS:
+            raise ValueError(f"--arm-reward must be one of {LexicalARM.REWARD_FORMS}, got "
+                             f"{self.arm_reward!r}")
+        if self.arm_reward is not None and not (self.kind == "arm" and self.lexical):
+            raise ValueError("--arm-reward is for lexical ARMs (train arm --lexical): an ARM "
+                             "on model states defines its reward by its own log-probs")
+        if (self.featurizer is not None or self.word_fit_alpha is not None) and not self.lexical:
+            raise ValueError("--featurizer and --word-fit-alpha are for lexical heads "
+                             "(--lexical)")
         if self.lexical:
-            from .lexical import featurizer_for
-
             if self.kind == "q":
                 raise ValueError("--lexical is for value heads and ARMs (a lexical value head "
                                  "values every candidate itself: it needs no Q-head)")
@@ -160,7 +182,11 @@ class TrainConfig:
                                  "--pool or --backbone-layers")
             from .lexical import FITTED_FEATURIZERS
 
-            fitted = featurizer_for(parse_reward_spec(self.reward)) in FITTED_FEATURIZERS
+            fitted = self.lexical_featurizer() in FITTED_FEATURIZERS
+            if self.word_fit_alpha is not None and not (fitted and self.word_fit_alpha > 0):
+                raise ValueError("--word-fit-alpha must be > 0 and is for a featurizer fitted "
+                                 f"to the reward ({sorted(FITTED_FEATURIZERS)}), got "
+                                 f"{self.word_fit_alpha}")
             if fitted and self.prompts is not None and self.prompts < 4:
                 raise ValueError(f"--prompts must be >= 4 for a lexical {self.reward} head: its "
                                  "word scores are fitted with prompt-grouped 4-fold "
@@ -187,6 +213,8 @@ class TrainConfig:
             out.method = "genarm"
         if self.kind == "q":
             out.method = "distill-v"
+        if self.kind == "arm" and self.lexical and self.arm_reward is None:
+            out.arm_reward = "token"
         return out
 
 
@@ -995,13 +1023,26 @@ def arm_sequence_logprobs_exact(head: ARMHead | LexicalARM, split: Split,
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
 
 
+def lexical_token_rewards(head: LexicalARM, split: Split, samples: Sequence[int]) -> Tensor:
+    """[len(samples)] fp32 the ``"token"`` reward of a ``LexicalARM``: sum_t b(y_t) per
+    sample, from ``split.lex_y`` (each response token's feature given its earlier tokens,
+    ``lexical_arm_features``); differentiable in the head's weights."""
+    if split.lex_y is None:
+        raise ValueError("a lexical ARM needs Split.lex_y (lexical_arm_features)")
+    _, _, own = _arm_rows(split, samples)
+    dev = head.table.device
+    r = head.bias_of(split.lex_y[_token_rows(split, samples)].to(dev))
+    return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), r)
+
+
 @torch.no_grad()
 def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int, int]],
                 embed: Tensor, base_sums: Tensor | None = None, chunk: int = 32,
                 approx: bool = False) -> dict[str, float]:
     """Pairwise accuracy of the ARM's reward sum log pi_r, of the base alone, and of the
-    head's increment over the base (sum log pi_r - sum log pi_base). A ``LexicalARM``'s reward
-    is its increment (``train_arm``), so its ``pairwise_accuracy`` is the increment's.
+    head's increment over the base (sum log pi_r - sum log pi_base). A ``LexicalARM``'s
+    ``pairwise_accuracy`` is that of its reward (``reward_form``): the increment's, or the
+    ``"token"`` reward's (then also given as ``token_pairwise_accuracy``).
 
     Exact (full-vocabulary normalisation) unless ``approx``, which normalises over the recorded
     top-TOPK candidates (cheap; used for the per-epoch validation line)."""
@@ -1019,13 +1060,19 @@ def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int,
     w = torch.tensor([p[0] for p in pairs])
     ll = torch.tensor([p[1] for p in pairs])
     delta = float(((sums - base_sums)[w] > (sums - base_sums)[ll]).float().mean())
-    return {
+    out = {
         "pairs": len(pairs),
         "pairwise_accuracy": delta if isinstance(head, LexicalARM)
         else float((sums[w] > sums[ll]).float().mean()),
         "base_pairwise_accuracy": float((base_sums[w] > base_sums[ll]).float().mean()),
         "delta_pairwise_accuracy": delta,
     }
+    if isinstance(head, LexicalARM) and head.reward_form == "token":
+        tok = torch.cat([lexical_token_rewards(head, split, range(i, min(i + chunk, n)))
+                         for i in range(0, n, chunk)]).cpu()
+        out["token_pairwise_accuracy"] = float((tok[w] > tok[ll]).float().mean())
+        out["pairwise_accuracy"] = out["token_pairwise_accuracy"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1367,14 +1414,15 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
 
     An ``ARMHead``'s reward is r(y) = sum_t log pi_r(y_t); its learned prior scale can discount
     the base's likelihood. A ``LexicalARM`` has no such scale (it must keep the base's
-    temperature), so its reward is the increment over the base, r(y) = sum_t log pi_r(y_t) -
-    log p_base(y_t) (the DPO-style implicit reward against the reference): two answers'
-    likelihoods under the base, which have nothing to do with the reward, then cancel."""
+    temperature), so its reward reads its bias (``cfg.arm_reward``, ``LexicalARM``): the
+    increment over the base, r(y) = sum_t log pi_r(y_t) - log p_base(y_t) (the DPO-style
+    implicit reward against the reference: two answers' likelihoods under the base, which have
+    nothing to do with the reward, then cancel), or the per-token reward sum_t b(y_t)."""
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
     head: ARMHead | LexicalARM
     if lex_table is not None:
-        head = LexicalARM(*lex_table.shape, cfg.hidden)
+        head = LexicalARM(*lex_table.shape, cfg.hidden, cfg.arm_reward or "token")
         head.table.copy_(lex_table)
         head.lexicon = lexicon
         head = head.to(dev)
@@ -1400,7 +1448,8 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         else arm_sequence_logprobs
     assert cfg.epochs is not None and cfg.batch_size is not None
     base_sums = None
-    if isinstance(head, LexicalARM):  # its reward is the increment over the base
+    token_form = isinstance(head, LexicalARM) and head.reward_form == "token"
+    if isinstance(head, LexicalARM) and not token_form:  # the increment over the base
         with torch.no_grad():
             base_sums = torch.cat([seq_logprobs(None, train, range(i, min(
                 i + 256, train.num_samples)), embed) for i in range(0, train.num_samples, 256)])
@@ -1414,7 +1463,11 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         for batch in bar:
             samples = sorted({s for p in batch for s in p})
             pos = {s: i for i, s in enumerate(samples)}
-            sums = seq_logprobs(head, train, samples, embed)
+            if token_form:
+                assert isinstance(head, LexicalARM)
+                sums = lexical_token_rewards(head, train, samples)
+            else:
+                sums = seq_logprobs(head, train, samples, embed)
             if base_sums is not None:
                 sums = sums - base_sums[torch.tensor(samples, device=dev)]
             w = torch.tensor([pos[p[0]] for p in batch], device=dev)
@@ -1507,19 +1560,13 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         fingerprint = tokenizer_fingerprint(base.tokenizer)
         lex_table, lexicon, lex_fit = None, None, None
         if cfg.lexical:
-            from .lexical import (
-                FITTED_FEATURIZERS,
-                featurizer_for,
-                fitted_table,
-                lexical_table,
-                lexicon_for,
-            )
+            from .lexical import FITTED_FEATURIZERS, fitted_table, lexical_table, lexicon_for
 
-            lex_name = featurizer_for(weights)
+            lex_name = cfg.lexical_featurizer()
             if lex_name in FITTED_FEATURIZERS:  # word scores fitted to the train answers
                 lex_table, lexicon, lex_fit = fitted_table(
                     lex_name, base.tokenizer, response_texts(base.tokenizer, train),
-                    train.rewards.tolist(), train.group.tolist())
+                    train.rewards.tolist(), train.group.tolist(), cfg.word_fit_alpha)
                 log(f"[{cfg.name}] {lex_name}: " + json.dumps(lex_fit))
             else:
                 lex_table = lexical_table(lex_name, base.tokenizer)
@@ -1613,7 +1660,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         desc = (f"autoregressive reward model (GenARM) for {cfg.reward}: low-rank logit "
                 "adapter on the base's hidden state")
         if lex_table is not None:
-            arch = {"hidden": cfg.hidden,
+            arch = {"hidden": cfg.hidden, "reward_form": cfg.arm_reward or "token",
                     "lexical": lexical_arch(lex_name, lex_table, lexicon, lex_fit)}
             desc = (f"lexical ARM (GenARM) for {cfg.reward}: a per-token logit bias on the "
                     f"base, learned from each token's {lex_name} feature (no model states)")
@@ -1659,6 +1706,9 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
                       "hidden": 64, "weight_decay": 0.01, "lexical": True},
     "sentiment_lex": {"kind": "value", "reward": "sentiment", "method": "td-lambda",
                       "hidden": 64, "weight_decay": 0.01, "lexical": True},
+    "sentiment_lex_margin": {"kind": "value", "reward": "sentiment", "method": "td-lambda",
+                             "hidden": 64, "weight_decay": 0.01, "lexical": True,
+                             "featurizer": "minilm_sentiment"},
     "sentiment_q": {"kind": "q", "reward": "sentiment", "rank": 64, "epochs": 4,
                     "batch_size": 1024, "lr": 1e-3},
     "non_toxic_q": {"kind": "q", "reward": "non_toxic", "rank": 64, "epochs": 4,
@@ -1669,9 +1719,9 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
     "non_toxic_arm": {"kind": "arm", "reward": "non_toxic", "epochs": 3, "lr": 1e-3},
     "concise_arm": {"kind": "arm", "reward": "concise", "epochs": 3, "lr": 1e-3},
     "sentiment_lex_arm": {"kind": "arm", "reward": "sentiment", "lexical": True, "hidden": 16,
-                          "epochs": 3, "lr": 1e-2},
+                          "arm_reward": "token", "epochs": 3, "lr": 1e-2},
     "non_toxic_lex_arm": {"kind": "arm", "reward": "non_toxic", "lexical": True, "hidden": 16,
-                          "epochs": 3, "lr": 1e-2},
+                          "arm_reward": "token", "epochs": 3, "lr": 1e-2},
 }
 
 
