@@ -191,8 +191,8 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
         assert off["deal"] is None and off["args"] is None
         assert off["vas"] is None and off["cd"] is None and off["genarm"] is None
         heads = {h["name"] for h in info["data"] if h["kind"] in ("value_head", "arm", "q_head")}
-        assert heads == {"concise_lex", "non_toxic_lex", "sentiment_lex", "non_toxic_lex_arm",
-                         "sentiment_lex_arm"}
+        assert heads == {"concise_lex", "non_toxic_lex", "sentiment_lex", "sentiment_lex_margin",
+                         "non_toxic_lex_arm", "sentiment_lex_arm"}
         # genarm: a reward name reads its lexical ARM; a state ARM's name is a 400
         plain = chat(srv, seed=5, max_tokens=10)
         zero = chat(srv, {"strategy": "genarm", "weights": {"sentiment": 0}}, seed=5,

@@ -162,17 +162,18 @@ def test_weight_is_monotone_with_shipped_heads(engine, registry, prompts, case):
     assert means[0] < means[1] < means[2], means
 
 
-@pytest.mark.parametrize("strategy", ["vas", "cd"])
+@pytest.mark.parametrize(("strategy", "head"), [("vas", "sentiment_lex"), ("cd", "sentiment_lex"),
+                                              ("vas", "sentiment_lex_margin")])
 def test_weight_is_monotone_with_the_lexical_sentiment_head(engine, registry, prompts,
-                                                            strategy):
+                                                            strategy, head):
     """sentiment_lex (fitted per-word sentiment scores summed over the words so far, no model
-    state): the reward rises with beta, and every candidate is valued from token ids (no
-    forward)."""
-    needs_head(registry, "sentiment_lex", "value")
+    state) and sentiment_lex_margin (MiniLM's margin of each token's text): the reward rises
+    with beta, and every candidate is valued from token ids (no forward)."""
+    needs_head(registry, head, "value")
     means = []
     for w in (0.0, 6.0, 12.0):
         res = run_all(engine, registry, prompts,
-                      {"strategy": strategy, "top_k": 20, "weights": {"sentiment_lex": w}},
+                      {"strategy": strategy, "top_k": 20, "weights": {head: w}},
                       seed=1)
         means.append(mean_reward(registry, prompts, res, "sentiment"))
         if w:
@@ -182,11 +183,12 @@ def test_weight_is_monotone_with_the_lexical_sentiment_head(engine, registry, pr
 
 
 def test_weight_is_monotone_with_the_lexical_sentiment_arm(engine, registry, prompts):
-    """sentiment_lex_arm (a per-token bias learned from the fitted sentiment score of each token):
-    GenARM's reward rises with alpha."""
+    """sentiment_lex_arm (a per-token bias learned from the fitted sentiment score of each token,
+    trained as a per-token reward): GenARM's reward rises with alpha (0.2 nearly saturates the
+    scorer, README)."""
     needs_head(registry, "sentiment_lex_arm", "arm")
     means = []
-    for w in (0.0, 1.0, 2.0):
+    for w in (0.0, 0.05, 0.15):
         res = run_all(engine, registry, prompts,
                       {"strategy": "genarm", "weights": {"sentiment_lex_arm": w}}, seed=1)
         means.append(mean_reward(registry, prompts, res, "sentiment"))
@@ -202,7 +204,7 @@ def rtp_prompts(engine):
 @pytest.mark.parametrize(("strategy", "head", "weights"), [
     ("vas", "non_toxic_lex", (0.0, 4.0, 16.0)),
     ("cd", "non_toxic_lex", (0.0, 4.0, 16.0)),
-    ("genarm", "non_toxic_lex_arm", (0.0, 0.1, 1.0)),
+    ("genarm", "non_toxic_lex_arm", (0.0, 0.03, 0.1)),
 ])
 def test_weight_is_monotone_with_the_lexical_non_toxic_heads(engine, registry, rtp_prompts,
                                                             strategy, head, weights):
