@@ -358,11 +358,15 @@ def evaluate(plan: Plan, backend: Any, cfg: Config, bar: Any) -> list[dict[str, 
         row["degenerate"] = degenerate_fraction(texts, tokenize=backend.tok.tokenize)
         row["same_text_c1_cn"] = sum(a.text == b.text for a, b in zip(resp, many.responses)) \
             / len(resp)
-        row["errors"] += sum(r.error is not None for r in many.responses)
+        # failures at 1 client (``errors``, from summarize: their rows score empty answers) and
+        # at N clients (timed only); one level when --clients 1
+        row["errors_cn"] = sum(r.error is not None for r in many.responses) \
+            if many is not one else 0
         row["short"] = short_label(st)
         answers = [{"objective": plan.objective, "setting": st.key, "prompt": j.prompt,
-                    "seed": j.seed, "text": t, "reward": float(rewards[plan.objective][i])}
-                   for i, (j, t) in enumerate(zip(plan.jobs, texts))]
+                    "seed": j.seed, "text": t, "reward": float(rewards[plan.objective][i]),
+                    "error": r.error}
+                   for i, (j, t, r) in enumerate(zip(plan.jobs, texts, resp))]
         row["samples"] = [{k: a[k] for k in ("prompt", "seed", "text", "reward")}
                           for a in answers[:6]]
         row["_answers"] = answers  # every answer: answers.jsonl, not frontier.json
@@ -443,9 +447,10 @@ def verdict(objective: str, rows: Sequence[Mapping[str, Any]], clients: int) -> 
                      f"wall time {c1:.2f} / {cn:.2f} of Best-of-8's (<= 0.5)"),
             "diversity": (r["distinct_2"] >= d2_min,
                           f"distinct-2 {r['distinct_2']:.3f} (>= {d2_min:.3f})"),
-            "repetition": (r["degenerate"] == 0 and r["errors"] == 0,
+            "repetition": (r["degenerate"] == 0 and r["errors"] + r.get("errors_cn", 0) == 0,
                            f"degenerate {r['degenerate']:.0%}"
-                           + (f", {r['errors']} failed" if r["errors"] else "")),
+                           + (f", {r['errors'] + r.get('errors_cn', 0)} failed"
+                              if r["errors"] + r.get("errors_cn", 0) else "")),
         }
 
     met: dict[str, bool | None] = {}
@@ -523,6 +528,13 @@ def markdown(doc: Mapping[str, Any]) -> str:
                 f"{_f(r['tokens_per_returned'], 1)} | {_f(r['positions_per_returned'], 1)} | "
                 f"{_f(r['kl_per_token'], 3)} ({r['kl_source']}) | {_f(r['distinct_2'])} | "
                 f"{r['degenerate']:.0%} | {_f(r.get('coherence', math.nan))} |")
+        failed = [f"{r['strategy']} {r['setting']}: {r['errors']} of {r['responses']} at 1 "
+                  f"client, {r.get('errors_cn', 0)} at {n}"
+                  for r in rows if r.get("errors") or r.get("errors_cn")]
+        if failed:  # a failed response scores as an empty answer: these rows are not results
+            lines += ["", "**Failed responses (see the log; at 1 client they score as empty "
+                      "answers, at N clients they only shorten the timing): "
+                      + "; ".join(failed) + ".**"]
         v = obj["verdict"]
         lines += ["", f"{v['line']}"] + [f"- {d}" for d in v["details"]] + [""]
     lines += [

@@ -188,6 +188,7 @@ def lexical_rows(reward: str, heads: Path, val: Any, embed: Any, arms: list[dict
         pairs = T.preference_pairs(val, MARGINS[0])
         std = float(lex_arm.table[:, 0].float().std())
         best = {}
+        lex_arm.reward_form = "increment"  # the sweep measures the increment form's ceiling
         for c in LINEAR_C:
             with torch.no_grad():  # tanh(0.01 x) ~ 0.01 x: bias = c * (feature - its mean)
                 for t in (lex_arm.fc1.weight, lex_arm.fc1.bias, lex_arm.fc2.weight,
@@ -195,8 +196,7 @@ def lexical_rows(reward: str, heads: Path, val: Any, embed: Any, arms: list[dict
                     t.zero_()
                 lex_arm.fc1.weight[0, 0] = 0.01
                 lex_arm.fc2.weight[0, 0] = sign * c * 100.0 * std
-            lex_arm.train()
-            lex_arm.eval()  # drop the cached bias
+            lex_arm.clear_caches()  # the weights changed in place
             best[str(c)] = T.arm_metrics(lex_arm, val, pairs, embed)["pairwise_accuracy"]
         out["linear_arm"] = best
     return out

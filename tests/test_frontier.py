@@ -84,6 +84,24 @@ def test_verdict_checks_every_condition(frontier) -> None:
     assert "cannot check" in no_bon["line"] and no_bon["met"]["vas"] is None
 
 
+def test_markdown_flags_rows_with_failed_responses(frontier) -> None:
+    """A failed response scores as an empty answer, so a row with failures is no result: the
+    table says which rows had them."""
+    rows = [_row("sample", {}, 0.10, 1.0, 1.0), _row("vas", {"weight": 4}, 0.2, 1.0, 1.0)]
+    rows[1]["errors"], rows[1]["errors_cn"], rows[1]["responses"] = 3, 2, 8
+    for r in rows:
+        r.update(reward_lo=0.0, reward_hi=0.3, tokens_per_returned=1.0,
+                 positions_per_returned=2.0, kl_per_token=0.1, kl_source="mc",
+                 s_per_answer_c1=1.0, s_per_answer_cn=0.5)
+    doc = {"config": {"clients": 8, "seeds": 1, "max_tokens": 4, "temperature": 0.7,
+                      "heads": "h", "quick": True},
+           "machine": "m", "device": "cpu", "objectives": [
+               {"objective": "sentiment", "suite": "mixed", "prompts": ["p"], "rows": rows,
+                "verdict": frontier.verdict("sentiment", rows, 8)}]}
+    md = frontier.markdown(doc)
+    assert "Failed responses" in md and "vas weight=4: 3 of 8 at 1 client, 2 at 8" in md
+
+
 def test_tiny_run(tmp_path: Path, frontier) -> None:
     """2 prompts x 4 tokens at 1 and 2 clients: plain, Best-of-2/8 and VAS with today's heads."""
     out = tmp_path / "frontier"
@@ -113,5 +131,11 @@ def test_tiny_run(tmp_path: Path, frontier) -> None:
     assert set(obj["verdict"]["met"]) == {"vas", "cd", "genarm"}
     md = (out / "frontier.md").read_text()
     assert "| strategy | setting | reward [95% CI] |" in md and "Target sentiment" in md
-    assert "| degenerate | on-topic |" in md
+    assert "| degenerate | on-topic |" in md and "Failed responses" not in md
     assert (out / "frontier.png").read_bytes()[:8] == PNG_SIGNATURE
+    # every answer at one client, with its setting and reward (frontier.json keeps six)
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 * 2 and "_answers" not in json.dumps(doc)
+    vas_answers = [a for a in answers if a["setting"] == "vas weight=3"]
+    assert [a["text"] for a in vas_answers] == [a["text"] for a in vas["samples"]]
+    assert [a["reward"] for a in vas_answers] == [a["reward"] for a in vas["samples"]]

@@ -211,7 +211,8 @@ def test_lexical_arm_context_delta_with_a_sum_lexicon() -> None:
 def test_lexical_arm_caches_the_delta_per_word_in_progress() -> None:
     """In eval mode the bias change is kept per word in progress: another history ending in
     the same word reads the cached change, which equals a fresh computation at any width;
-    ``train()`` drops the cache, and training mode never fills it."""
+    ``train()``, a new lexicon and new weights drop the cache, and training mode never fills
+    it."""
     lex, table = _sum_lexicon()
     arm = LexicalARM(12, 1, hidden=4)
     arm.table.copy_(table)
@@ -225,8 +226,15 @@ def test_lexical_arm_caches_the_delta_per_word_in_progress() -> None:
     assert torch.equal(arm.context_delta([2], 9), first[:9])  # narrower width, same cache
     arm.train()
     assert not arm._deltas
-    fresh = arm.context_delta([2], 14)
-    assert torch.equal(fresh, first) and not arm._deltas
+    fresh = arm.context_delta([2], 14)  # training mode: computed, never cached
+    assert torch.allclose(fresh, first, atol=1e-6) and not arm._deltas
+    arm.eval()
+    arm.context_delta([2], 14)
+    arm.lexicon = lex  # a new lexicon, or new weights, drop what was cached
+    assert not arm._deltas and not arm._cache
+    arm.context_delta([2], 14)
+    arm.load_state_dict(arm.state_dict())
+    assert not arm._deltas and not arm._cache
 
 
 @pytest.mark.parametrize("combine", ["none", "max", "sum"])
@@ -304,11 +312,13 @@ def test_word_start_feature_counts_words() -> None:
     ({"kind": "value", "reward": "concise", "featurizer": "word_starts", "lexical": False},
      "are for lexical heads"),
     ({"kind": "value", "reward": "concise", "word_fit_alpha": 30.0},
-     "--word-fit-alpha must be > 0 and is for a featurizer fitted"),
+     "--word-fit-alpha must be finite and > 0, and is for a featurizer"),
     ({"kind": "value", "reward": "sentiment", "word_fit_alpha": 0.0},
-     "--word-fit-alpha must be > 0"),
+     "--word-fit-alpha must be finite and > 0"),
+    ({"kind": "value", "reward": "sentiment", "word_fit_alpha": float("inf")},
+     "--word-fit-alpha must be finite and > 0"),
     ({"kind": "value", "reward": "sentiment", "featurizer": "minilm_sentiment",
-      "word_fit_alpha": 30.0}, "--word-fit-alpha must be > 0 and is for a featurizer fitted"),
+      "word_fit_alpha": 30.0}, "--word-fit-alpha must be finite and > 0, and is for a featurizer"),
 ])
 def test_lexical_training_settings_are_checked_before_sampling(kw, needle) -> None:
     with pytest.raises(ValueError, match=needle):
@@ -628,14 +638,14 @@ def test_shipped_lexical_arms_load_and_steer_genarm_without_state_reads(engine, 
     zero = _run(engine, registry, {"strategy": "genarm", "weights": {"sentiment_lex_arm": 0}})
     assert zero["choices"][0]["tokens"] == plain["choices"][0]["tokens"]
     assert zero["info"]["arms"] == {}
-    steered = _run(engine, registry, {"strategy": "genarm", "weights": {"sentiment_lex_arm": 2}})
+    steered = _run(engine, registry, {"strategy": "genarm", "weights": {"sentiment_lex_arm": 0.3}})
     assert steered["info"]["arms"] == {"sentiment_lex_arm": "sentiment_lex_arm"}
     assert steered["info"]["kl_per_token"] > 0
     assert steered["stats"].guidance_forwards == 0  # a bias on the base's logits, no forward
     assert steered["choices"][0]["tokens"] != plain["choices"][0]["tokens"]
     # the unscaled formula adds the same bias through the fused sampler (same samples)
     raw = _run(engine, registry, {"strategy": "genarm", "normalize": False,
-                                  "weights": {"sentiment_lex_arm": 2}})
+                                  "weights": {"sentiment_lex_arm": 0.3}})
     assert raw["choices"][0]["tokens"] == steered["choices"][0]["tokens"]
 
 
@@ -673,3 +683,20 @@ def test_zero_weight_on_a_lexical_head_reports_the_same_fields(engine, registry,
     assert set(zero["info"]) == set(guided["info"]), (zero["info"], guided["info"])
     assert zero["info"]["lexical_heads"] == {} and zero["info"]["values"] == "none"
     assert guided["info"]["lexical_heads"] == {"non_toxic_lex": "non_toxic_lex"}
+
+
+def test_cli_featurizer_choices_are_the_featurizers() -> None:
+    """``train value/arm --featurizer`` accepts exactly the featurizers the code has."""
+    from alignserve.cli import build_parser
+    from alignserve.value_models.lexical import FEATURIZERS, FITTED_FEATURIZERS
+
+    ap = build_parser()
+    for kind in ("value", "arm"):
+        for name in [*FEATURIZERS, *FITTED_FEATURIZERS]:
+            args = ap.parse_args(["train", kind, "--reward", "sentiment", "--out", "/tmp/x",
+                                  "--lexical", "--featurizer", name])
+            assert args.featurizer == name
+        action = next(a for sub in ap._subparsers._group_actions  # type: ignore[union-attr]
+                      for a in sub.choices["train"]._subparsers._group_actions[0]
+                      .choices[kind]._actions if a.dest == "featurizer")
+        assert sorted(action.choices) == sorted([*FEATURIZERS, *FITTED_FEATURIZERS])

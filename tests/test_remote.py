@@ -147,8 +147,8 @@ def test_weight_zero_is_plain_through_proxy(remote, proxy, strategy):
     {"strategy": "vas", "top_k": 20, "values": "q", "weights": {"sentiment": 8}},
     {"strategy": "vas", "top_k": 20, "weights": {"concise_lex": -20}},
     {"strategy": "cd", "top_k": 20, "weights": {"sentiment": 5, "concise_lex": 10}},
-    {"strategy": "genarm", "weights": {"sentiment_lex_arm": 2}},
-    {"strategy": "genarm", "weights": {"sentiment": 1, "non_toxic_lex_arm": 0.5}},
+    {"strategy": "genarm", "weights": {"sentiment_lex_arm": 0.3}},
+    {"strategy": "genarm", "weights": {"sentiment": 1, "non_toxic_lex_arm": 0.1}},
 ], ids=lambda a: a["strategy"] + ("_q" if a.get("values") == "q" else "")
    + ("_lexical" if any(k.endswith(("_lex", "_lex_arm")) for k in a["weights"]) else "")
    + ("_mixed" if len(a["weights"]) > 1 else ""))

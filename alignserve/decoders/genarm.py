@@ -10,11 +10,12 @@ Normalisation (default ``normalize: true``, the reference code's choice): the gu
 base and the ARMs that keeps the base's sharpness. An ARM that equals the base then gives the
 base exactly at every alpha, so any change is guidance, not a temperature drop.
 
-A lexical ARM's reward is its increment over the base, sum_t log pi_r - log p_base (it has no
-prior scale to discount the base's likelihood, ``training.train_arm``), so it enters as
-``alpha (log pi_r - log pi_base) = alpha * b`` added after the normalisation: the base at its
-own temperature with a per-token logit bias, the token-level form of sampling from
-p_base * exp(alpha r).
+A lexical ARM (``LexicalARM``) has no prior scale to discount the base's likelihood, so its
+reward reads its bias b: a per-token reward sum_t b(y_t) (``reward_form`` "token", the shipped
+ones) or the increment over the base, sum_t log pi_r - log p_base ("increment"). Either way it
+enters as ``alpha (log pi_r - log pi_base) = alpha * b + const`` added after the
+normalisation: the base at its own temperature with a per-token logit bias, a myopic
+token-level form of sampling from p_base * exp(alpha r).
 
 Weights must be >= 0: an ARM's weight range starts at 0 (``Head.info``), so a negative one is a
 400. A negative weight does not steer away: an ARM's log-probs contain the base's, so a negative
@@ -48,9 +49,9 @@ def mixture(base: torch.Tensor, arms: torch.Tensor, alphas: torch.Tensor,
     log-probs and weights ``alphas`` [H] (>= 0, on ``base``'s device): ``(base + sum_i
     alpha_i arm_i) / (1 + sum_i alpha_i)`` with ``normalize``, else the unscaled numerator.
 
-    ARMs flagged in ``increment`` [H] (bool; lexical ARMs) define their reward as the increment
-    over the base, log pi_r - log p_base, and add ``alpha_j (arm_j - base)`` outside the
-    normalisation: the token-level form of sampling from p_base * exp(alpha r)."""
+    ARMs flagged in ``increment`` [H] (bool; lexical ARMs, whose log pi_r - log p_base is their
+    per-token bias up to a constant) add ``alpha_j (arm_j - base)`` outside the normalisation:
+    the base at its own temperature with a logit bias."""
     inc = increment if increment is not None else torch.zeros_like(alphas, dtype=torch.bool)
     full = alphas.masked_fill(inc, 0.0)
     guided = base + (full[:, None] * arms).sum(-2)
@@ -69,7 +70,8 @@ def arm_names(weights: dict[str, float], heads: list) -> dict[str, str]:  # type
 
 
 def increments(heads: list) -> list[bool]:  # type: ignore[type-arg]
-    """Per head: does its reward read as the increment over the base (a ``LexicalARM``)?"""
+    """Per head: is it added as ``alpha (log pi_r - log p_base)``, outside the normalisation (a
+    ``LexicalARM``: a per-token logit bias on the base)?"""
     return [bool(getattr(h.module, "increment", False)) for h in heads]
 
 

@@ -182,8 +182,9 @@ async def run_genarm(ctx: RemoteCtx, dec: Any, backbone: LocalBackbone | None,
     log-probs b(a) renormalised over the k and each ARM's log pi_r(a) = log_softmax over the k
     of (s * b(a) + E_a (B (A h))) (h: the local backbone's hidden state at the prefix's last
     token), sample (b + sum_i alpha_i log pi_r_i) / (1 + sum_i alpha_i) (``normalize``; else
-    not divided). A lexical ARM's log pi_r is log_softmax(b(a) + bias_a) and enters as its
-    increment (``decoders.genarm.mixture``); with only lexical ARMs no local model runs, so
+    not divided). A lexical ARM's log pi_r is log_softmax(b(a) + bias_a) and enters as alpha *
+    (log pi_r - b), its bias up to a constant (``decoders.genarm.mixture``); with only lexical
+    ARMs no local model runs, so
     ``backbone`` may be None."""
     reg = ctx.resources
     arms = [(reg.heads_for(n, "arm"), w) for n, w in dec.weights.items() if w]

@@ -22,12 +22,11 @@ they work with ``values`` "tree" or "q" alike.
 A lexical ARM (``LexicalARM``) uses the same per-token feature for GenARM: a per-token logit bias
 b_a = MLP(table[a]) on the base, trained with GenARM's pairwise loss; it reads the base's logits
 only, so GenARM with it costs a vector add per step, plus with a lexicon the bias change of
-the tokens that would continue the word in progress (``LexicalARM.context_delta``, Python
-per row and step: with sentiment's 44k-word lexicon 1.14x plain decoding's wall time at 1
-client and 1.54x at 8, README run O).
+the tokens that would continue the word in progress (``LexicalARM.context_delta``, computed
+once per word in progress and cached; README runs O and Q give its cost).
 
 Featurizers (``FEATURIZERS``, and ``FITTED_FEATURIZERS`` whose table is fitted to training
-answers; ``FEATURIZER_FOR_REWARD`` names the one each reward's heads use):
+answers; ``FEATURIZER_FOR_REWARD`` names each reward's default, ``train --featurizer`` another):
 - ``word_starts`` (``concise``, ``length``): 1 if the token's text starts with whitespace (a
   new word, or a line break before one), else 0. s_t is then about the number of words so far.
 - ``profanity_linear`` (``non_toxic``): alt-profanity-check's linear score of the token's words
@@ -42,8 +41,9 @@ answers; ``FEATURIZER_FOR_REWARD`` names the one each reward's heads use):
 - ``minilm_words``: the sentiment reward's MiniLM margin of each whole word alone
   (``minilm_word_margins``), summed over the token's words; with its "sum" ``Lexicon`` a word
   split into tokens reads as the whole word.
-- ``minilm_sentiment`` (the previous ``sentiment`` heads): the MiniLM margin of the token's text
-  alone, in units of its temperature, centred on the vocabulary's median.
+- ``minilm_sentiment`` (the first ``sentiment`` heads; shipped as ``sentiment_lex_margin``):
+  the MiniLM margin of the token's text alone, in units of its temperature, centred on the
+  vocabulary's median.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ LEXICON = "lexicon.json"  # a head folder's whole-word lexicon (``Lexicon``), wh
 _LEAD = re.compile(r"^\w+")
 _TRAIL = re.compile(r"\w+$")
 TAIL_TOKENS = 8  # tokens looked back for the word in progress
-DELTA_CACHE = 4096  # words in progress whose bias change a LexicalARM keeps (LRU)
+DELTA_CACHE = 512  # words in progress whose bias change a LexicalARM keeps (LRU, ~64 MB)
 
 
 class Lexicon:
@@ -595,12 +595,31 @@ class LexicalARM(nn.Module):
         nn.init.zeros_(self.fc2.bias)
         self._cache: dict[tuple[Any, int], Tensor] = {}
         self._deltas: OrderedDict[tuple[str, Any], tuple[Tensor, Tensor]] = OrderedDict()
-        self.lexicon: Lexicon | None = None  # whole-word features (``Lexicon``), if any
+        self._lexicon: Lexicon | None = None
 
-    def train(self, mode: bool = True) -> LexicalARM:
+    @property
+    def lexicon(self) -> Lexicon | None:
+        """Whole-word features (``Lexicon``), if any; setting it drops the caches."""
+        return self._lexicon
+
+    @lexicon.setter
+    def lexicon(self, value: Lexicon | None) -> None:
+        self._lexicon = value
+        self.clear_caches()
+
+    def clear_caches(self) -> None:
+        """Drop the cached bias and per-word bias changes (``train()``, a new lexicon and
+        loading weights call it)."""
         self._cache = {}
         self._deltas = OrderedDict()
+
+    def train(self, mode: bool = True) -> LexicalARM:
+        self.clear_caches()
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.clear_caches()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def bias_of(self, features: Tensor) -> Tensor:
         """[...] fp32 logit bias of tokens with per-token ``features`` [..., F] (standardised
@@ -614,7 +633,8 @@ class LexicalARM(nn.Module):
         the tokens that continue the word in progress take the feature the lexicon gives them
         (``Lexicon.deltas``); zeros otherwise. The change depends on the word in progress
         only, so in eval mode its sparse form (ids, values) is cached per word (LRU,
-        ``DELTA_CACHE`` words); ``train()`` drops the cache."""
+        ``DELTA_CACHE`` words; with a "sum" lexicon about 15k tokens change per word, 8 bytes
+        each, so the cache holds up to ~64 MB); ``clear_caches`` drops it."""
         delta = torch.zeros(width, device=self.table.device)
         if self.lexicon is None:
             return delta
@@ -622,27 +642,26 @@ class LexicalARM(nn.Module):
         if not tail:
             return delta
         key = (tail, self.table.device)
-        hit = None if self.training else self._deltas.get(key)
+        hit = None if self.training else self._deltas.pop(key, None)
         if hit is None:
             hit = self._sparse_delta(tail)
-            if not self.training:
-                self._deltas[key] = hit
-                if len(self._deltas) > DELTA_CACHE:
-                    self._deltas.popitem(last=False)
-        else:
-            self._deltas.move_to_end(key)
+        if not self.training:  # (re)insert as the most recent; pop + insert, no lookup race
+            self._deltas[key] = hit
+            while len(self._deltas) > DELTA_CACHE:
+                self._deltas.popitem(last=False)
         ids, vals = hit
+        ids = ids.long()
         keep = ids < width
         delta[ids[keep]] = vals[keep]
         return delta
 
     def _sparse_delta(self, tail: str) -> tuple[Tensor, Tensor]:
-        """(ids [k] long, bias changes [k] fp32) of the tokens whose bias the word in
+        """(ids [k] int32, bias changes [k] fp32) of the tokens whose bias the word in
         progress ``tail`` changes."""
         assert self.lexicon is not None
         d = self.lexicon.tail_deltas(tail, self.table[:, 0])
         if d is None:
-            ids = torch.zeros(0, dtype=torch.long, device=self.table.device)
+            ids = torch.zeros(0, dtype=torch.int32, device=self.table.device)
             return ids, torch.zeros(0, device=self.table.device)
         ids = d.nonzero()[:, 0]
         feats = self.table[ids].clone()
@@ -650,7 +669,7 @@ class LexicalARM(nn.Module):
         with torch.no_grad():
             before = self.bias_of(self.table[ids]) if self.training \
                 else self.bias(self.table.shape[0])[ids]  # eval: the cached table bias
-            return ids, (self.bias_of(feats) - before).float()
+            return ids.int(), (self.bias_of(feats) - before).float()
 
     def bias_at(self, history: Sequence[int], ids: Sequence[int]) -> Tensor:
         """[k] fp32 logit bias of the tokens ``ids`` at the end of ``history``: the entries

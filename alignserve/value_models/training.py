@@ -143,8 +143,14 @@ class TrainConfig:
         (``lexical.FEATURIZER_FOR_REWARD``). ValueError for an unknown one."""
         from .lexical import FEATURIZERS, FITTED_FEATURIZERS, featurizer_for
 
-        name = featurizer_for(parse_reward_spec(self.reward))  # one reward with a featurizer
-        name = self.featurizer or name
+        weights = parse_reward_spec(self.reward)
+        if self.featurizer is None:
+            name = featurizer_for(weights)  # exactly one reward, which has a featurizer
+        elif len([n for n, w in weights.items() if w]) != 1:
+            raise ValueError("--lexical needs exactly one reward (its feature sum is the "
+                             f"head's input); got {self.reward!r}")
+        else:
+            name = self.featurizer
         known = sorted([*FEATURIZERS, *FITTED_FEATURIZERS])
         if name not in known:
             raise ValueError(f"--featurizer must be one of {known}, got {name!r}")
@@ -183,10 +189,11 @@ class TrainConfig:
             from .lexical import FITTED_FEATURIZERS
 
             fitted = self.lexical_featurizer() in FITTED_FEATURIZERS
-            if self.word_fit_alpha is not None and not (fitted and self.word_fit_alpha > 0):
-                raise ValueError("--word-fit-alpha must be > 0 and is for a featurizer fitted "
-                                 f"to the reward ({sorted(FITTED_FEATURIZERS)}), got "
-                                 f"{self.word_fit_alpha}")
+            if self.word_fit_alpha is not None and not (
+                    fitted and math.isfinite(self.word_fit_alpha) and self.word_fit_alpha > 0):
+                raise ValueError("--word-fit-alpha must be finite and > 0, and is for a "
+                                 "featurizer fitted to the reward "
+                                 f"({sorted(FITTED_FEATURIZERS)}), got {self.word_fit_alpha}")
             if fitted and self.prompts is not None and self.prompts < 4:
                 raise ValueError(f"--prompts must be >= 4 for a lexical {self.reward} head: its "
                                  "word scores are fitted with prompt-grouped 4-fold "
@@ -1068,6 +1075,8 @@ def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int,
         "delta_pairwise_accuracy": delta,
     }
     if isinstance(head, LexicalARM) and head.reward_form == "token":
+        if split.lex_y is None:  # a split loaded outside train_arm (e.g. bench/head_ceiling)
+            lexical_arm_features(split, head.table, head.lexicon)
         tok = torch.cat([lexical_token_rewards(head, split, range(i, min(i + chunk, n)))
                          for i in range(0, n, chunk)]).cpu()
         out["token_pairwise_accuracy"] = float((tok[w] > tok[ll]).float().mean())
@@ -1090,6 +1099,9 @@ def _ckpt_key(cfg: TrainConfig) -> str:
     d = asdict(cfg)
     for k in ("resume", "progress", "command", "run_dir", "out", "epochs"):
         d.pop(k)
+    for k in ("arm_reward", "word_fit_alpha", "featurizer"):  # added later: None keeps the
+        if d[k] is None:                                      # keys of older checkpoints
+            d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -1664,7 +1676,10 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                     "lexical": lexical_arch(lex_name, lex_table, lexicon, lex_fit)}
             desc = (f"lexical ARM (GenARM) for {cfg.reward}: a per-token logit bias on the "
                     f"base, learned from each token's {lex_name} feature (no model states)")
-        wrange = [0.0, 5.0]  # GenARM refuses negative weights (decoders/genarm.py)
+        # GenARM refuses negative weights (decoders/genarm.py); a per-token-reward lexical ARM's
+        # bias spans about +-20 logits, so its useful alphas are ten times smaller (README)
+        wrange = [0.0, 0.5] if lex_table is not None and (cfg.arm_reward or "token") == "token" \
+            else [0.0, 5.0]
     training = {**asdict(cfg), **data_info, "history": history,
                 "seconds": round(time.perf_counter() - t0, 1)}
     manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,

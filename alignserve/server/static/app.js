@@ -112,7 +112,8 @@ function renderStrategy() {
                                 value: 0, "data-name": h.name });
     input.setAttribute("aria-label", "weight of " + h.name);
     const out = el("output", { text: "0" });
-    input.addEventListener("input", () => { out.textContent = (+input.value).toFixed(1); });
+    const digits = hi - lo <= 1 ? 2 : 1;  // e.g. a per-token lexical ARM's 0-0.5
+    input.addEventListener("input", () => { out.textContent = (+input.value).toFixed(digits); });
     sliders.append(el("div", { className: "slider", title: h.description },
                       el("span", { text: h.name }), input, out));
   }
