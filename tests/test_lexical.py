@@ -189,13 +189,19 @@ def test_decoding_features_equal_training_features_with_a_sum_lexicon() -> None:
             torch.testing.assert_close(got[0], feats[int(offsets[i]) + t + 1])
 
 
-def test_lexical_arm_context_delta_with_a_sum_lexicon() -> None:
+def _sum_arm() -> tuple[LexicalARM, Lexicon, torch.Tensor]:
+    """A lexical ARM (eval mode, random output layer) over ``_sum_lexicon``."""
     lex, table = _sum_lexicon()
     arm = LexicalARM(12, 1, hidden=4)
     arm.table.copy_(table)
     torch.nn.init.normal_(arm.fc2.weight)
     arm.lexicon = lex
     arm.eval()
+    return arm, lex, table
+
+
+def test_lexical_arm_context_delta_with_a_sum_lexicon() -> None:
+    arm, lex, table = _sum_arm()
     d = arm.context_delta([2], 14)  # after " ba": every token that continues the word changes
     changed = {a for a in range(12) if lex.feature("ba", a, float(table[a, 0]))
                != float(table[a, 0])}
@@ -213,12 +219,7 @@ def test_lexical_arm_caches_the_delta_per_word_in_progress() -> None:
     the same word reads the cached change, which equals a fresh computation at any width;
     ``train()``, a new lexicon and new weights drop the cache, and training mode never fills
     it."""
-    lex, table = _sum_lexicon()
-    arm = LexicalARM(12, 1, hidden=4)
-    arm.table.copy_(table)
-    torch.nn.init.normal_(arm.fc2.weight)
-    arm.lexicon = lex
-    arm.eval()
+    arm, lex, table = _sum_arm()
     first = arm.context_delta([2], 14)
     assert list(arm._deltas) == [("ba", arm.table.device)]
     again = arm.context_delta([4, 5, 2], 14)  # another history ending in the same word
