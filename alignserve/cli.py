@@ -130,7 +130,8 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                             "sentiment: minilm_words_fit; minilm_sentiment is MiniLM's "
                             "margin of each token's text, the first sentiment featurizer)")
         p.add_argument("--word-fit-alpha", type=float, default=None,
-                       help="with --lexical for sentiment (word scores fitted to the reward): "
+                       help="with --lexical and a fitted featurizer (minilm_words_fit, "
+                            "sentiment's default: word scores fitted to the reward): "
                             "the ridge penalty on the words' corrections to the MiniLM prior; "
                             "larger keeps the scores closer to the prior (default: chosen "
                             "among 3, 10, 30, 100 by prompt-grouped 4-fold cross-validation)")
@@ -214,7 +215,8 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                             "the sum of the tokens' learned scores (default), or 'increment' "
                             "over the base, sum_t log pi_r - log p_base (the form of the "
                             "ARMs shipped before 2026-12-01); GenARM decodes both as the "
-                            "base + alpha * b")
+                            "base + alpha * b; a token ARM's weights range over 0-0.5, an "
+                            "increment ARM's over 0-5")
         p.add_argument("--beta-r", type=float, default=0.05,
                        help="beta_r of GenARM's loss -log sigmoid(beta_r (log pi_r(y_w) - "
                             "log pi_r(y_l))) (default 0.05, the published value)")

@@ -704,3 +704,34 @@ def test_stream_closed_right_after_the_headers_frees_its_slot(small):
     s.close()
     wait_idle(url, within=10)
     assert _metric(url, DISCONNECTS) - before == 1
+
+
+def test_newcomer_findings_name_the_field_and_the_value(small):
+    """What a newcomer's try-out found: a union's member tag is not part of ``param``; a user
+    turn with null content, and an alignment strategy that contradicts the model alias, are
+    400s naming the field; an out-of-range weight is quoted as sent, not rounded into the
+    range; every 400 carries a code."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with httpx.Client(base_url=small.url, timeout=120) as c:
+        err = _expect_400(_post(c, "/v1/chat/completions", {**chat, "stop": 5}), "stop")
+        assert err["code"] == "invalid_value"
+        err = _expect_400(_post(c, "/v1/chat/completions", {
+            **chat, "messages": [{"role": "user", "content": None}]}), "messages.0")
+        assert "content is required for a 'user' message" in err["message"]
+        err = _expect_400(_post(c, "/v1/chat/completions", {
+            **chat, "model": f"{MODEL}:genarm", "alignment": {"strategy": "vas"}}),
+            "alignment.strategy")
+        assert "conflicts with the model alias" in err["message"]
+        err = _expect_400(_post(c, "/v1/chat/completions", {
+            **chat, "alignment": {"strategy": "genarm",
+                                  "weights": {"sentiment_lex_arm": 0.5000001}}}),
+            "alignment.weights.sentiment_lex_arm")
+        assert "must be in [0, 0.5], got 0.5000001" in err["message"]
+        r = _post(c, "/v1/chat/completions", {
+            **chat, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
+        # an assistant turn may still have null content (OpenAI's tool-call turns)
+        ok = _post(c, "/v1/chat/completions", {**chat, "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+            {"role": "user", "content": "Again"}]})
+        assert ok.status_code == 200, ok.text

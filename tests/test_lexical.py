@@ -305,6 +305,7 @@ def test_word_start_feature_counts_words() -> None:
     ({"kind": "value", "reward": "concise", "backbone_layers": 4}, "takes no --pool"),
     ({"kind": "arm", "reward": "sentiment", "prompts": 3}, "--prompts must be >= 4"),
     ({"kind": "arm", "reward": "concise", "arm_reward": "bonus"}, "--arm-reward must be one"),
+    ({"kind": "value", "reward": "sentimnt"}, r"unknown reward source\(s\) \['sentimnt'\]"),
     ({"kind": "arm", "reward": "concise", "arm_reward": "token", "lexical": False},
      "--arm-reward is for lexical ARMs"),
     ({"kind": "value", "reward": "concise", "arm_reward": "token"},
@@ -313,13 +314,13 @@ def test_word_start_feature_counts_words() -> None:
     ({"kind": "value", "reward": "concise", "featurizer": "word_starts", "lexical": False},
      "are for lexical heads"),
     ({"kind": "value", "reward": "concise", "word_fit_alpha": 30.0},
-     "--word-fit-alpha must be finite and > 0, and is for a featurizer"),
+     "--word-fit-alpha is for a featurizer fitted to the reward .* this head's is 'word_sta"),
     ({"kind": "value", "reward": "sentiment", "word_fit_alpha": 0.0},
      "--word-fit-alpha must be finite and > 0"),
     ({"kind": "value", "reward": "sentiment", "word_fit_alpha": float("inf")},
      "--word-fit-alpha must be finite and > 0"),
     ({"kind": "value", "reward": "sentiment", "featurizer": "minilm_sentiment",
-      "word_fit_alpha": 30.0}, "--word-fit-alpha must be finite and > 0, and is for a featurizer"),
+      "word_fit_alpha": 30.0}, "this head's is 'minilm_sentiment'"),
 ])
 def test_lexical_training_settings_are_checked_before_sampling(kw, needle) -> None:
     with pytest.raises(ValueError, match=needle):

@@ -30,6 +30,8 @@ class APIError(Exception):
                  code: str | None = None, err_type: str = "invalid_request_error",
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        if code is None and status == 400:  # a bad value unless the raiser says otherwise
+            code = "invalid_value"
         self.status, self.message, self.param, self.code = status, message, param, code
         self.err_type, self.headers = err_type, headers
 
@@ -67,13 +69,19 @@ def to_api_error(exc: BaseException) -> APIError:
                     "server_error")
 
 
+def _union_tag(x: object) -> bool:
+    """A pydantic location element naming a union member's type, not a field."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "none") or "[" in x)
+
+
 def validation_error(errs: list) -> JSONResponse:
     """A 400 naming the first invalid field of a request body pydantic refused."""
     if (bad_text := invalid_text_error(errs)) is not None:  # a lone surrogate somewhere
         return JSONResponse(error_body(bad_text[0], "invalid_request_error", bad_text[1],
                                        "invalid_value"), status_code=400)
     first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # pydantic names the member of a union it tried ("stop.str", "prompt.list[int]"): not a field
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         msg, param = "Request body is not valid JSON.", None
@@ -130,7 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 400: "invalid_value"}.get(exc.status_code)
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, code),
                             status_code=exc.status_code)
 

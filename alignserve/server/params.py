@@ -42,6 +42,11 @@ def with_alias(srv: ServerState, body: Any, request: Request) -> dict[str, Any] 
     if strategy is None:
         spec = body.alignment
     else:
+        given = (body.alignment or {}).get("strategy")
+        if given is not None and given != strategy:
+            raise APIError(400, f"alignment.strategy '{given}' conflicts with the model alias "
+                                f"'{body.model}' (strategy '{strategy}'): drop one, or make "
+                                "them agree", "alignment.strategy", "invalid_value")
         spec = {"strategy": strategy, **(body.alignment or {})}
         if strategy != "sample" and "weights" not in spec:
             aw = srv.alias_weights

@@ -171,6 +171,12 @@ class ChatMessage(BaseModel):
         return _screen(data, {k: (lambda v: v in (None, [])) for k in MESSAGE_OUTPUT_FIELDS},
                        ())
 
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":  # OpenAI: only assistant turns
+            raise ValueError(f"content is required for a '{self.role}' message")
+        return self
+
     def text(self) -> str:
         if self.content is None:
             return ""

@@ -108,7 +108,7 @@ def validate_weights(weights: Any, available: Mapping[str, RewardInfo]) -> dict[
         if not math.isfinite(w):
             raise WeightError(fld, f"weight for '{name}' must be finite, in [{lo:g}, {hi:g}]")
         if not lo <= w <= hi:
-            raise WeightError(fld, f"weight for '{name}' must be in [{lo:g}, {hi:g}], got {w:g}")
+            raise WeightError(fld, f"weight for '{name}' must be in [{lo:g}, {hi:g}], got {w:.12g}")
         clean[name] = w
     return clean
 

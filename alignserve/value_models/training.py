@@ -170,6 +170,13 @@ class TrainConfig:
         if self.pool != "none" and (self.kind == "q" or self.backbone_layers):
             raise ValueError("--pool is for value heads and ARMs on the base's states (a "
                              "Q-head takes its value head's)")
+        from .rewards import default_rewards
+
+        known = {*default_rewards(), "judge"}  # names only: nothing is loaded here
+        unknown = [n for n in parse_reward_spec(self.reward) if n not in known]
+        if unknown:  # before sampling, which would otherwise run for minutes first
+            raise ValueError(f"unknown reward source(s) {unknown} in --reward; available: "
+                             f"{sorted(known)}")
         if self.arm_reward is not None and self.arm_reward not in LexicalARM.REWARD_FORMS:
             raise ValueError(f"--arm-reward must be one of {LexicalARM.REWARD_FORMS}, got "
                              f"{self.arm_reward!r}")
@@ -189,11 +196,14 @@ class TrainConfig:
             from .lexical import FITTED_FEATURIZERS
 
             fitted = self.lexical_featurizer() in FITTED_FEATURIZERS
+            if self.word_fit_alpha is not None and not fitted:
+                raise ValueError(f"--word-fit-alpha is for a featurizer fitted to the reward "
+                                 f"({sorted(FITTED_FEATURIZERS)}); this head's is "
+                                 f"{self.lexical_featurizer()!r}")
             if self.word_fit_alpha is not None and not (
-                    fitted and math.isfinite(self.word_fit_alpha) and self.word_fit_alpha > 0):
-                raise ValueError("--word-fit-alpha must be finite and > 0, and is for a "
-                                 "featurizer fitted to the reward "
-                                 f"({sorted(FITTED_FEATURIZERS)}), got {self.word_fit_alpha}")
+                    math.isfinite(self.word_fit_alpha) and self.word_fit_alpha > 0):
+                raise ValueError("--word-fit-alpha must be finite and > 0, got "
+                                 f"{self.word_fit_alpha}")
             if fitted and self.prompts is not None and self.prompts < 4:
                 raise ValueError(f"--prompts must be >= 4 for a lexical {self.reward} head: its "
                                  "word scores are fitted with prompt-grouped 4-fold "
