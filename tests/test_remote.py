@@ -198,7 +198,8 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
         zero = chat(srv, {"strategy": "genarm", "weights": {"sentiment": 0}}, seed=5,
                     max_tokens=10)
         assert zero.choices[0].message.content == plain.choices[0].message.content
-        r = chat(srv, {"strategy": "genarm", "weights": {"sentiment": 4}}, seed=5, max_tokens=10)
+        r = chat(srv, {"strategy": "genarm", "weights": {"sentiment": 0.3}}, seed=5,
+                 max_tokens=10)  # the per-token lexical ARM: weights in [0, 0.5]
         assert r.model_extra["alignment"]["arms"] == {"sentiment": "sentiment_lex_arm"}
         assert r.model_extra["alignment"]["kl_per_token"] > 0
         assert r.choices[0].message.content != plain.choices[0].message.content
