@@ -152,10 +152,19 @@ def test_malformed_json_and_missing_fields(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
-def test_prompt_over_context_window(oai):
+def test_prompt_over_context_window(oai, server):
     with pytest.raises(openai.BadRequestError) as ei:
         oai.completions.create(model=MODEL, prompt="word " * 1500, max_tokens=10)
     assert "context length" in str(ei.value)
+    # the 400 names the field that holds the prompt: `prompt` here, `messages` in chat
+    for path, body, param in (
+            ("/v1/completions", {"prompt": "word " * 1500}, "prompt"),
+            ("/v1/chat/completions",
+             {"messages": [{"role": "user", "content": "word " * 1500}]}, "messages")):
+        r = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 10, **body})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == (param, "context_length_exceeded"), err
 
 
 def test_unknown_fields_are_refused_and_no_op_fields_accepted(server):

@@ -44,7 +44,7 @@ def input_of(srv: ServerState, body: ChatCompletionRequest,
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = check_max_tokens(srv, asked, srv.limits.default_chat_max_tokens, field,
                                   least=1)
-    mt = fit_max_tokens(srv, len(ids), max_tokens, asked is None)
+    mt = fit_max_tokens(srv, len(ids), max_tokens, asked is None, "messages")
     n_top = body.top_logprobs or 0
     if n_top and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")

@@ -86,8 +86,12 @@ def check_max_tokens(srv: ServerState, v: int | None, default: int, field: str,
     return v
 
 
-def fit_max_tokens(srv: ServerState, n_prompt: int, max_tokens: int, defaulted: bool) -> int:
-    """``max_tokens`` checked against the context window (an unset one shrinks to fit)."""
+def fit_max_tokens(srv: ServerState, n_prompt: int, max_tokens: int, defaulted: bool,
+                   prompt_field: str = "prompt") -> int:
+    """``max_tokens`` checked against the context window (an unset one shrinks to fit).
+
+    Raises ``APIError`` 400 ``context_length_exceeded`` whose ``param`` is ``prompt_field``
+    (``prompt`` for completions, ``messages`` for chat)."""
     client = srv.client
     if defaulted:  # an unset max_tokens shrinks to the room left, as OpenAI does
         max_tokens = max(0, min(max_tokens, client.max_len - n_prompt - 1))
@@ -97,7 +101,7 @@ def fit_max_tokens(srv: ServerState, n_prompt: int, max_tokens: int, defaulted: 
             raise ContextLengthError(f"This model's maximum context length is "
                                      f"{client.max_len} tokens; the prompt has {n_prompt}.")
     except ContextLengthError as exc:
-        raise APIError(400, str(exc), "prompt", "context_length_exceeded") from None
+        raise APIError(400, str(exc), prompt_field, "context_length_exceeded") from None
     return max_tokens
 
 
