@@ -61,7 +61,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,11 +172,8 @@ class TrainConfig:
                              "Q-head takes its value head's)")
         from .rewards import default_rewards
 
-        known = {*default_rewards(), "judge"}  # names only: nothing is loaded here
-        unknown = [n for n in parse_reward_spec(self.reward) if n not in known]
-        if unknown:  # before sampling, which would otherwise run for minutes first
-            raise ValueError(f"unknown reward source(s) {unknown} in --reward; available: "
-                             f"{sorted(known)}")
+        # names only (nothing is loaded here), before sampling, which would run for minutes
+        refuse_unknown_rewards(parse_reward_spec(self.reward), {*default_rewards(), "judge"})
         if self.arm_reward is not None and self.arm_reward not in LexicalARM.REWARD_FORMS:
             raise ValueError(f"--arm-reward must be one of {LexicalARM.REWARD_FORMS}, got "
                              f"{self.arm_reward!r}")
@@ -683,6 +680,15 @@ def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
     return feats
 
 
+def refuse_unknown_rewards(names: Iterable[str], known: Iterable[str]) -> None:
+    """Raises ``ValueError`` naming ``--reward``, the unknown names and the known ones."""
+    known = set(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown reward source(s) {unknown} in --reward; available: "
+                         f"{sorted(known)}")
+
+
 def score_samples(data: dict[str, Any], weights: dict[str, float], folder: Path,
                   base: BaseModel) -> Tensor:
     """Weighted sum of the reward sources per sample, cached per reward spec."""
@@ -693,9 +699,7 @@ def score_samples(data: dict[str, Any], weights: dict[str, float], folder: Path,
     from .rewards import default_rewards
 
     sources = default_rewards(base.model_dir)
-    unknown = [n for n in weights if n not in sources]
-    if unknown:
-        raise ValueError(f"unknown reward source(s) {unknown}; available: {sorted(sources)}")
+    refuse_unknown_rewards(weights, sources)  # a config that skipped TrainConfig.resolved()
     prompts = [p["text"] for p in data["prompts"] for _ in p["responses"]]
     responses = [r for p in data["prompts"] for r in p["responses"]]
     total = np.zeros(len(responses))
