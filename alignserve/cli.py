@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .engine.model_store import DEFAULT_MODEL_NAME, ModelError, resolve_model
 
@@ -201,15 +202,17 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
         p.add_argument("--aux-every", type=int, default=4,
                        help="score the partial text at every N-th state (default 4)")
     else:
-        p.add_argument("--rank", type=int, default=32,
-                       help="rank of the logit adapter E (B (A h)) (default 32)")
+        p.add_argument("--rank", type=int, default=None,
+                       help="rank of the logit adapter E (B (A h)) of an ARM on model states "
+                            "(default 32; refused with --lexical)")
         p.add_argument("--lexical", action="store_true",
                        help="a lexical ARM: a per-token logit bias on the base, learned from "
                             "the reward's per-token feature (as --lexical value heads), trained "
                             "as --arm-reward; it reads no model states, so "
                             "GenARM with it costs a vector add (README, Lexical ARMs)")
-        p.add_argument("--hidden", type=int, default=16,
-                       help="hidden units of a lexical ARM's bias MLP (default 16)")
+        p.add_argument("--hidden", type=int, default=None,
+                       help="hidden units of a lexical ARM's bias MLP (default 16; refused "
+                            "without --lexical)")
         p.add_argument("--arm-reward", default=None, choices=["token", "increment"],
                        help="the reward a lexical ARM is trained as: 'token', sum_t b(y_t), "
                             "the sum of the tokens' learned scores (default), or 'increment' "
@@ -291,8 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, but a flag the chosen sub-command does not know is reported with that
+    sub-command's usage (argparse reports it with the top-level one)."""
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        leaf = ap
+        while True:  # follow the chosen sub-command down to its own parser
+            subs = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
+            if not subs or getattr(args, subs[0].dest, None) not in subs[0].choices:
+                break
+            leaf = subs[0].choices[getattr(args, subs[0].dest)]
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     if args.cmd == "models":
         try:
             path = resolve_model(args.model)
@@ -337,20 +355,30 @@ def train(args: argparse.Namespace) -> int:
     if args.train_cmd == "all":
         return train_all_cmd(args)
 
+    hidden, rank = getattr(args, "hidden", None), getattr(args, "rank", None)
+    if args.train_cmd == "arm":  # a flag the head would not use is refused, not ignored
+        unused = ("--rank", rank, "a lexical ARM is a bias MLP (--hidden)") if args.lexical \
+            else ("--hidden", hidden, "--hidden sizes a lexical ARM's bias MLP (--lexical); "
+                                      "an ARM on model states is a rank adapter (--rank)")
+        if unused[1] is not None:
+            print(f"error: {unused[0]} does not apply here: {unused[2]}", file=sys.stderr)
+            return 2
+        hidden = 16 if hidden is None else hidden
+        rank = 32 if rank is None else rank
     cfg = TrainConfig(
         kind=args.train_cmd, reward=args.reward, out=args.out, name=args.name,
         method=getattr(args, "method", "td-lambda"), model=args.model, suite=args.suite,
         prompts=args.prompts or None, val_prompts=args.val_prompts, samples=args.samples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        weight_decay=args.weight_decay, hidden=getattr(args, "hidden", 128),
+        weight_decay=args.weight_decay, hidden=128 if hidden is None else hidden,
         pool=args.pool,
         backbone_layers=getattr(args, "backbone_layers", 0),
         lexical=getattr(args, "lexical", False),
         arm_reward=getattr(args, "arm_reward", None),
         word_fit_alpha=getattr(args, "word_fit_alpha", None),
         featurizer=getattr(args, "featurizer", None),
-        rank=getattr(args, "rank", 32), lam=getattr(args, "lam", 0.95),
+        rank=32 if rank is None else rank, lam=getattr(args, "lam", 0.95),
         aux_partial=getattr(args, "aux_partial", 0.0), aux_every=getattr(args, "aux_every", 4),
         refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),
         margin=getattr(args, "margin", 0.1), value_head=getattr(args, "value_head", None),
@@ -372,6 +400,11 @@ def serve(args: argparse.Namespace) -> int:
         return serve_replicas(args)
     from .server.main import build_remote_server, build_server
 
+    for d in (args.heads if isinstance(args.heads, list) else [args.heads] if args.heads
+              else []):  # before seconds of model loading
+        if not Path(d).is_dir():
+            print(f"error: --heads {d}: no such folder", file=sys.stderr)
+            return 2
     if args.base_url:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:

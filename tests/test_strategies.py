@@ -409,6 +409,16 @@ def test_heads_endpoint_lists_rewards_and_strategies(server):
         assert kinds.get(f"{reward}_q") == "q_head", kinds
     stats = next(r for r in body["data"] if r["name"] == "sentiment_value")["reward_stats"]
     assert stats["std"] > 0
+    # training settings are shown, the training machine's paths and command line are not
+    training = next(r for r in body["data"] if r["name"] == "sentiment_value")["training"]
+    assert training["method"] == "td-lambda" and training["epochs"] >= 1, training
+    assert not {"command", "out", "run_dir", "sample_cache", "history"} & set(training)
+    # the start-up log names every head loaded and its folder
+    log = Path(server.log.name).read_text()
+    line = next(ln for ln in log.splitlines() if "guidance head(s) loaded" in ln)
+    heads = [r for r in body["data"] if r["kind"] in ("value_head", "arm", "q_head")]
+    assert f"alignserve: {len(heads)} guidance head(s) loaded: " in line
+    assert "default_heads: " in line and "sentiment_lex_arm (arm)" in line, line
     # what each head reads: the shipped sentiment value / Q-heads are pooled, the ARMs are not
     pool = {row["name"]: row.get("pool") for row in body["data"]}
     assert pool["sentiment_value"] == pool["sentiment_q"] == "mean", pool

@@ -101,6 +101,49 @@ def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: 
                           val_prompts=0, name="r", resume=True))
     assert [h["epoch"] for h in c.manifest["training"]["history"]] == [1, 2, 3, 4]
     assert _same(a.module, c.module)
+    # a checkpoint past the asked epochs is refused, not saved as if it had that many
+    with pytest.raises(ValueError, match="at epoch 4, past --epochs 2"):
+        run_training(_cfg(run_dir, tmp_path / "c", "value", method="td-lambda", epochs=2,
+                          val_prompts=0, name="r", resume=True))
+    # the weights are as readable as the manifest (safetensors alone writes owner-only files)
+    mode = [(tmp_path / "a" / f).stat().st_mode & 0o777
+            for f in ("head.safetensors", "manifest.json")]
+    assert mode[0] == mode[1] and mode[0] & 0o044, [oct(m) for m in mode]
+
+
+@pytest.mark.parametrize(("kw", "needle"), [
+    ({"max_new_tokens": 100_000}, "--max-new-tokens must be from 1 to 1024, got 100000"),
+    ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+    ({"batch_size": 0}, "--batch-size must be >= 1"),
+    ({"top_p": 0.0}, r"--top-p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"--top-p must be in \(0, 1\]"),
+    ({"temperature": 0.0}, "--temperature must be finite and > 0"),
+    ({"temperature": float("nan")}, "--temperature must be finite and > 0"),
+    ({"lr": -1e-3}, "--lr must be finite and > 0"),
+    ({"weight_decay": -1.0}, "--weight-decay must be finite and >= 0"),
+    ({"hidden": 0}, "--hidden must be >= 1"),
+    ({"lam": 2.0}, r"--lam must be in \[0, 1\]"),
+    ({"kind": "arm", "beta_r": 0.0}, "--beta-r must be finite and > 0"),
+    ({"kind": "arm", "margin": -1.0}, "--margin must be finite and >= 0"),
+    ({"kind": "arm", "rank": 0}, "--rank must be >= 1"),
+    ({"prompts": -3}, r"--prompts must be >= 1 \(or 0 for all\), got -3"),
+    ({"name": "../evil"}, "--name must be"),
+    ({"threads": 0}, "--threads must be >= 1"),
+])
+def test_training_settings_are_refused_before_sampling(kw, needle) -> None:
+    """Each would crash, be ignored or save a useless head minutes into a run; resolved()
+    (called before any sampling) names the flag and the allowed range."""
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(**{"kind": "value", "reward": "concise", "out": "/tmp/x", **kw}).resolved()
+
+
+def test_training_out_and_run_dir_must_be_folders(tmp_path: Path) -> None:
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    for kw, flag in (({"out": str(f)}, "--out"), ({"out": str(tmp_path / "h"),
+                                                  "run_dir": str(f)}, "--run-dir")):
+        with pytest.raises(ValueError, match=f"{flag} .*a_file is a file, not a folder"):
+            TrainConfig(**{"kind": "value", "reward": "concise", **kw}).resolved()
 
 
 def test_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) -> None:
@@ -477,3 +520,50 @@ def test_lexical_featurizer_and_word_fit_alpha_are_honoured(run_dir: Path, tmp_p
 
     want = lexical.lexical_table("word_starts", AutoTokenizer.from_pretrained(str(model_dir)))
     assert torch.equal(load_head(tmp_path / "starts").module.table, want)
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["train", "arm", "--reward", "concise", "--out", "/tmp/x", "--lexical", "--rank", "4"],
+     "--rank does not apply here: a lexical ARM is a bias MLP"),
+    (["train", "arm", "--reward", "concise", "--out", "/tmp/x", "--hidden", "4"],
+     "--hidden does not apply here"),
+])
+def test_cli_refuses_flags_the_head_would_ignore(argv, needle, capsys) -> None:
+    from alignserve.cli import main
+
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_unknown_flag_shows_the_subcommands_usage(capsys) -> None:
+    from alignserve.cli import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["train", "value", "--reward", "concise", "--out", "/tmp/x", "--arm-reward",
+              "token"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: alignserve train value" in err
+    assert "unrecognized arguments: --arm-reward token" in err
+
+
+def test_heads_folder_problems_are_named(tmp_path: Path, caplog, capsys) -> None:
+    """A head without its weights names the missing file; an empty --heads folder is a
+    warning; a --heads path that does not exist fails before the model loads."""
+    import logging
+    import shutil
+
+    from alignserve.cli import main
+    from alignserve.value_models.heads import HeadError, default_heads_dir, load_heads
+
+    shutil.copytree(default_heads_dir() / "concise_lex", tmp_path / "h" / "concise_lex")
+    assert [h.name for h in load_heads(tmp_path / "h")] == ["concise_lex"]
+    (tmp_path / "h" / "concise_lex" / "head.safetensors").unlink()
+    with pytest.raises(HeadError, match="head.safetensors is missing"):
+        load_heads(tmp_path / "h")
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level(logging.WARNING, logger="alignserve.heads"):
+        assert load_heads(tmp_path / "empty") == []
+    assert "holds no head" in caplog.text
+    assert main(["serve", "--heads", str(tmp_path / "nope")]) == 2
+    assert f"--heads {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAP
                               default_heads=getattr(args, "model", "default") == "default"
                               and not getattr(args, "no_default_heads", False))
     attach_backbones(engine, registry)
+    announce_heads(registry)
     client = EngineClient(engine, registry)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes,
@@ -109,6 +111,7 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
             # the shipped heads were trained on SmolLM2-135M-Instruct: skip them for another
             # backbone, but a --heads folder that does not fit is still an error
             registry = Registry.build([Path(h) for h in heads], fp, dim, judge_scorer=judge)
+    announce_heads(registry)
     client = RemoteEngineClient(http, tok, caps, registry, max_len, eos_ids_of(tok_dir, tok),
                                 slots=args.slots, request_timeout_s=args.request_timeout,
                                 vocab_size=vocab_size_of(tok_dir, tok), backbone=backbone)
@@ -159,6 +162,18 @@ def api_keys(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"--api-keys-file {path} contains no keys")
         keys += file_keys
     return keys
+
+
+def announce_heads(registry: Registry) -> None:
+    """One start-up line on stderr naming every guidance head loaded (and its folder), so an
+    operator sees what ``--heads`` / the shipped heads gave without calling ``/v1/heads``."""
+    by_dir: dict[str, list[str]] = {}
+    for h in sorted(registry.heads.values(), key=lambda h: h.name):
+        by_dir.setdefault(str(h.path.parent) if h.path else "?", []).append(
+            f"{h.name} ({h.kind})")
+    text = "; ".join(f"{d}: {', '.join(names)}" for d, names in by_dir.items()) or "none"
+    print(f"alignserve: {len(registry.heads)} guidance head(s) loaded: {text}", file=sys.stderr,
+          flush=True)
 
 
 def attach_backbones(engine: Engine, registry: Registry) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,12 @@ from torch import Tensor, nn
 
 from .base import RewardInfo
 
+log = logging.getLogger("alignserve.heads")
 MANIFEST = "manifest.json"
 WEIGHTS = "head.safetensors"
+# manifest "training" keys GET /v1/heads leaves out: the history (long) and the training
+# machine's paths and command line
+PRIVATE_TRAINING_KEYS = ("history", "command", "out", "run_dir", "sample_cache", "value_head")
 FORMAT_VERSION = 1
 
 
@@ -298,13 +303,18 @@ class Head:
         return {"mean": float(st.get("mean", 0.0)), "std": float(st.get("std", 1.0))}
 
     def describe(self) -> dict[str, Any]:
+        """The head as ``GET /v1/heads`` shows it: name, kind, reward, weight range, metrics,
+        reward statistics and training settings, without the per-epoch history and without
+        the training machine's paths and command line (``PRIVATE_TRAINING_KEYS``; they stay
+        in ``manifest.json``)."""
         m = self.manifest
         return {"name": self.name, "kind": self.info.kind, "description": self.info.description,
                 "reward": m.get("reward"), "placement": m.get("placement", "base"),
                 "weight_range": list(self.info.weight_range),
                 "pool": m.get("arch", {}).get("pool", "none"), "metrics": m.get("metrics", {}),
                 "reward_stats": self.reward_stats,
-                "training": {k: v for k, v in m.get("training", {}).items() if k != "history"}}
+                "training": {k: v for k, v in m.get("training", {}).items()
+                             if k not in PRIVATE_TRAINING_KEYS}}
 
 
 def _check_pool(pool: str) -> str:
@@ -356,6 +366,9 @@ def save_head(folder: Path, head: Head) -> Path:
     manifest = {"format": FORMAT_VERSION, "name": head.name, "kind": head.kind,
                 **{k: v for k, v in head.manifest.items() if k not in ("name", "kind")}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # safetensors writes owner-only files: give the weights the manifest's (umask) mode, so a
+    # server running as another user can read the head
+    (folder / WEIGHTS).chmod((folder / MANIFEST).stat().st_mode & 0o777)
     head.path = folder
     return folder
 
@@ -380,6 +393,8 @@ def load_head(folder: Path, fingerprint: str | None = None, dim: int | None = No
         raise HeadError(f"head '{manifest['name']}' expects hidden size "
                         f"{manifest['arch'].get('dim')}, the model has {dim}")
     module = build_module(manifest["kind"], manifest["arch"])
+    if not (folder / WEIGHTS).is_file():
+        raise HeadError(f"{folder}: {WEIGHTS} is missing (copy the whole head folder)")
     try:
         module.load_state_dict(load_file(str(folder / WEIGHTS)))
     except (OSError, RuntimeError) as exc:
@@ -418,6 +433,8 @@ def load_heads(root: Path, fingerprint: str | None = None, dim: int | None = Non
         raise HeadError(f"--heads {root}: no such folder")
     folders = [root] if (root / MANIFEST).is_file() else sorted(
         p.parent for p in root.glob(f"*/{MANIFEST}"))
+    if not folders:
+        log.warning("--heads %s holds no head (no %s in it or in a sub-folder)", root, MANIFEST)
     heads = [load_head(f, fingerprint, dim) for f in folders]
     names = [h.name for h in heads]
     dup = {n for n in names if names.count(n) > 1}

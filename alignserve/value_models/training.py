@@ -84,6 +84,8 @@ from .heads import (
 from .lexical import LexicalARM, Lexicon, contextual_rows, token_windows
 
 CACHE_VERSION = 2
+MAX_SAMPLE_TOKENS = 1024  # --max-new-tokens: the sampling KV cache is slots x this x layers
+HEAD_NAME = re.compile(r"[^\s/\\.][^\s/\\]{0,99}")  # a plain name: no path, no space
 VALUE_METHODS = ("td-lambda", "fudge", "cd-q")
 FRACTIONS = (0.25, 0.5, 0.75)
 TOPK = 64  # base log-probs kept per state while sampling (ARM training's candidate set)
@@ -211,7 +213,8 @@ class TrainConfig:
                             ("--val-prompts", self.val_prompts, 0),
                             ("--backbone-layers", self.backbone_layers, 0)):
             if v is not None and v < lo:
-                raise ValueError(f"{flag} must be >= {lo}, got {v}")
+                every = " (or 0 for all)" if flag == "--prompts" else ""
+                raise ValueError(f"{flag} must be >= {lo}{every}, got {v}")
         if self.slots < self.samples + 1:
             raise ValueError(f"--slots {self.slots} is too few for --samples {self.samples}: "
                              "sampling and featurising hold a prompt's prefix and its samples "
@@ -229,7 +232,46 @@ class TrainConfig:
             out.method = "distill-v"
         if self.kind == "arm" and self.lexical and self.arm_reward is None:
             out.arm_reward = "token"
+        out.check_ranges()
         return out
+
+    def check_ranges(self) -> None:
+        """Refuse out-of-range numbers, paths and names before any sampling (each would
+        otherwise crash, be ignored, or save a useless head minutes later). ValueError naming
+        the flag, the allowed range and the value."""
+        fin = math.isfinite
+        for flag, v, ok, want in (
+                ("--max-new-tokens", self.max_new_tokens, self.max_new_tokens
+                 <= MAX_SAMPLE_TOKENS, f"from 1 to {MAX_SAMPLE_TOKENS}"),
+                ("--temperature", self.temperature, fin(self.temperature)
+                 and self.temperature > 0, "finite and > 0"),
+                ("--top-p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
+                ("--epochs", self.epochs, (self.epochs or 0) >= 1, ">= 1"),
+                ("--lr", self.lr, fin(self.lr or 0) and (self.lr or 0) > 0, "finite and > 0"),
+                ("--batch-size", self.batch_size, (self.batch_size or 0) >= 1, ">= 1"),
+                ("--weight-decay", self.weight_decay, fin(self.weight_decay)
+                 and self.weight_decay >= 0, "finite and >= 0"),
+                ("--hidden", self.hidden, self.hidden >= 1, ">= 1"),
+                ("--rank", self.rank, self.rank >= 1, ">= 1"),
+                ("--lam", self.lam, 0 <= self.lam <= 1, "in [0, 1]"),
+                ("--beta-r", self.beta_r, fin(self.beta_r) and self.beta_r > 0,
+                 "finite and > 0"),
+                ("--margin", self.margin, fin(self.margin) and self.margin >= 0,
+                 "finite and >= 0"),
+                ("--slots", self.slots, self.slots >= 1, ">= 1"),
+                ("--threads", self.threads, self.threads is None or self.threads >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"{flag} must be {want}, got {v}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if not HEAD_NAME.fullmatch(self.name or ""):
+            raise ValueError(f"--name must be a plain name of 1-100 characters: no '/', '\\' "
+                             f"or spaces, not starting with '.' (clients weight it by name), "
+                             f"got {self.name!r}")
+        for flag, path in (("--out", Path(self.out)), ("--run-dir", Path(self.run_dir))):
+            if path.exists() and not path.is_dir():
+                raise ValueError(f"{flag} {path} is a file, not a folder")
 
 
 def parse_reward_spec(spec: str) -> dict[str, float]:
@@ -887,19 +929,22 @@ def _bootstrapped_targets(method: str, values: Tensor, split: Split, lam: float,
     return out
 
 
-def value_metrics(module: torch.nn.Module, split: Split) -> dict[str, float]:
-    """Spearman rho of V(prefix at 0/25/50/75/100% of the response) vs the final reward, MSE."""
+def value_metrics(module: torch.nn.Module, split: Split) -> dict[str, float | None]:
+    """Spearman rho of V(prefix at 0/25/50/75/100% of the response) vs the final reward, MSE.
+    A rho is None where it is undefined: the values at that point are all equal (a lexical
+    head before the first response token)."""
     from scipy.stats import spearmanr
 
     v = _predict(module, split.hidden.to(next(module.parameters()).device)).cpu()
     r = split.rewards
     sample, _, _ = _position_index(split)
-    out: dict[str, float] = {"mse": float(((v - r[sample]) ** 2).mean())}
+    out: dict[str, float | None] = {"mse": float(((v - r[sample]) ** 2).mean())}
     t_len = split.lengths - 1
     for frac in (0.0, *FRACTIONS, 1.0):
         idx = split.offsets[:-1] + torch.round(t_len.float() * frac).long()
-        rho = spearmanr(v[idx].numpy(), r.numpy()).statistic
-        out[f"spearman_{round(frac * 100)}"] = float(rho) if np.isfinite(rho) else 0.0
+        vals = v[idx].numpy()
+        rho = spearmanr(vals, r.numpy()).statistic if np.ptp(vals) > 0 else float("nan")
+        out[f"spearman_{round(frac * 100)}"] = float(rho) if np.isfinite(rho) else None
     out["reward_std"] = float(r.std())
     out["samples"] = split.num_samples
     return out
@@ -1128,6 +1173,9 @@ def _load_ckpt(cfg: TrainConfig, module: torch.nn.Module,
     if ck["key"] != _ckpt_key(cfg):
         raise ValueError(f"{path} was written by a run with other settings; drop --resume or "
                          "use another --run-dir")
+    if int(ck["epoch"]) > int(cfg.epochs or 0):
+        raise ValueError(f"--resume: {path} is at epoch {ck['epoch']}, past --epochs "
+                         f"{cfg.epochs}; ask for at least {ck['epoch']} epochs or drop --resume")
     module.load_state_dict(ck["module"])
     opt.load_state_dict(ck["optim"])
     return int(ck["epoch"]), list(ck["history"])
@@ -1154,7 +1202,7 @@ def _renamed(metrics: dict[str, Any], **names: str) -> dict[str, Any]:
 
 def _end_epoch(cfg: TrainConfig, head: torch.nn.Module, opt: torch.optim.Optimizer,
                bar: Any, history: list[dict[str, Any]], epoch: int, train_loss: float,
-               val_metrics: Callable[[], dict[str, float]] | None,
+               val_metrics: Callable[[], dict[str, float | None]] | None,
                shown: tuple[str, str]) -> None:
     """Close an epoch of the value / Q-head loops: record the train loss and the held-out
     metrics (``val_metrics``, None without a validation split), show the loss and the metric
@@ -1166,7 +1214,7 @@ def _end_epoch(cfg: TrainConfig, head: torch.nn.Module, opt: torch.optim.Optimiz
     history.append(rec)
     label, key = shown
     bar.set_postfix({"loss": f"{train_loss:.4f}",
-                     label: f"{rec.get(key, float('nan')):.3f}"})
+                     label: "n/a" if rec.get(key) is None else f"{rec[key]:.3f}"})
     _save_ckpt(cfg, head, opt, epoch + 1, history)
 
 
