@@ -335,6 +335,10 @@ def train_all_cmd(args: argparse.Namespace) -> int:
     from .value_models.training import sample_only, shipped_configs, train_all
 
     out = args.out or str(default_heads_dir())
+    if args.prompts is not None and args.prompts < 1:
+        print(f"error: --prompts must be >= 1 (leave it out for the shipped heads' 1024), got "
+              f"{args.prompts}", file=sys.stderr)
+        return 2
     kw = {"run_dir": args.run_dir, "device": args.device, "threads": args.threads,
           "slots": args.slots, "progress": not args.no_progress, "prompts": args.prompts,
           "samples": args.samples}
@@ -403,7 +407,8 @@ def serve(args: argparse.Namespace) -> int:
     for d in (args.heads if isinstance(args.heads, list) else [args.heads] if args.heads
               else []):  # before seconds of model loading
         if not Path(d).is_dir():
-            print(f"error: --heads {d}: no such folder", file=sys.stderr)
+            why = "not a folder" if Path(d).exists() else "no such folder"
+            print(f"error: --heads {d}: {why}", file=sys.stderr)
             return 2
     if args.base_url:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -129,6 +129,9 @@ def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: 
     ({"prompts": -3}, r"--prompts must be >= 1 \(or 0 for all\), got -3"),
     ({"name": "../evil"}, "--name must be"),
     ({"threads": 0}, "--threads must be >= 1"),
+    ({"name": ""}, "--name must be"),
+    ({"aux_partial": float("nan")}, "--aux-partial finite and >= 0"),
+    ({"refresh_every": -3}, "--refresh-every must be >= 0"),
 ])
 def test_training_settings_are_refused_before_sampling(kw, needle) -> None:
     """Each would crash, be ignored or save a useless head minutes into a run; resolved()
@@ -140,10 +143,25 @@ def test_training_settings_are_refused_before_sampling(kw, needle) -> None:
 def test_training_out_and_run_dir_must_be_folders(tmp_path: Path) -> None:
     f = tmp_path / "a_file"
     f.write_text("x")
-    for kw, flag in (({"out": str(f)}, "--out"), ({"out": str(tmp_path / "h"),
-                                                  "run_dir": str(f)}, "--run-dir")):
-        with pytest.raises(ValueError, match=f"{flag} .*a_file is a file, not a folder"):
+    for kw, flag in (({"out": str(f)}, "--out"), ({"out": str(f / "sub")}, "--out"),
+                     ({"out": str(tmp_path / "h"), "run_dir": str(f)}, "--run-dir"),
+                     ({"out": str(tmp_path / "h"), "run_dir": str(f / "sub")}, "--run-dir")):
+        with pytest.raises(ValueError, match=f"{flag} .*a_file.* is not a folder"):
             TrainConfig(**{"kind": "value", "reward": "concise", **kw}).resolved()
+
+
+def test_train_all_checks_every_head_before_sampling(tmp_path: Path) -> None:
+    """The shipped sentiment_lex needs >= 4 prompts: train all refuses 2 before sampling for
+    its first head (no sample cache is made), and refuses an --out below a file."""
+    from alignserve.value_models.training import train_all
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="--prompts must be >= 4"):
+        train_all(tmp_path / "out", prompts=2, run_dir=str(run), progress=False)
+    assert not run.exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="--out .* is not a folder"):
+        train_all(tmp_path / "f", run_dir=str(run), progress=False)
 
 
 def test_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) -> None:

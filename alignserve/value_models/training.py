@@ -165,8 +165,10 @@ class TrainConfig:
             raise ValueError(f"kind must be 'value', 'q' or 'arm', got {self.kind!r}")
         if value and self.method not in VALUE_METHODS:
             raise ValueError(f"--method must be one of {VALUE_METHODS}, got {self.method!r}")
-        if self.aux_every < 1 or self.aux_partial < 0:
-            raise ValueError("aux_every must be >= 1 and aux_partial >= 0")
+        if self.aux_every < 1 or not (math.isfinite(self.aux_partial)
+                                      and self.aux_partial >= 0):
+            raise ValueError(f"--aux-every must be >= 1 and --aux-partial finite and >= 0, "
+                             f"got {self.aux_every} and {self.aux_partial}")
         if self.pool not in POOLS:
             raise ValueError(f"--pool must be one of {POOLS}, got {self.pool!r}")
         if self.pool != "none" and (self.kind == "q" or self.backbone_layers):
@@ -220,7 +222,7 @@ class TrainConfig:
                              "sampling and featurising hold a prompt's prefix and its samples "
                              f"at once; use --slots >= {self.samples + 1} (default 64)")
         out = TrainConfig(**asdict(self))
-        out.name = self.name or Path(self.out).name
+        out.name = self.name if self.name is not None else Path(self.out).name  # "": refused
         out.epochs = self.epochs if self.epochs is not None else (10 if value else 2)
         out.lr = self.lr if self.lr is not None else (1e-3 if value else 5e-4)
         out.batch_size = self.batch_size if self.batch_size is not None else (256 if value else 32)
@@ -259,6 +261,8 @@ class TrainConfig:
                 ("--margin", self.margin, fin(self.margin) and self.margin >= 0,
                  "finite and >= 0"),
                 ("--slots", self.slots, self.slots >= 1, ">= 1"),
+                ("--refresh-every", self.refresh_every, (self.refresh_every or 0) >= 0,
+                 ">= 0 (0 = once per epoch)"),
                 ("--threads", self.threads, self.threads is None or self.threads >= 1, ">= 1")):
             if not ok:
                 raise ValueError(f"{flag} must be {want}, got {v}")
@@ -270,8 +274,18 @@ class TrainConfig:
                              f"or spaces, not starting with '.' (clients weight it by name), "
                              f"got {self.name!r}")
         for flag, path in (("--out", Path(self.out)), ("--run-dir", Path(self.run_dir))):
-            if path.exists() and not path.is_dir():
-                raise ValueError(f"{flag} {path} is a file, not a folder")
+            check_folder_path(flag, path)
+
+
+def check_folder_path(flag: str, path: Path) -> None:
+    """ValueError naming ``flag`` when ``path`` or a folder above it exists as a file (the
+    folder could never be made); a path that does not exist yet is fine."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f" ({p} is a file)"
+                raise ValueError(f"{flag} {path} is not a folder{where}")
+            return
 
 
 def parse_reward_spec(spec: str) -> dict[str, float]:
@@ -1752,13 +1766,14 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                 "placement": "tokens" if "lexical" in arch
                 else "backbone" if arch.get("layers") else "base",
                 "weight_range": wrange, "training": training, "metrics": metrics}
+    if not math.isfinite(history[-1]["train_loss"] if history else 0.0):
+        raise ValueError(f"training diverged (non-finite loss at epoch {len(history)}); "
+                         f"nothing saved to {cfg.out}: lower --lr")
     module = module.cpu()
     head = Head(cfg.name or Path(cfg.out).name, cfg.kind, module, manifest)
     save_head(Path(cfg.out), head)
     log(f"[{cfg.name}] saved {cfg.out}: " + json.dumps(
         {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-    if not math.isfinite(history[-1]["train_loss"] if history else 0.0):
-        raise RuntimeError("training diverged (non-finite loss)")
     return head
 
 
@@ -1838,6 +1853,9 @@ def train_all(out_dir: str | Path, only: Sequence[str] | None = None, sample: bo
     unknown = set(only or ()) - set(SHIPPED_HEADS)
     if unknown:
         raise ValueError(f"unknown head(s) {sorted(unknown)}; shipped: {sorted(SHIPPED_HEADS)}")
+    check_folder_path("--out", Path(out_dir))
+    for c in cfgs:  # every head's settings, before the (long) sampling
+        c.resolved()
     if sample and cfgs:
         sample_only(cfgs[0])  # every shipped head reads the same cache
         log(f"[train all] samples ready after {time.perf_counter() - t0:.0f}s")
