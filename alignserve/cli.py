@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from .engine.model_store import DEFAULT_MODEL_NAME, ModelError, resolve_model
 
@@ -402,14 +401,15 @@ def serve(args: argparse.Namespace) -> int:
         from .serving_ray.launch import serve_replicas  # the only path that imports Ray
 
         return serve_replicas(args)
-    from .server.main import build_remote_server, build_server
+    from .server.main import build_remote_server, build_server, heads_dirs
+    from .value_models.heads import HeadError, check_heads_folder
 
-    for d in (args.heads if isinstance(args.heads, list) else [args.heads] if args.heads
-              else []):  # before seconds of model loading
-        if not Path(d).is_dir():
-            why = "not a folder" if Path(d).exists() else "no such folder"
-            print(f"error: --heads {d}: {why}", file=sys.stderr)
-            return 2
+    try:
+        for d in heads_dirs(args):  # before seconds of model loading
+            check_heads_folder(d)
+    except HeadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.base_url:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:

@@ -29,7 +29,7 @@ def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAP
     from ..value_models.registry import Registry
     from ..value_models.rewards import HFNextTokenScorer
 
-    heads = args.heads if isinstance(args.heads, list) else [args.heads] if args.heads else []
+    heads = heads_dirs(args)
     registry = Registry.build([Path(h) for h in heads],
                               tokenizer_fingerprint(engine.tokenizer),
                               engine.base.config.hidden_size,
@@ -87,7 +87,7 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
         if tokenizer_fingerprint(check) != tokenizer_fingerprint(tok):
             raise ValueError(f"--local-backbone {bb_dir} has another tokenizer than "
                              f"--tokenizer {tok_dir}: it must read the base's tokens")
-    heads = args.heads if isinstance(args.heads, list) else [args.heads] if args.heads else []
+    heads = heads_dirs(args)
     backbone = None
     if bb_dir is None:
         registry = lexical_registry(heads, tokenizer_fingerprint(tok),
@@ -162,6 +162,11 @@ def api_keys(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"--api-keys-file {path} contains no keys")
         keys += file_keys
     return keys
+
+
+def heads_dirs(args: argparse.Namespace) -> list[str]:
+    """The ``--heads`` folders (repeatable; a single value when built by hand)."""
+    return args.heads if isinstance(args.heads, list) else [args.heads] if args.heads else []
 
 
 def announce_heads(registry: Registry) -> None:

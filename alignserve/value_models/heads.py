@@ -426,11 +426,18 @@ def default_heads_dir() -> Path:
         "default_heads")))
 
 
-def load_heads(root: Path, fingerprint: str | None = None, dim: int | None = None) -> list[Head]:
-    """Every head in ``root`` (the folder itself or its sub-folders holding a manifest)."""
+def check_heads_folder(root: str | Path) -> Path:
+    """``root`` as a Path; HeadError when it is not a folder (missing, or a file)."""
     root = Path(root)
     if not root.is_dir():
-        raise HeadError(f"--heads {root}: no such folder")
+        raise HeadError(f"--heads {root}: "
+                        f"{'not a folder' if root.exists() else 'no such folder'}")
+    return root
+
+
+def load_heads(root: Path, fingerprint: str | None = None, dim: int | None = None) -> list[Head]:
+    """Every head in ``root`` (the folder itself or its sub-folders holding a manifest)."""
+    root = check_heads_folder(root)
     folders = [root] if (root / MANIFEST).is_file() else sorted(
         p.parent for p in root.glob(f"*/{MANIFEST}"))
     if not folders:

@@ -1853,8 +1853,7 @@ def train_all(out_dir: str | Path, only: Sequence[str] | None = None, sample: bo
     unknown = set(only or ()) - set(SHIPPED_HEADS)
     if unknown:
         raise ValueError(f"unknown head(s) {sorted(unknown)}; shipped: {sorted(SHIPPED_HEADS)}")
-    check_folder_path("--out", Path(out_dir))
-    for c in cfgs:  # every head's settings, before the (long) sampling
+    for c in cfgs:  # every head's settings (its --out too), before the (long) sampling
         c.resolved()
     if sample and cfgs:
         sample_only(cfgs[0])  # every shipped head reads the same cache
