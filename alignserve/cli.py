@@ -189,17 +189,20 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
     elif value:
         p.add_argument("--hidden", type=int, default=128,
                        help="hidden units of the value MLP (default 128)")
-        p.add_argument("--lam", type=float, default=0.95,
-                       help="lambda of the td-lambda returns (default 0.95)")
+        p.add_argument("--lam", type=float, default=None,
+                       help="lambda of the td-lambda returns (default 0.95; refused with "
+                            "another --method)")
         p.add_argument("--refresh-every", type=int, default=None,
                        help="recompute bootstrapped targets (td-lambda, cd-q) every N optimizer "
-                            "steps; 0 = once per epoch (default: 0 for td-lambda, 4 for cd-q)")
+                            "steps; 0 = once per epoch (default: 0 for td-lambda, 4 for cd-q; "
+                            "refused with fudge, whose targets do not move)")
         p.add_argument("--aux-partial", type=float, default=0.0,
                        help="weight of an auxiliary loss: a second output of the head's hidden "
                             "layer regresses the reward of the partial text (reward distillation "
                             "on partial responses; 0 = off, the default)")
-        p.add_argument("--aux-every", type=int, default=4,
-                       help="score the partial text at every N-th state (default 4)")
+        p.add_argument("--aux-every", type=int, default=None,
+                       help="with --aux-partial: score the partial text at every N-th state "
+                            "(default 4)")
     else:
         p.add_argument("--rank", type=int, default=None,
                        help="rank of the logit adapter E (B (A h)) of an ARM on model states "
@@ -219,6 +222,12 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                             "ARMs shipped before 2026-12-01); GenARM decodes both as the "
                             "base + alpha * b; a token ARM's weights range over 0-0.5, an "
                             "increment ARM's over 0-5")
+        p.add_argument("--positions", type=int, default=0,
+                       help="with --lexical: P > 0 lets the bias also read the answer's "
+                            "position (the feature sum so far, e.g. the word count for concise, "
+                            "in P buckets) and whether the token ends the text, so ending can "
+                            "pay at one length and cost at another (default 0; 'token' reward "
+                            "and featurizers without a lexicon only; README, Lexical ARMs)")
         p.add_argument("--beta-r", type=float, default=0.05,
                        help="beta_r of GenARM's loss -log sigmoid(beta_r (log pi_r(y_w) - "
                             "log pi_r(y_l))) (default 0.05, the published value)")
@@ -378,11 +387,11 @@ def train(args: argparse.Namespace) -> int:
         pool=args.pool,
         backbone_layers=getattr(args, "backbone_layers", 0),
         lexical=getattr(args, "lexical", False),
-        arm_reward=getattr(args, "arm_reward", None),
+        arm_reward=getattr(args, "arm_reward", None), positions=getattr(args, "positions", 0),
         word_fit_alpha=getattr(args, "word_fit_alpha", None),
         featurizer=getattr(args, "featurizer", None),
-        rank=32 if rank is None else rank, lam=getattr(args, "lam", 0.95),
-        aux_partial=getattr(args, "aux_partial", 0.0), aux_every=getattr(args, "aux_every", 4),
+        rank=32 if rank is None else rank, lam=getattr(args, "lam", None),
+        aux_partial=getattr(args, "aux_partial", 0.0), aux_every=getattr(args, "aux_every", None),
         refresh_every=getattr(args, "refresh_every", None), beta_r=getattr(args, "beta_r", 0.05),
         margin=getattr(args, "margin", 0.1), value_head=getattr(args, "value_head", None),
         run_dir=args.run_dir, resume=args.resume,

@@ -360,7 +360,7 @@ def test_token_reward_is_the_sum_of_the_tokens_scores_in_context() -> None:
     assert got.tolist() == pytest.approx([first, float(b[5] + 2 * b[3])], abs=1e-5)
     with pytest.raises(ValueError, match="reward_form must be one of"):
         LexicalARM(6, 1, reward_form="bonus")
-    with pytest.raises(HeadError, match="arch.reward_form"):
+    with pytest.raises(HeadError, match="arch: reward_form must be one of"):
         build_module("arm", {"reward_form": "bonus", "lexical": {"vocab": 6, "features": 1}})
 
 
@@ -627,11 +627,13 @@ def test_lexical_arm_top_k_training_sum_is_exact_when_the_candidates_cover_the_v
 
 
 def test_shipped_lexical_arms_load_and_steer_genarm_without_state_reads(engine, registry):
-    for name, featurizer in (("sentiment_lex_arm", "minilm_words_fit"),
-                             ("non_toxic_lex_arm", "profanity_linear")):
+    for name, featurizer, positions in (("sentiment_lex_arm", "minilm_words_fit", 0),
+                                        ("non_toxic_lex_arm", "profanity_linear", 0),
+                                        ("concise_lex_arm", "word_starts", 40)):
         h = registry.heads[name]
         assert h.kind == "arm" and h.runner == "tokens" and isinstance(h.module, LexicalARM)
         assert h.manifest["arch"]["lexical"]["featurizer"] == featurizer
+        assert h.module.positions == positions
         assert h.module.reward_form == h.manifest["arch"]["reward_form"] == "token"
         assert h.manifest["metrics"]["pairwise_accuracy"] > 0.75
     # a weight named by the reward still reads its state ARM
@@ -702,3 +704,112 @@ def test_cli_featurizer_choices_are_the_featurizers() -> None:
                       for a in sub.choices["train"]._subparsers._group_actions[0]
                       .choices[kind]._actions if a.dest == "featurizer")
         assert sorted(action.choices) == sorted([*FEATURIZERS, *FITTED_FEATURIZERS])
+
+
+def _positional_arm(vocab: int = 8, positions: int = 4) -> LexicalARM:
+    """A positional token ARM over ``vocab`` ids: ids 1, 3, 5 start a word, id 7 ends the
+    text; random (seeded) weights so the bias depends on token and position."""
+    torch.manual_seed(0)
+    arm = LexicalARM(vocab, 1, hidden=4, reward_form="token", positions=positions)
+    arm.table[[1, 3, 5], 0] = 1.0
+    arm.end[7] = 1.0
+    torch.nn.init.normal_(arm.fc1.weight)
+    torch.nn.init.normal_(arm.fc2.weight)
+    return arm.eval()
+
+
+def test_positional_arm_reads_the_word_count_so_far_and_the_end_flag() -> None:
+    arm = _positional_arm()
+    assert arm.position_of([]) == 0
+    assert arm.position_of([2, 4]) == 0  # no word start yet
+    assert arm.position_of([1, 2, 3]) == 2
+    assert arm.position_of([1, 3, 5, 1, 3, 5]) == 3  # clipped to P - 1
+    with torch.no_grad():
+        b0, b2 = arm.position_bias(0), arm.position_bias(2)
+        # the same token costs differently at another length; ending too
+        assert abs(float(b0[1] - b2[1])) > 1e-3 and abs(float(b0[7] - b2[7])) > 1e-3
+        # the end flag is an input: id 7 and id 0 have the same table row, not the same bias
+        assert abs(float(b0[7] - b0[0])) > 1e-3
+        # decoding: context_delta moves bucket 0's bias to the history's bucket, exactly
+        width = 10  # a padded vocabulary: ids past the table read 0
+        got = arm.bias(width) + arm.context_delta([1, 2, 3], width)
+        assert got[:8].tolist() == pytest.approx(b2.tolist(), abs=1e-6)
+        assert got[8:].tolist() == [0.0, 0.0]
+        # remote GenARM reads the same numbers for a few ids only
+        assert arm.bias_at([1, 2, 3], [7, 1, 9]).tolist() == pytest.approx(
+            [float(b2[7]), float(b2[1]), 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="needs each token's end flag"):
+        arm.bias_of(arm.table)
+
+
+def test_positional_arm_starts_position_free_and_refuses_a_lexicon() -> None:
+    """Untrained position columns are zero, so a bucket training never reached reads as
+    bucket 0; a lexicon (whole-word features) is refused, as are other reward forms."""
+    torch.manual_seed(0)
+    arm = LexicalARM(8, 1, hidden=4, reward_form="token", positions=4)
+    torch.nn.init.normal_(arm.fc2.weight)
+    arm.eval()
+    with torch.no_grad():
+        assert arm.position_bias(3).tolist() == pytest.approx(arm.position_bias(0).tolist())
+    with pytest.raises(ValueError, match="takes no lexicon"):
+        arm.lexicon = Lexicon(["a", " b"], {"ab": 1.0}, "sum")
+    with pytest.raises(ValueError, match="per-token reward"):
+        LexicalARM(8, 1, reward_form="increment", positions=4)
+    with pytest.raises(ValueError, match="positions must be from 0 to 256"):
+        LexicalARM(8, 1, reward_form="token", positions=257)
+
+
+def test_positional_token_reward_sums_each_tokens_bias_at_its_position() -> None:
+    """Training reads every response token at the bucket its sample had reached before it
+    (``lexical_positions``), as decoding does."""
+    from types import SimpleNamespace
+
+    from alignserve.value_models.training import lexical_positions, lexical_token_rewards
+
+    arm = _positional_arm()
+    samples = [[1, 2, 3, 5, 7], [4, 1, 1]]
+    tokens = torch.tensor([t for s in samples for t in s])
+    pos = lexical_positions(arm, tokens, [5, 3])
+    assert pos.tolist() == [0, 1, 1, 2, 3, 0, 0, 1]
+    split = SimpleNamespace(lengths=torch.tensor([6, 4]), tokens=tokens,
+                            offsets=torch.tensor([0, 6, 10]), lex_y=None, cand_ids=None)
+    lexical_arm_features(split, arm.table, None, arm)
+    assert split.lex_pos.tolist() == pos.tolist()
+    got = lexical_token_rewards(arm, split, [0, 1]).detach()
+    with torch.no_grad():
+        want = [sum(float(arm.position_bias(arm.position_of(s[:t]))[s[t]])
+                    for t in range(len(s))) for s in samples]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_positional_arm_round_trips_through_a_head_folder(tmp_path: Path) -> None:
+    from alignserve.value_models.heads import Head, HeadError, build_module, save_head
+
+    arm = _positional_arm()
+    lex = {"vocab": 8, "features": 1, "featurizer": "word_starts"}
+    manifest = {"reward": "concise", "tokenizer": None, "placement": "tokens",
+                "arch": {"hidden": 4, "reward_form": "token", "positions": 4, "lexical": lex},
+                "weight_range": [0.0, 0.5], "range": [-1e9, 0.0]}
+    save_head(tmp_path / "pos_arm", Head("pos_arm", "arm", arm, manifest))
+    back = load_head(tmp_path / "pos_arm").module.eval()
+    assert back.positions == 4 and back.end.tolist() == arm.end.tolist()
+    with torch.no_grad():
+        assert back.position_bias(2).tolist() == pytest.approx(arm.position_bias(2).tolist())
+    with pytest.raises(HeadError, match="arch: positions must be from 0 to 256"):
+        build_module("arm", {"reward_form": "token", "positions": 999, "lexical": lex})
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"kind": "arm", "reward": "concise", "positions": 8, "lexical": False},
+     "--positions is for lexical ARMs"),
+    ({"kind": "value", "reward": "concise", "positions": 8}, "--positions is for lexical ARMs"),
+    ({"kind": "arm", "reward": "concise", "positions": 8, "arm_reward": "increment"},
+     "--positions needs --arm-reward token"),
+    ({"kind": "arm", "reward": "concise", "positions": -1}, "--positions must be from 0 to 256"),
+    ({"kind": "arm", "reward": "non_toxic", "positions": 8},
+     "'profanity_linear' has one"),
+    ({"kind": "arm", "reward": "sentiment", "positions": 8}, "'minilm_words_fit' has one"),
+])
+def test_positional_arm_settings_are_checked_before_sampling(kw, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(**{"out": "/tmp/x", "lexical": True, **kw}).resolved()

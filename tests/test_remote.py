@@ -192,7 +192,7 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
         assert off["vas"] is None and off["cd"] is None and off["genarm"] is None
         heads = {h["name"] for h in info["data"] if h["kind"] in ("value_head", "arm", "q_head")}
         assert heads == {"concise_lex", "non_toxic_lex", "sentiment_lex", "sentiment_lex_margin",
-                         "non_toxic_lex_arm", "sentiment_lex_arm"}
+                         "non_toxic_lex_arm", "sentiment_lex_arm", "concise_lex_arm"}
         # genarm: a reward name reads its lexical ARM; a state ARM's name is a 400
         plain = chat(srv, seed=5, max_tokens=10)
         zero = chat(srv, {"strategy": "genarm", "weights": {"sentiment": 0}}, seed=5,
@@ -203,10 +203,15 @@ def test_without_backbone_only_lexical_heads_steer(remote, model_dir):
         assert r.model_extra["alignment"]["arms"] == {"sentiment": "sentiment_lex_arm"}
         assert r.model_extra["alignment"]["kl_per_token"] > 0
         assert r.choices[0].message.content != plain.choices[0].message.content
-        with pytest.raises(APIStatusError) as ei:
-            chat(srv, {"strategy": "genarm", "weights": {"concise": 1}})
+        # the positional concise ARM reads the answer's word count from the tokens so far
+        r = chat(srv, {"strategy": "genarm", "weights": {"concise": 0.3}}, seed=5,
+                 max_tokens=10)
+        assert r.model_extra["alignment"]["arms"] == {"concise": "concise_lex_arm"}
+        assert r.choices[0].message.content != plain.choices[0].message.content
+        with pytest.raises(APIStatusError) as ei:  # no lexical ARM for this reward
+            chat(srv, {"strategy": "genarm", "weights": {"vader": 1}})
         assert ei.value.status_code == 400
-        assert ei.value.body["param"] == "alignment.weights.concise"
+        assert ei.value.body["param"] == "alignment.weights.vader"
         assert "sentiment_lex_arm" in ei.value.body["message"]
         assert "--local-backbone" in ei.value.body["message"]
         for name in ("vas", "cd"):

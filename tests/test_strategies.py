@@ -195,6 +195,27 @@ def test_weight_is_monotone_with_the_lexical_sentiment_arm(engine, registry, pro
     assert means[0] < means[1] < means[2], means
 
 
+def test_weight_is_monotone_with_the_positional_concise_arm(engine, registry, prompts):
+    """concise_lex_arm (a per-token bias that also reads the word count so far and whether the
+    token ends the text): GenARM's concise reward (30 words) rises with alpha over 48-token
+    answers, and the answers' word counts move towards 30; no guidance forward."""
+    import re
+
+    needs_head(registry, "concise_lex_arm", "arm")
+    means, off = [], []
+    for w in (0.0, 0.1, 0.25):
+        res = run_all(engine, registry, prompts,
+                      {"strategy": "genarm", "weights": {"concise_lex_arm": w}}, seed=1,
+                      max_tokens=48)
+        means.append(mean_reward(registry, prompts, res, "concise"))
+        off.append(float(np.mean([abs(len(re.findall(r"\S+", r["choices"][0]["text"])) - 30)
+                                  for r in res])))
+        if w:
+            assert res[0]["stats"].guidance_forwards == 0
+    assert means[0] < means[1] < means[2], means
+    assert off[2] < off[0], off
+
+
 @pytest.fixture(scope="module")
 def rtp_prompts(engine):
     """RealToxicityPrompts test prompts (the ``non_toxic`` suite), as chat requests."""

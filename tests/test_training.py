@@ -88,7 +88,8 @@ def test_bootstrapped_value_methods_run(run_dir: Path, tmp_path: Path, method: s
     assert all(torch.isfinite(p).all() for p in head.module.parameters())
 
 
-def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: Path) -> None:
+def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: Path,
+                                                       monkeypatch) -> None:
     a = run_training(_cfg(run_dir, tmp_path / "a", "value", method="td-lambda", epochs=4,
                           val_prompts=0))
     b = run_training(_cfg(run_dir, tmp_path / "b", "value", method="td-lambda", epochs=4,
@@ -101,7 +102,14 @@ def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: 
                           val_prompts=0, name="r", resume=True))
     assert [h["epoch"] for h in c.manifest["training"]["history"]] == [1, 2, 3, 4]
     assert _same(a.module, c.module)
-    # a checkpoint past the asked epochs is refused, not saved as if it had that many
+    # a checkpoint past the asked epochs is refused, not saved as if it had that many, and
+    # before the model loads (which would take seconds)
+    from alignserve.value_models import training
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(training, "BaseModel", no_model)
     with pytest.raises(ValueError, match="at epoch 4, past --epochs 2"):
         run_training(_cfg(run_dir, tmp_path / "c", "value", method="td-lambda", epochs=2,
                           val_prompts=0, name="r", resume=True))
@@ -132,12 +140,36 @@ def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: 
     ({"name": ""}, "--name must be"),
     ({"aux_partial": float("nan")}, "--aux-partial finite and >= 0"),
     ({"refresh_every": -3}, "--refresh-every must be >= 0"),
+    # settings the head would not use: refused, not recorded in its manifest as if they had
+    ({"method": "fudge", "lam": 0.5}, "--lam is the lambda of td-lambda .* --method fudge"),
+    ({"kind": "arm", "lam": 0.5}, "--lam is .* this head is a arm head"),
+    ({"method": "fudge", "refresh_every": 2}, "--refresh-every is for value heads with boot"),
+    ({"kind": "arm", "refresh_every": 2}, "--refresh-every is for value heads"),
+    ({"aux_every": 2}, "--aux-every .* needs --aux-partial > 0"),
+    ({"kind": "arm", "aux_partial": 1.0}, "--aux-partial is for value heads"),
 ])
 def test_training_settings_are_refused_before_sampling(kw, needle) -> None:
     """Each would crash, be ignored or save a useless head minutes into a run; resolved()
     (called before any sampling) names the flag and the allowed range."""
     with pytest.raises(ValueError, match=needle):
         TrainConfig(**{"kind": "value", "reward": "concise", "out": "/tmp/x", **kw}).resolved()
+
+
+def test_training_defaults_fill_only_the_settings_a_head_uses() -> None:
+    """The manifest records what the run used: lambda and the refresh period for td-lambda,
+    the refresh period alone for cd-q, neither for fudge heads and ARMs; --aux-every only with
+    --aux-partial."""
+    def cfg(**kw):
+        return TrainConfig(**{"kind": "value", "reward": "concise", "out": "/tmp/x",
+                              **kw}).resolved()
+
+    td, cdq, fudge = cfg(), cfg(method="cd-q"), cfg(method="fudge")
+    assert (td.lam, td.refresh_every, td.aux_every) == (0.95, 0, None)
+    assert (cdq.lam, cdq.refresh_every) == (None, 4)
+    assert (fudge.lam, fudge.refresh_every) == (None, None)
+    assert cfg(aux_partial=1.0).aux_every == 4
+    arm = TrainConfig(kind="arm", reward="concise", out="/tmp/x").resolved()
+    assert (arm.lam, arm.refresh_every, arm.aux_every) == (None, None, None)
 
 
 def test_training_out_and_run_dir_must_be_folders(tmp_path: Path) -> None:
@@ -175,14 +207,17 @@ def test_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path) ->
     assert _same(a.module, b.module)
 
 
-@pytest.mark.parametrize("arm_reward", ["increment", "token"])
+@pytest.mark.parametrize("arm_reward, positions", [("increment", 0), ("token", 0),
+                                                   ("token", 8)])
 def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: Path,
-                                                       arm_reward: str) -> None:
+                                                       model_dir: Path, arm_reward: str,
+                                                       positions: int) -> None:
     """A lexical ARM (per-token bias from the word-start feature) trains as its reward form
-    (the increment over the base, or the per-token reward), saves its token table and reward
-    form and loads as a LexicalARM that reads no states."""
+    (the increment over the base, or the per-token reward; with positions, also reading the
+    word count so far and the end-of-text flag), saves its token table and reward form and
+    loads as a LexicalARM that reads no states."""
     kw = dict(epochs=6, margin=0.0, batch_size=2, lr=5e-2, val_prompts=0, lexical=True,
-              hidden=4, arm_reward=arm_reward)
+              hidden=4, arm_reward=arm_reward, positions=positions)
     a = run_training(_cfg(run_dir, tmp_path / "concise_lex_arm", "arm", **kw))
     hist = a.manifest["training"]["history"]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"], hist
@@ -194,6 +229,12 @@ def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: 
                                                else [0.0, 5.0])
     assert loaded.manifest["arch"]["lexical"]["featurizer"] == "word_starts"
     assert loaded.module.table.sum() > 0  # the word-start feature of the vocabulary
+    assert loaded.module.positions == positions == loaded.manifest["arch"].get("positions", 0)
+    if positions:  # the base's end of text, flagged from the model's own config
+        from alignserve.engine.scheduler import eos_ids_from_config
+
+        ends = loaded.module.end.nonzero()[:, 0].tolist()
+        assert ends and ends == sorted(eos_ids_from_config(model_dir))
     b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
     assert _same(a.module, b.module)
 

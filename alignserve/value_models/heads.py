@@ -340,9 +340,9 @@ def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
         lex = arch["lexical"]
         try:
             return LexicalARM(lex["vocab"], lex["features"], arch.get("hidden", 16),
-                              arch.get("reward_form", "increment"))
+                              arch.get("reward_form", "increment"), arch.get("positions", 0))
         except ValueError as exc:
-            raise HeadError(f"arch.reward_form: {exc}") from exc
+            raise HeadError(f"arch: {exc}") from exc
     if kind == "arm":
         return ARMHead(arch["dim"], arch.get("rank", 32), pool)
     if kind == "q":

@@ -48,6 +48,7 @@ answers; ``FEATURIZER_FOR_REWARD`` names each reward's default, ``train --featur
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .heads import ValueHead
 
@@ -575,25 +577,47 @@ class LexicalARM(nn.Module):
     ``fc2`` starts at zero: the ARM starts as the base.
     The bias is cached per (device, width) while the module is in eval mode (it is frozen once
     loaded); ``train()`` drops the cache.
+
+    **Positions** (``positions`` P > 0, ``token`` form only, featurizers without a lexicon): the
+    bias also reads whether the token ends the text (``end``) and a one-hot bucket of the answer
+    so far, the sum of the table's first feature over its tokens (``position_of``; for
+    ``word_starts`` the word count, clipped to P - 1): b_a = MLP([table[a], end_a,
+    onehot(p)]). A per-token bias alone is the same at every step, so its reward is linear in
+    the token and word counts and it cannot say "stop near 30 words"; with the bucket, ending
+    (and starting another word) can cost or pay differently at each length. Decoding adds the
+    bucket's bias through ``context_delta``, so GenARM needs no change.
     """
 
     pool = "none"
     increment = True  # GenARM adds alpha * (log pi_r - log p_base) = alpha * b + const
     REWARD_FORMS = ("increment", "token")
+    MAX_POSITIONS = 256
 
     def __init__(self, vocab: int, features: int, hidden: int = 16,
-                 reward_form: str = "increment") -> None:
+                 reward_form: str = "increment", positions: int = 0) -> None:
         super().__init__()
         if reward_form not in self.REWARD_FORMS:
             raise ValueError(f"reward_form must be one of {self.REWARD_FORMS}, got "
                              f"{reward_form!r}")
+        if not 0 <= positions <= self.MAX_POSITIONS:
+            raise ValueError(f"positions must be from 0 to {self.MAX_POSITIONS}, got "
+                             f"{positions}")
+        if positions and reward_form != "token":
+            raise ValueError("a positional lexical ARM is trained as a per-token reward "
+                             "(reward_form 'token')")
         self.reward_form = reward_form
+        self.positions = positions
         self.register_buffer("table", torch.zeros(vocab, features))
-        self.fc1 = nn.Linear(features, hidden)
+        if positions:  # 1 at the end-of-text token ids: ending is a choice the bias can price
+            self.register_buffer("end", torch.zeros(vocab))
+        self.fc1 = nn.Linear(features + (1 + positions if positions else 0), hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        if positions:  # a bucket no training answer reached reads as bucket-less, not noise
+            with torch.no_grad():
+                self.fc1.weight[:, features + 1:] = 0.0
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
-        self._cache: dict[tuple[Any, int], Tensor] = {}
+        self._cache: dict[tuple[Any, ...], Tensor] = {}
         self._deltas: OrderedDict[tuple[str, Any], tuple[Tensor, Tensor]] = OrderedDict()
         self._lexicon: Lexicon | None = None
 
@@ -604,6 +628,9 @@ class LexicalARM(nn.Module):
 
     @lexicon.setter
     def lexicon(self, value: Lexicon | None) -> None:
+        if value is not None and self.positions:
+            raise ValueError("a positional lexical ARM takes no lexicon (its position is the "
+                             "plain feature sum of the answer so far)")
         self._lexicon = value
         self.clear_caches()
 
@@ -621,12 +648,48 @@ class LexicalARM(nn.Module):
         self.clear_caches()
         super()._load_from_state_dict(*args, **kwargs)
 
-    def bias_of(self, features: Tensor) -> Tensor:
+    def bias_of(self, features: Tensor, end: Tensor | None = None,
+                position: Tensor | int | None = None) -> Tensor:
         """[...] fp32 logit bias of tokens with per-token ``features`` [..., F] (standardised
-        by the table's statistics)."""
+        by the table's statistics). A positional ARM (``positions`` P > 0) also reads each
+        token's end-of-text flag ``end`` [...] and the answer's ``position`` bucket ([...] or
+        one int, 0..P-1: see ``position_of``), one-hot."""
         t = self.table.float()
         x = (features.float() - t.mean(0)) / t.std(0).clamp_min(1e-6)
+        if self.positions:
+            if end is None or position is None:
+                raise ValueError("a positional lexical ARM needs each token's end flag and "
+                                 "position bucket")
+            pos = torch.as_tensor(position, device=x.device).long().expand(x.shape[:-1])
+            x = torch.cat([x, end.float().to(x.device)[..., None],
+                           F.one_hot(pos, self.positions).float()], -1)
         return self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
+
+    def position_of(self, history: Sequence[int]) -> int:
+        """The position bucket after ``history`` (token ids): the sum of the table's first
+        feature over those tokens (for ``word_starts``, the words so far), floored and clipped
+        to 0..P-1; 0 for an ARM without positions."""
+        if not self.positions or not history:
+            return 0
+        ids = torch.tensor(list(history), dtype=torch.long, device=self.table.device)
+        ids = ids[ids < self.table.shape[0]]
+        s = float(self.table[ids, 0].double().sum()) if len(ids) else 0.0
+        return int(min(max(math.floor(s + 1e-6), 0), self.positions - 1))
+
+    def position_bias(self, position: int, width: int | None = None) -> Tensor:
+        """[width] fp32 bias of every token id at position bucket ``position`` (``bias()`` is
+        bucket 0); cached per (device, width, bucket) in eval mode (at most P x V floats)."""
+        width = width or self.table.shape[0]
+        if not self.positions or position == 0:
+            return self.bias(width)
+        key = (self.table.device, width, position)
+        if not self.training and key in self._cache:
+            return self._cache[key]
+        b = self.bias_of(self.table, self.end, position)
+        b = torch.cat([b, b.new_zeros(max(width - b.shape[0], 0))])[:width]
+        if not self.training:
+            self._cache[key] = b.detach()
+        return b
 
     def context_delta(self, history: Sequence[int], width: int) -> Tensor:
         """[width] change of the bias at the end of ``history`` (token ids): with a lexicon,
@@ -636,6 +699,10 @@ class LexicalARM(nn.Module):
         ``DELTA_CACHE`` words; with a "sum" lexicon about 15k tokens change per word, 8 bytes
         each, so the cache holds up to ~64 MB); ``clear_caches`` drops it."""
         delta = torch.zeros(width, device=self.table.device)
+        if self.positions:  # the bias at the answer's position bucket, against bucket 0's
+            p = self.position_of(history)
+            with torch.no_grad():
+                return delta if p == 0 else self.position_bias(p, width) - self.bias(width)
         if self.lexicon is None:
             return delta
         tail = self.lexicon.tail(history).lower()
@@ -681,8 +748,9 @@ class LexicalARM(nn.Module):
         d = None if self.lexicon is None else self.lexicon.deltas(history, self.table[:, 0], idx)
         if d is not None:
             feats[:, 0] += d
+        end = self.end[idx.clamp_max(self.table.shape[0] - 1)] if self.positions else None
         with torch.no_grad():
-            return self.bias_of(feats) * inside
+            return self.bias_of(feats, end, self.position_of(history)) * inside
 
     def bias(self, width: int | None = None) -> Tensor:
         """[width] fp32 logit bias per token id (default width: the table's vocabulary); ids past
@@ -691,7 +759,7 @@ class LexicalARM(nn.Module):
         key = (self.table.device, width)
         if not self.training and key in self._cache:
             return self._cache[key]
-        b = self.bias_of(self.table)
+        b = self.bias_of(self.table, getattr(self, "end", None), 0)
         if width > b.shape[0]:
             b = torch.cat([b, b.new_zeros(width - b.shape[0])])
         b = b[:width]

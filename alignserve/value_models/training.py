@@ -122,12 +122,13 @@ class TrainConfig:
     backbone_layers: int = 0  # 0: read the base's final states; L: a backbone of its first L
     lexical: bool = False  # value heads / ARMs: per-token features of the reward (lexical.py)
     arm_reward: str | None = None  # lexical ARMs: "token" (None: the default) or "increment"
+    positions: int = 0  # lexical ARMs: > 0 reads a bucket of the feature sum so far (LexicalARM)
     word_fit_alpha: float | None = None  # fitted lexical featurizers: ridge alpha (None: CV)
     featurizer: str | None = None  # lexical heads: None = the reward's (FEATURIZER_FOR_REWARD)
     rank: int = 32
-    lam: float = 0.95
+    lam: float | None = None  # td-lambda value heads: None = 0.95
     aux_partial: float = 0.0  # value heads: weight of the partial-text reward auxiliary loss
-    aux_every: int = 4  # ... scored at every aux_every-th state of each response
+    aux_every: int | None = None  # ... scored at every aux_every-th state (None: 4)
     refresh_every: int | None = None  # None: 0 (per epoch) for td-lambda, 4 steps for cd-q
     beta_r: float = 0.05
     margin: float = 0.1
@@ -165,10 +166,26 @@ class TrainConfig:
             raise ValueError(f"kind must be 'value', 'q' or 'arm', got {self.kind!r}")
         if value and self.method not in VALUE_METHODS:
             raise ValueError(f"--method must be one of {VALUE_METHODS}, got {self.method!r}")
-        if self.aux_every < 1 or not (math.isfinite(self.aux_partial)
-                                      and self.aux_partial >= 0):
+        if (self.aux_every is not None and self.aux_every < 1) or not (
+                math.isfinite(self.aux_partial) and self.aux_partial >= 0):
             raise ValueError(f"--aux-every must be >= 1 and --aux-partial finite and >= 0, "
                              f"got {self.aux_every} and {self.aux_partial}")
+        # a setting the head would not use is refused, not silently recorded in its manifest
+        td = self.kind == "value" and self.method == "td-lambda"
+        if self.lam is not None and not td:
+            raise ValueError(f"--lam is the lambda of td-lambda value heads' returns; this "
+                             f"head is a {self.kind} head" + (
+                                 f" with --method {self.method}" if self.kind == "value"
+                                 else ""))
+        if self.refresh_every is not None and not (
+                self.kind == "value" and self.method in ("td-lambda", "cd-q")):
+            raise ValueError("--refresh-every is for value heads with bootstrapped targets "
+                             "(--method td-lambda or cd-q)")
+        if self.aux_partial and self.kind != "value":
+            raise ValueError("--aux-partial is for value heads")
+        if self.aux_every is not None and not self.aux_partial:
+            raise ValueError("--aux-every sets how often --aux-partial scores the partial "
+                             "text: it needs --aux-partial > 0")
         if self.pool not in POOLS:
             raise ValueError(f"--pool must be one of {POOLS}, got {self.pool!r}")
         if self.pool != "none" and (self.kind == "q" or self.backbone_layers):
@@ -184,6 +201,14 @@ class TrainConfig:
         if self.arm_reward is not None and not (self.kind == "arm" and self.lexical):
             raise ValueError("--arm-reward is for lexical ARMs (train arm --lexical): an ARM "
                              "on model states defines its reward by its own log-probs")
+        if self.positions and not (self.kind == "arm" and self.lexical):
+            raise ValueError("--positions is for lexical ARMs (train arm --lexical)")
+        if self.positions and self.arm_reward == "increment":
+            raise ValueError("--positions needs --arm-reward token (a positional ARM is "
+                             "trained as a per-token reward)")
+        if not 0 <= self.positions <= LexicalARM.MAX_POSITIONS:
+            raise ValueError(f"--positions must be from 0 to {LexicalARM.MAX_POSITIONS}, got "
+                             f"{self.positions}")
         if (self.featurizer is not None or self.word_fit_alpha is not None) and not self.lexical:
             raise ValueError("--featurizer and --word-fit-alpha are for lexical heads "
                              "(--lexical)")
@@ -194,9 +219,13 @@ class TrainConfig:
             if self.pool != "none" or self.backbone_layers:
                 raise ValueError("--lexical reads token ids, not model states: it takes no "
                                  "--pool or --backbone-layers")
-            from .lexical import FITTED_FEATURIZERS
+            from .lexical import FITTED_FEATURIZERS, LEXICONS
 
             fitted = self.lexical_featurizer() in FITTED_FEATURIZERS
+            if self.positions and (fitted or self.lexical_featurizer() in LEXICONS):
+                raise ValueError(f"--positions reads the plain feature sum so far, so it takes "
+                                 f"a featurizer without a whole-word lexicon; "
+                                 f"{self.lexical_featurizer()!r} has one")
             if self.word_fit_alpha is not None and not fitted:
                 raise ValueError(f"--word-fit-alpha is for a featurizer fitted to the reward "
                                  f"({sorted(FITTED_FEATURIZERS)}); this head's is "
@@ -226,8 +255,12 @@ class TrainConfig:
         out.epochs = self.epochs if self.epochs is not None else (10 if value else 2)
         out.lr = self.lr if self.lr is not None else (1e-3 if value else 5e-4)
         out.batch_size = self.batch_size if self.batch_size is not None else (256 if value else 32)
-        if self.refresh_every is None:
+        if self.refresh_every is None and self.kind == "value" and self.method != "fudge":
             out.refresh_every = 4 if self.method == "cd-q" else 0
+        if td and self.lam is None:
+            out.lam = 0.95
+        if self.aux_partial and self.aux_every is None:
+            out.aux_every = 4
         if not value:
             out.method = "genarm"
         if self.kind == "q":
@@ -255,7 +288,7 @@ class TrainConfig:
                  and self.weight_decay >= 0, "finite and >= 0"),
                 ("--hidden", self.hidden, self.hidden >= 1, ">= 1"),
                 ("--rank", self.rank, self.rank >= 1, ">= 1"),
-                ("--lam", self.lam, 0 <= self.lam <= 1, "in [0, 1]"),
+                ("--lam", self.lam, self.lam is None or 0 <= self.lam <= 1, "in [0, 1]"),
                 ("--beta-r", self.beta_r, fin(self.beta_r) and self.beta_r > 0,
                  "finite and > 0"),
                 ("--margin", self.margin, fin(self.margin) and self.margin >= 0,
@@ -825,6 +858,8 @@ class Split:
     pooled: Tensor | None = None  # [sum_s (T_s + 1), 2D] [h_t, mean(h_0..h_t)]: a pooled ARM's
     lex_y: Tensor | None = None  # [sum_s T_s, F] a lexical ARM's feature of each response token
     lex_cand: Tensor | None = None  # [sum_s T_s, TOPK, F] ... of each recorded candidate
+    lex_pos: Tensor | None = None  # [sum_s T_s] a positional lexical ARM's bucket per token
+    lex_end: Tensor | None = None  # [sum_s T_s] ... and the token's end-of-text flag
 
     def adapter_input(self, head: Any, rows: Tensor) -> Tensor:
         """What an ARM's adapter reads at state ``rows``: the states, or pooled features."""
@@ -857,6 +892,7 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
     rewards = score_samples(data, weights, folder, base)
     partial = None
     if cfg.kind == "value" and cfg.aux_partial > 0 and split == "train":
+        assert cfg.aux_every is not None  # resolved(): 4 when --aux-partial is on
         partial = partial_rewards(data, weights, folder, base, cfg.aux_every, cfg.progress)
     return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
                  folder, feats.get("cand_ids"), feats.get("cand_lp"), partial)
@@ -901,7 +937,7 @@ def _predict(module: torch.nn.Module, x: Tensor, chunk: int = 8192) -> Tensor:
 
 
 @torch.no_grad()
-def value_targets(method: str, values: Tensor, split: Split, lam: float) -> Tensor:
+def value_targets(method: str, values: Tensor, split: Split, lam: float | None) -> Tensor:
     """Regression targets for every state row (stop-gradient by construction).
 
     ``values`` are the current head's V(s) for every row (unused by ``fudge``).
@@ -919,12 +955,13 @@ def value_targets(method: str, values: Tensor, split: Split, lam: float) -> Tens
     return torch.where(first, mc0[split.group][sample], out)
 
 
-def _bootstrapped_targets(method: str, values: Tensor, split: Split, lam: float, r: Tensor,
+def _bootstrapped_targets(method: str, values: Tensor, split: Split, lam: float | None, r: Tensor,
                           last: Tensor) -> Tensor:
     nxt = torch.empty_like(values)
     nxt[:-1] = values[1:]
     if method == "cd-q":
         return torch.where(last, r, nxt)
+    assert lam is not None, "td-lambda needs lam"
     # td-lambda, gamma = 1, reward only at the end: G_T = r,
     # G_t = (1 - lam) V(s_{t+1}) + lam G_{t+1}. Rows are padded to [samples, T_max + 1] so the
     # backward recursion is T_max vector steps instead of a loop over every row.
@@ -1111,7 +1148,15 @@ def lexical_token_rewards(head: LexicalARM, split: Split, samples: Sequence[int]
         raise ValueError("a lexical ARM needs Split.lex_y (lexical_arm_features)")
     _, _, own = _arm_rows(split, samples)
     dev = head.table.device
-    r = head.bias_of(split.lex_y[_token_rows(split, samples)].to(dev))
+    rows = _token_rows(split, samples)
+    if head.positions:
+        if split.lex_pos is None or split.lex_end is None:
+            raise ValueError("a positional lexical ARM needs Split.lex_pos / lex_end "
+                             "(lexical_arm_features with the head)")
+        r = head.bias_of(split.lex_y[rows].to(dev), split.lex_end[rows].to(dev),
+                         split.lex_pos[rows].to(dev))
+    else:
+        r = head.bias_of(split.lex_y[rows].to(dev))
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), r)
 
 
@@ -1128,9 +1173,7 @@ def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int,
     top-TOPK candidates (cheap; used for the per-epoch validation line)."""
     n = split.num_samples
     topk = split.cand_ids is not None
-    head_fn = arm_sequence_logprobs_topk if approx and topk else arm_sequence_logprobs_exact
-    sums = torch.cat([head_fn(head, split, range(i, min(i + chunk, n)), embed)
-                      for i in range(0, n, chunk)]).cpu()
+    positional = isinstance(head, LexicalARM) and head.positions > 0
     if base_sums is None:
         base_fn = arm_sequence_logprobs_topk if topk else arm_sequence_logprobs
         base_sums = torch.cat([base_fn(None, split, range(i, min(i + chunk, n)), embed)
@@ -1139,17 +1182,22 @@ def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int,
         return {"pairs": 0}
     w = torch.tensor([p[0] for p in pairs])
     ll = torch.tensor([p[1] for p in pairs])
-    delta = float(((sums - base_sums)[w] > (sums - base_sums)[ll]).float().mean())
-    out = {
+    out: dict[str, float] = {
         "pairs": len(pairs),
-        "pairwise_accuracy": delta if isinstance(head, LexicalARM)
-        else float((sums[w] > sums[ll]).float().mean()),
         "base_pairwise_accuracy": float((base_sums[w] > base_sums[ll]).float().mean()),
-        "delta_pairwise_accuracy": delta,
     }
+    if not positional:  # a positional ARM's reward is its token reward only (no increment)
+        head_fn = arm_sequence_logprobs_topk if approx and topk else arm_sequence_logprobs_exact
+        sums = torch.cat([head_fn(head, split, range(i, min(i + chunk, n)), embed)
+                          for i in range(0, n, chunk)]).cpu()
+        delta = float(((sums - base_sums)[w] > (sums - base_sums)[ll]).float().mean())
+        out["pairwise_accuracy"] = delta if isinstance(head, LexicalARM) \
+            else float((sums[w] > sums[ll]).float().mean())
+        out["delta_pairwise_accuracy"] = delta
     if isinstance(head, LexicalARM) and head.reward_form == "token":
-        if split.lex_y is None:  # a split loaded outside train_arm (e.g. bench/head_ceiling)
-            lexical_arm_features(split, head.table, head.lexicon)
+        if split.lex_y is None or (positional and split.lex_pos is None):
+            # a split loaded outside train_arm (e.g. bench/head_ceiling)
+            lexical_arm_features(split, head.table, head.lexicon, head)
         tok = torch.cat([lexical_token_rewards(head, split, range(i, min(i + chunk, n)))
                          for i in range(0, n, chunk)]).cpu()
         out["token_pairwise_accuracy"] = float((tok[w] > tok[ll]).float().mean())
@@ -1172,17 +1220,20 @@ def _ckpt_key(cfg: TrainConfig) -> str:
     d = asdict(cfg)
     for k in ("resume", "progress", "command", "run_dir", "out", "epochs"):
         d.pop(k)
-    for k in ("arm_reward", "word_fit_alpha", "featurizer"):  # added later: None keeps the
-        if d[k] is None:                                      # keys of older checkpoints
+    for k, unset in (("arm_reward", None), ("word_fit_alpha", None), ("featurizer", None),
+                     ("positions", 0)):  # added later: unset keeps older checkpoints' keys
+        if d[k] == unset:
             d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_ckpt(cfg: TrainConfig, module: torch.nn.Module,
-               opt: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]]]:
+def _resumable_ckpt(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues (None: none, or no --resume); ValueError if it
+    was written with other settings or is past ``--epochs``. ``run_training`` calls it before
+    loading the model, so such a run fails in a second."""
     path = _ckpt_path(cfg)
     if not (cfg.resume and path.is_file()):
-        return 0, []
+        return None
     ck = torch.load(path, weights_only=False)
     if ck["key"] != _ckpt_key(cfg):
         raise ValueError(f"{path} was written by a run with other settings; drop --resume or "
@@ -1190,6 +1241,14 @@ def _load_ckpt(cfg: TrainConfig, module: torch.nn.Module,
     if int(ck["epoch"]) > int(cfg.epochs or 0):
         raise ValueError(f"--resume: {path} is at epoch {ck['epoch']}, past --epochs "
                          f"{cfg.epochs}; ask for at least {ck['epoch']} epochs or drop --resume")
+    return ck
+
+
+def _load_ckpt(cfg: TrainConfig, module: torch.nn.Module,
+               opt: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]]]:
+    ck = _resumable_ckpt(cfg)
+    if ck is None:
+        return 0, []
     module.load_state_dict(ck["module"])
     opt.load_state_dict(ck["optim"])
     return int(ck["epoch"]), list(ck["history"])
@@ -1475,12 +1534,31 @@ def response_texts(tokenizer: Any, split: Split) -> list[str]:
             for a, b in zip(ends[:-1], ends[1:])]
 
 
-def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None) -> None:
+def lexical_positions(head: LexicalARM, tokens: Tensor, lengths: Sequence[int]) -> Tensor:
+    """[sum T_s] long: the position bucket (``LexicalARM.position_of``) before every token of
+    samples laid back to back (sample s has ``lengths[s]`` tokens): the floored sum of the
+    table's first feature over the sample's earlier tokens, clipped to 0..P-1."""
+    ids = tokens.long().clamp_max(head.table.shape[0] - 1)
+    f = (head.table[ids, 0].double() * (tokens.long() < head.table.shape[0])).cpu()
+    c = torch.cumsum(f, 0) - f  # exclusive running sum over everything before the token
+    starts = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)
+    own = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(list(lengths)))
+    before = c[starts][own] if len(lengths) else c
+    return torch.floor(c - before + 1e-6).clamp(0, head.positions - 1).long()
+
+
+def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None,
+                         head: LexicalARM | None = None) -> None:
     """Fill ``split.lex_y`` / ``lex_cand``: the feature of every response token and of every
     recorded top-K candidate at its state, with the lexicon's whole-word features given the
-    sample's earlier tokens (``lexical.apply_lexicon`` / ``Lexicon.deltas``)."""
+    sample's earlier tokens (``lexical.apply_lexicon`` / ``Lexicon.deltas``). For a
+    positional ``head``, also ``lex_pos`` / ``lex_end`` (each token's position bucket and
+    end-of-text flag)."""
     lengths = (split.lengths - 1).tolist()
     split.lex_y = contextual_rows(table, split.tokens, lengths, lexicon)
+    if head is not None and head.positions:
+        split.lex_pos = lexical_positions(head, split.tokens, lengths)
+        split.lex_end = head.end.cpu()[split.tokens.long().clamp_max(table.shape[0] - 1)]
     if split.cand_ids is None:
         return
     ids = split.cand_ids.long()
@@ -1495,7 +1573,7 @@ def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None) -
 
 def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None = None,
               margin: float = 0.0, lex_table: Tensor | None = None,
-              lexicon: Lexicon | None = None,
+              lexicon: Lexicon | None = None, end_ids: Sequence[int] = (),
               ) -> tuple[ARMHead | LexicalARM, list[dict[str, Any]]]:
     """Fit an ARMHead (or, given the featurizer's ``lex_table`` [V, F], a ``LexicalARM``) with
     GenARM's pairwise loss on reward-ranked base samples.
@@ -1505,18 +1583,22 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     temperature), so its reward reads its bias (``cfg.arm_reward``, ``LexicalARM``): the
     increment over the base, r(y) = sum_t log pi_r(y_t) - log p_base(y_t) (the DPO-style
     implicit reward against the reference: two answers' likelihoods under the base, which have
-    nothing to do with the reward, then cancel), or the per-token reward sum_t b(y_t)."""
+    nothing to do with the reward, then cancel), or the per-token reward sum_t b(y_t).
+    ``end_ids``: the base's end-of-text token ids (a positional ARM's ``end`` flags)."""
     dev = torch.device(cfg.device)
     torch.manual_seed(_stable_int("init", cfg.seed))
     head: ARMHead | LexicalARM
     if lex_table is not None:
-        head = LexicalARM(*lex_table.shape, cfg.hidden, cfg.arm_reward or "token")
+        head = LexicalARM(*lex_table.shape, cfg.hidden, cfg.arm_reward or "token",
+                          cfg.positions)
         head.table.copy_(lex_table)
+        if cfg.positions:
+            head.end[[i for i in end_ids if i < lex_table.shape[0]]] = 1.0
         head.lexicon = lexicon
         head = head.to(dev)
         for sp in (train, val):
             if sp is not None:
-                lexical_arm_features(sp, lex_table, lexicon)
+                lexical_arm_features(sp, lex_table, lexicon, head)
     else:
         head = ARMHead(train.hidden.shape[1], cfg.rank, cfg.pool).to(dev)
         if train.cand_ids is not None:  # top-K training normalises the tail at the base's scale
@@ -1638,6 +1720,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
             raise ValueError("--value-head is a lexical value head: it needs no Q-head (VAS / "
                              "CD read its exact value of every candidate from the token ids)")
         pool = varch.get("pool", "none")
+    _resumable_ckpt(cfg)  # a checkpoint --resume cannot continue fails before the model loads
     base = BaseModel(cfg.model, cfg.device, cfg.slots, cfg.threads)
     try:
         base.check_backbone_layers(cfg.backbone_layers)
@@ -1660,6 +1743,7 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                 lex_table = lexical_table(lex_name, base.tokenizer)
                 lexicon = lexicon_for(lex_name, base.tokenizer)
         rrange = _reward_range(weights, base)
+        eos_ids = sorted(base.engine.eos_ids)  # a positional lexical ARM's end-of-text flags
     finally:
         base.close()
     dim = int(train.hidden.shape[1])  # the base's hidden size
@@ -1738,7 +1822,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
     else:
         assert embed is not None
         margin = cfg.margin  # rewards are standardised: margin in reward stds
-        module, history = train_arm(cfg, train, embed, val, margin, lex_table, lexicon)
+        module, history = train_arm(cfg, train, embed, val, margin, lex_table, lexicon,
+                                    eos_ids)
         metrics = arm_metrics(module, val, preference_pairs(val, margin), embed) if val else {}
         metrics["margin"] = margin
         data_info["train_pairs"] = len(preference_pairs(train, margin))
@@ -1752,6 +1837,10 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                     "lexical": lexical_arch(lex_name, lex_table, lexicon, lex_fit)}
             desc = (f"lexical ARM (GenARM) for {cfg.reward}: a per-token logit bias on the "
                     f"base, learned from each token's {lex_name} feature (no model states)")
+            if cfg.positions:
+                arch["positions"] = cfg.positions
+                desc += (f", its end-of-text flag and the answer's position (the {lex_name} "
+                         f"sum so far, {cfg.positions} buckets)")
         # GenARM refuses negative weights (decoders/genarm.py); a per-token-reward lexical ARM's
         # bias spans about +-20 logits, so its useful alphas are ten times smaller (README)
         wrange = [0.0, 0.5] if lex_table is not None and (cfg.arm_reward or "token") == "token" \
@@ -1814,6 +1903,8 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
                           "arm_reward": "token", "epochs": 3, "lr": 1e-2},
     "non_toxic_lex_arm": {"kind": "arm", "reward": "non_toxic", "lexical": True, "hidden": 16,
                           "arm_reward": "token", "epochs": 3, "lr": 1e-2},
+    "concise_lex_arm": {"kind": "arm", "reward": "concise", "lexical": True, "hidden": 16,
+                        "arm_reward": "token", "positions": 40, "epochs": 3, "lr": 1e-2},
 }
 
 
