@@ -52,6 +52,8 @@ def main(root: str | None = None) -> int:
         lexical = m.get("arch", {}).get("lexical")
         if lexical:  # reads per-token features of the answer, not model states
             method += f", lexical ({lexical['featurizer']})"
+        if m.get("arch", {}).get("positions"):  # also the answer's position and end of text
+            method += f", {m['arch']['positions']} positions"
         size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "

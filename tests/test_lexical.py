@@ -742,6 +742,21 @@ def test_positional_arm_reads_the_word_count_so_far_and_the_end_flag() -> None:
         arm.bias_of(arm.table)
 
 
+def test_positional_arm_adds_nothing_past_its_horizon() -> None:
+    """Past the answer length its samples were cut at, the ARM leaves the base alone (its reward
+    never charged an answer for not ending), in-process and in remote mode."""
+    arm = _positional_arm()
+    arm.horizon = 3
+    with torch.no_grad():
+        inside = arm.bias(8) + arm.context_delta([1, 2], 8)
+        assert inside.abs().max() > 1e-3
+        past = arm.bias(8) + arm.context_delta([1, 2, 3], 8)
+        assert past.tolist() == pytest.approx([0.0] * 8, abs=1e-6)
+        assert arm.bias_at([1, 2, 3, 4], [7, 1]).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="horizon must be >= 0"):
+        LexicalARM(8, 1, reward_form="token", positions=4, horizon=-1)
+
+
 def test_positional_arm_starts_position_free_and_refuses_a_lexicon() -> None:
     """Untrained position columns are zero, so a bucket training never reached reads as
     bucket 0; a lexicon (whole-word features) is refused, as are other reward forms."""
@@ -788,11 +803,12 @@ def test_positional_arm_round_trips_through_a_head_folder(tmp_path: Path) -> Non
     arm = _positional_arm()
     lex = {"vocab": 8, "features": 1, "featurizer": "word_starts"}
     manifest = {"reward": "concise", "tokenizer": None, "placement": "tokens",
-                "arch": {"hidden": 4, "reward_form": "token", "positions": 4, "lexical": lex},
+                "arch": {"hidden": 4, "reward_form": "token", "positions": 4, "horizon": 6,
+                         "lexical": lex},
                 "weight_range": [0.0, 0.5], "range": [-1e9, 0.0]}
     save_head(tmp_path / "pos_arm", Head("pos_arm", "arm", arm, manifest))
     back = load_head(tmp_path / "pos_arm").module.eval()
-    assert back.positions == 4 and back.end.tolist() == arm.end.tolist()
+    assert back.positions == 4 and back.horizon == 6 and back.end.tolist() == arm.end.tolist()
     with torch.no_grad():
         assert back.position_bias(2).tolist() == pytest.approx(arm.position_bias(2).tolist())
     with pytest.raises(HeadError, match="arch: positions must be from 0 to 256"):

@@ -235,6 +235,8 @@ def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: 
 
         ends = loaded.module.end.nonzero()[:, 0].tolist()
         assert ends and ends == sorted(eos_ids_from_config(model_dir))
+        # past the samples' length (12 tokens here) the ARM adds no bias
+        assert loaded.module.horizon == loaded.manifest["arch"]["horizon"] == 12
     b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
     assert _same(a.module, b.module)
 

@@ -15,7 +15,9 @@ reward reads its bias b: a per-token reward sum_t b(y_t) (``reward_form`` "token
 ones) or the increment over the base, sum_t log pi_r - log p_base ("increment"). Either way it
 enters as ``alpha (log pi_r - log pi_base) = alpha * b + const`` added after the
 normalisation: the base at its own temperature with a per-token logit bias, a myopic
-token-level form of sampling from p_base * exp(alpha r).
+token-level form of sampling from p_base * exp(alpha r). A positional lexical ARM's bias also
+depends on the answer so far (its word count, say), which ``LexicalARM.context_delta`` adds
+per step.
 
 Weights must be >= 0: an ARM's weight range starts at 0 (``Head.info``), so a negative one is a
 400. A negative weight does not steer away: an ARM's log-probs contain the base's, so a negative

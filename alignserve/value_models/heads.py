@@ -340,7 +340,8 @@ def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
         lex = arch["lexical"]
         try:
             return LexicalARM(lex["vocab"], lex["features"], arch.get("hidden", 16),
-                              arch.get("reward_form", "increment"), arch.get("positions", 0))
+                              arch.get("reward_form", "increment"), arch.get("positions", 0),
+                              arch.get("horizon", 0))
         except ValueError as exc:
             raise HeadError(f"arch: {exc}") from exc
     if kind == "arm":

@@ -585,7 +585,8 @@ class LexicalARM(nn.Module):
     onehot(p)]). A per-token bias alone is the same at every step, so its reward is linear in
     the token and word counts and it cannot say "stop near 30 words"; with the bucket, ending
     (and starting another word) can cost or pay differently at each length. Decoding adds the
-    bucket's bias through ``context_delta``, so GenARM needs no change.
+    bucket's bias through ``context_delta``, so GenARM needs no change. ``horizon`` (tokens;
+    the training samples' length, 0 = none): past it the ARM adds no bias (``past_horizon``).
     """
 
     pool = "none"
@@ -594,7 +595,7 @@ class LexicalARM(nn.Module):
     MAX_POSITIONS = 256
 
     def __init__(self, vocab: int, features: int, hidden: int = 16,
-                 reward_form: str = "increment", positions: int = 0) -> None:
+                 reward_form: str = "increment", positions: int = 0, horizon: int = 0) -> None:
         super().__init__()
         if reward_form not in self.REWARD_FORMS:
             raise ValueError(f"reward_form must be one of {self.REWARD_FORMS}, got "
@@ -605,8 +606,11 @@ class LexicalARM(nn.Module):
         if positions and reward_form != "token":
             raise ValueError("a positional lexical ARM is trained as a per-token reward "
                              "(reward_form 'token')")
+        if horizon < 0:
+            raise ValueError(f"horizon must be >= 0, got {horizon}")
         self.reward_form = reward_form
         self.positions = positions
+        self.horizon = horizon if positions else 0
         self.register_buffer("table", torch.zeros(vocab, features))
         if positions:  # 1 at the end-of-text token ids: ending is a choice the bias can price
             self.register_buffer("end", torch.zeros(vocab))
@@ -676,6 +680,13 @@ class LexicalARM(nn.Module):
         s = float(self.table[ids, 0].double().sum()) if len(ids) else 0.0
         return int(min(max(math.floor(s + 1e-6), 0), self.positions - 1))
 
+    def past_horizon(self, history: Sequence[int]) -> bool:
+        """Has the answer ``history`` reached the positional ARM's ``horizon`` (the answer
+        length, in tokens, its training samples were cut at; 0 = none)? Past it the ARM adds no
+        bias: it never saw an answer go on, and its reward, read on answers cut there, does not
+        charge for not ending (see README, *Positional lexical ARMs*)."""
+        return bool(self.horizon) and len(history) >= self.horizon
+
     def position_bias(self, position: int, width: int | None = None) -> Tensor:
         """[width] fp32 bias of every token id at position bucket ``position`` (``bias()`` is
         bucket 0); cached per (device, width, bucket) in eval mode (at most P x V floats)."""
@@ -700,8 +711,10 @@ class LexicalARM(nn.Module):
         each, so the cache holds up to ~64 MB); ``clear_caches`` drops it."""
         delta = torch.zeros(width, device=self.table.device)
         if self.positions:  # the bias at the answer's position bucket, against bucket 0's
-            p = self.position_of(history)
             with torch.no_grad():
+                if self.past_horizon(history):  # no bias at all: the base alone
+                    return -self.bias(width)
+                p = self.position_of(history)
                 return delta if p == 0 else self.position_bias(p, width) - self.bias(width)
         if self.lexicon is None:
             return delta
@@ -749,6 +762,8 @@ class LexicalARM(nn.Module):
         if d is not None:
             feats[:, 0] += d
         end = self.end[idx.clamp_max(self.table.shape[0] - 1)] if self.positions else None
+        if self.past_horizon(history):
+            return torch.zeros(len(idx), device=self.table.device)
         with torch.no_grad():
             return self.bias_of(feats, end, self.position_of(history)) * inside
 

@@ -1590,7 +1590,7 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     head: ARMHead | LexicalARM
     if lex_table is not None:
         head = LexicalARM(*lex_table.shape, cfg.hidden, cfg.arm_reward or "token",
-                          cfg.positions)
+                          cfg.positions, cfg.max_new_tokens)
         head.table.copy_(lex_table)
         if cfg.positions:
             head.end[[i for i in end_ids if i < lex_table.shape[0]]] = 1.0
@@ -1837,8 +1837,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                     "lexical": lexical_arch(lex_name, lex_table, lexicon, lex_fit)}
             desc = (f"lexical ARM (GenARM) for {cfg.reward}: a per-token logit bias on the "
                     f"base, learned from each token's {lex_name} feature (no model states)")
-            if cfg.positions:
+            if cfg.positions:  # past the samples' length the ARM adds no bias (horizon)
                 arch["positions"] = cfg.positions
+                arch["horizon"] = cfg.max_new_tokens
                 desc += (f", its end-of-text flag and the answer's position (the {lex_name} "
                          f"sum so far, {cfg.positions} buckets)")
         # GenARM refuses negative weights (decoders/genarm.py); a per-token-reward lexical ARM's
