@@ -227,7 +227,8 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                             "position (the feature sum so far, e.g. the word count for concise, "
                             "in P buckets) and whether the token ends the text, so ending can "
                             "pay at one length and cost at another (default 0; 'token' reward "
-                            "and featurizers without a lexicon only; README, Lexical ARMs)")
+                            "and counting featurizers (word_starts) only; README, Positional "
+                            "lexical ARMs)")
         p.add_argument("--beta-r", type=float, default=0.05,
                        help="beta_r of GenARM's loss -log sigmoid(beta_r (log pi_r(y_w) - "
                             "log pi_r(y_l))) (default 0.05, the published value)")

@@ -823,8 +823,10 @@ def test_positional_arm_round_trips_through_a_head_folder(tmp_path: Path) -> Non
      "--positions needs --arm-reward token"),
     ({"kind": "arm", "reward": "concise", "positions": -1}, "--positions must be from 0 to 256"),
     ({"kind": "arm", "reward": "non_toxic", "positions": 8},
-     "'profanity_linear' has one"),
-    ({"kind": "arm", "reward": "sentiment", "positions": 8}, "'minilm_words_fit' has one"),
+     r"counting featurizer \['word_starts'\]; this head's is 'profanity_linear'"),
+    ({"kind": "arm", "reward": "sentiment", "positions": 8}, "this head's is 'minilm_words_fit'"),
+    ({"kind": "arm", "reward": "concise", "positions": 8, "featurizer": "minilm_sentiment"},
+     "this head's is 'minilm_sentiment'"),
 ])
 def test_positional_arm_settings_are_checked_before_sampling(kw, needle) -> None:
     with pytest.raises(ValueError, match=needle):

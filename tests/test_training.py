@@ -225,8 +225,9 @@ def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: 
     assert isinstance(loaded.module, LexicalARM) and loaded.runner == "tokens"
     assert loaded.module.reward_form == arm_reward == loaded.manifest["arch"]["reward_form"]
     # a per-token reward's bias spans ~+-20 logits: its weights stop at 0.5, not 5
-    assert loaded.manifest["weight_range"] == ([0.0, 0.5] if arm_reward == "token"
-                                               else [0.0, 5.0])
+    # (a positional one's at 0.3: alpha 0.5 cut concise answers to a word or two)
+    assert loaded.manifest["weight_range"] == ([0.0, 0.3] if positions else [0.0, 0.5]
+                                               if arm_reward == "token" else [0.0, 5.0])
     assert loaded.manifest["arch"]["lexical"]["featurizer"] == "word_starts"
     assert loaded.module.table.sum() > 0  # the word-start feature of the vocabulary
     assert loaded.module.positions == positions == loaded.manifest["arch"].get("positions", 0)

@@ -257,6 +257,9 @@ FEATURIZERS: dict[str, Callable[[Sequence[str]], Tensor]] = {
     "minilm_words": minilm_words,
     "profanity_linear": profanity_linear,
 }
+COUNT_FEATURIZERS = ("word_starts",)
+"""Featurizers whose feature counts something (0 or 1 per token): their sum so far is a
+position a positional ``LexicalARM`` can bucket."""
 FEATURIZER_FOR_REWARD = {"concise": "word_starts", "length": "word_starts",
                          "non_toxic": "profanity_linear", "sentiment": "minilm_words_fit"}
 

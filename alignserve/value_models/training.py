@@ -219,13 +219,14 @@ class TrainConfig:
             if self.pool != "none" or self.backbone_layers:
                 raise ValueError("--lexical reads token ids, not model states: it takes no "
                                  "--pool or --backbone-layers")
-            from .lexical import FITTED_FEATURIZERS, LEXICONS
+            from .lexical import COUNT_FEATURIZERS, FITTED_FEATURIZERS
 
             fitted = self.lexical_featurizer() in FITTED_FEATURIZERS
-            if self.positions and (fitted or self.lexical_featurizer() in LEXICONS):
-                raise ValueError(f"--positions reads the plain feature sum so far, so it takes "
-                                 f"a featurizer without a whole-word lexicon; "
-                                 f"{self.lexical_featurizer()!r} has one")
+            if self.positions and self.lexical_featurizer() not in COUNT_FEATURIZERS:
+                raise ValueError(f"--positions buckets a count of the answer so far (the "
+                                 f"feature sum), so it takes a counting featurizer "
+                                 f"{list(COUNT_FEATURIZERS)}; this head's is "
+                                 f"{self.lexical_featurizer()!r}")
             if self.word_fit_alpha is not None and not fitted:
                 raise ValueError(f"--word-fit-alpha is for a featurizer fitted to the reward "
                                  f"({sorted(FITTED_FEATURIZERS)}); this head's is "
@@ -1224,6 +1225,11 @@ def _ckpt_key(cfg: TrainConfig) -> str:
                      ("positions", 0)):  # added later: unset keeps older checkpoints' keys
         if d[k] == unset:
             d.pop(k)
+    # filled for every head before 2026-12-01 (now null where they do not apply): the values
+    # those runs recorded keep their checkpoints resumable
+    for k, old in (("lam", 0.95), ("aux_every", 4), ("refresh_every", 0)):
+        if d[k] is None:
+            d[k] = old
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -1846,6 +1852,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         # bias spans about +-20 logits, so its useful alphas are ten times smaller (README)
         wrange = [0.0, 0.5] if lex_table is not None and (cfg.arm_reward or "token") == "token" \
             else [0.0, 5.0]
+        if cfg.positions:  # measured on concise_lex_arm: alpha 0.5 cut answers to 1-2 words
+            wrange = [0.0, 0.3]
     training = {**asdict(cfg), **data_info, "history": history,
                 "seconds": round(time.perf_counter() - t0, 1)}
     manifest = {"description": desc, "reward": cfg.reward, "reward_weights": weights,
