@@ -786,6 +786,8 @@ def test_positional_token_reward_sums_each_tokens_bias_at_its_position() -> None
     tokens = torch.tensor([t for s in samples for t in s])
     pos = lexical_positions(arm, tokens, [5, 3])
     assert pos.tolist() == [0, 1, 1, 2, 3, 0, 0, 1]
+    # samples with no tokens, first or last, move nothing
+    assert lexical_positions(arm, tokens, [0, 5, 3, 0]).tolist() == pos.tolist()
     split = SimpleNamespace(lengths=torch.tensor([6, 4]), tokens=tokens,
                             offsets=torch.tensor([0, 6, 10]), lex_y=None, cand_ids=None)
     lexical_arm_features(split, arm.table, None, arm)

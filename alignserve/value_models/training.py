@@ -1547,9 +1547,11 @@ def lexical_positions(head: LexicalARM, tokens: Tensor, lengths: Sequence[int]) 
     ids = tokens.long().clamp_max(head.table.shape[0] - 1)
     f = (head.table[ids, 0].double() * (tokens.long() < head.table.shape[0])).cpu()
     c = torch.cumsum(f, 0) - f  # exclusive running sum over everything before the token
-    starts = torch.cumsum(torch.tensor([0, *lengths[:-1]]), 0)
-    own = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(list(lengths)))
-    before = c[starts][own] if len(lengths) else c
+    starts = torch.cumsum(torch.tensor([0, *lengths[:-1]], dtype=torch.long), 0)
+    own = torch.repeat_interleave(torch.arange(len(lengths)),
+                                  torch.tensor(list(lengths), dtype=torch.long))
+    padded = torch.cat([c, c.new_zeros(1)])  # a sample with no tokens may start at the end
+    before = padded[starts][own] if len(lengths) else c
     return torch.floor(c - before + 1e-6).clamp(0, head.positions - 1).long()
 
 
@@ -1749,7 +1751,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
                 lex_table = lexical_table(lex_name, base.tokenizer)
                 lexicon = lexicon_for(lex_name, base.tokenizer)
         rrange = _reward_range(weights, base)
-        eos_ids = sorted(base.engine.eos_ids)  # a positional lexical ARM's end-of-text flags
+        # a positional lexical ARM's end-of-text flags (the engine starts only for those)
+        eos_ids = sorted(base.engine.eos_ids) if cfg.positions else []
     finally:
         base.close()
     dim = int(train.hidden.shape[1])  # the base's hidden size
