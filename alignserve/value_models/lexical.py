@@ -48,7 +48,6 @@ answers; ``FEATURIZER_FOR_REWARD`` names each reward's default, ``train --featur
 
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -672,16 +671,25 @@ class LexicalARM(nn.Module):
                            F.one_hot(pos, self.positions).float()], -1)
         return self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
 
+    def counted(self, ids: Tensor) -> Tensor:
+        """[...] fp64 what each token id [...] adds to the position: the table's first
+        feature (for ``word_starts``, 1 for a word start); 0 for ids past the table."""
+        ids = ids.long().to(self.table.device)
+        inside = ids < self.table.shape[0]
+        return self.table[ids.clamp_max(self.table.shape[0] - 1), 0].double() * inside
+
+    def bucket(self, sums: Tensor) -> Tensor:
+        """[...] long position buckets of feature sums [...]: floored, clipped to 0..P-1 (the
+        one rule for decoding, ``position_of``, and training, ``training.lexical_positions``)."""
+        return torch.floor(sums + 1e-6).clamp(0, self.positions - 1).long()
+
     def position_of(self, history: Sequence[int]) -> int:
         """The position bucket after ``history`` (token ids): the sum of the table's first
         feature over those tokens (for ``word_starts``, the words so far), floored and clipped
         to 0..P-1; 0 for an ARM without positions."""
         if not self.positions or not history:
             return 0
-        ids = torch.tensor(list(history), dtype=torch.long, device=self.table.device)
-        ids = ids[ids < self.table.shape[0]]
-        s = float(self.table[ids, 0].double().sum()) if len(ids) else 0.0
-        return int(min(max(math.floor(s + 1e-6), 0), self.positions - 1))
+        return int(self.bucket(self.counted(torch.tensor(list(history))).sum()))
 
     def past_horizon(self, history: Sequence[int]) -> bool:
         """Has the answer ``history`` reached the positional ARM's ``horizon`` (the answer
@@ -759,14 +767,14 @@ class LexicalARM(nn.Module):
         ``ids`` of ``bias() + context_delta(history)``, computed for those k tokens only (remote
         GenARM reads the remote's top-k); ids past the table read 0."""
         idx = torch.tensor(list(ids), dtype=torch.long, device=self.table.device)
+        if self.past_horizon(history):
+            return torch.zeros(len(idx), device=self.table.device)
         inside = idx < self.table.shape[0]
         feats = self.table[idx.clamp_max(self.table.shape[0] - 1)].clone()
         d = None if self.lexicon is None else self.lexicon.deltas(history, self.table[:, 0], idx)
         if d is not None:
             feats[:, 0] += d
         end = self.end[idx.clamp_max(self.table.shape[0] - 1)] if self.positions else None
-        if self.past_horizon(history):
-            return torch.zeros(len(idx), device=self.table.device)
         with torch.no_grad():
             return self.bias_of(feats, end, self.position_of(history)) * inside
 

@@ -1544,15 +1544,14 @@ def lexical_positions(head: LexicalARM, tokens: Tensor, lengths: Sequence[int]) 
     """[sum T_s] long: the position bucket (``LexicalARM.position_of``) before every token of
     samples laid back to back (sample s has ``lengths[s]`` tokens): the floored sum of the
     table's first feature over the sample's earlier tokens, clipped to 0..P-1."""
-    ids = tokens.long().clamp_max(head.table.shape[0] - 1)
-    f = (head.table[ids, 0].double() * (tokens.long() < head.table.shape[0])).cpu()
+    f = head.counted(tokens).cpu()
     c = torch.cumsum(f, 0) - f  # exclusive running sum over everything before the token
     starts = torch.cumsum(torch.tensor([0, *lengths[:-1]], dtype=torch.long), 0)
     own = torch.repeat_interleave(torch.arange(len(lengths)),
                                   torch.tensor(list(lengths), dtype=torch.long))
     padded = torch.cat([c, c.new_zeros(1)])  # a sample with no tokens may start at the end
     before = padded[starts][own] if len(lengths) else c
-    return torch.floor(c - before + 1e-6).clamp(0, head.positions - 1).long()
+    return head.bucket(c - before)
 
 
 def lexical_arm_features(split: Split, table: Tensor, lexicon: Lexicon | None,
