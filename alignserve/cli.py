@@ -229,6 +229,12 @@ def _train_args(p: argparse.ArgumentParser, kind: str) -> None:
                             "pay at one length and cost at another (default 0; 'token' reward "
                             "and counting featurizers (word_starts) only; README, Positional "
                             "lexical ARMs)")
+        p.add_argument("--end-pairs", type=int, default=0, metavar="N",
+                       help="with --positions: N > 0 also pairs every training answer against "
+                            "its own prefixes cut at every N-th token and ended there, each "
+                            "scored by the reward source on the prefix's text, so the ARM "
+                            "learns what ending early costs (without them, ending at lengths "
+                            "no sample ends at is extrapolated) (default 0)")
         p.add_argument("--beta-r", type=float, default=0.05,
                        help="beta_r of GenARM's loss -log sigmoid(beta_r (log pi_r(y_w) - "
                             "log pi_r(y_l))) (default 0.05, the published value)")
@@ -389,6 +395,7 @@ def train(args: argparse.Namespace) -> int:
         backbone_layers=getattr(args, "backbone_layers", 0),
         lexical=getattr(args, "lexical", False),
         arm_reward=getattr(args, "arm_reward", None), positions=getattr(args, "positions", 0),
+        end_pairs=getattr(args, "end_pairs", 0),
         word_fit_alpha=getattr(args, "word_fit_alpha", None),
         featurizer=getattr(args, "featurizer", None),
         rank=32 if rank is None else rank, lam=getattr(args, "lam", None),

@@ -41,6 +41,10 @@ def main(root: str | None = None) -> int:
                   "token": " of the per-token reward"}[form]
             inc = (f"; the increment's {met['delta_pairwise_accuracy']:.2f}"
                    if form == "token" and "delta_pairwise_accuracy" in met else "")
+            if "end_pairwise_accuracy" in met:  # --end-pairs: answers vs their prefixes, ended
+                inc += (f"; answers against their own prefixes ended early "
+                        f"{met['end_pairwise_accuracy']:.3f}, {met.get('end_pair_count', 0)} "
+                        f"pairs")
             quality = (f"pairwise acc{of} "
                        f"**{met.get('pairwise_accuracy', float('nan')):.2f}** "
                        f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
@@ -54,6 +58,8 @@ def main(root: str | None = None) -> int:
             method += f", lexical ({lexical['featurizer']})"
         if m.get("arch", {}).get("positions"):  # also the answer's position and end of text
             method += f", {m['arch']['positions']} positions"
+            if tr.get("end_pairs"):
+                method += f", end pairs every {tr['end_pairs']} tokens"
         size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "

@@ -799,6 +799,52 @@ def test_positional_token_reward_sums_each_tokens_bias_at_its_position() -> None
     assert got.tolist() == pytest.approx(want, abs=1e-5)
 
 
+def test_an_answer_ended_early_reads_the_bias_decoding_adds_there() -> None:
+    """``--end-pairs``: the token reward of a sample's first ``cut`` tokens followed by an
+    end-of-text token is the sum decoding would add along that answer (each token's bias at
+    its bucket, then the end token's at the prefix's bucket); pairs with the whole answer are
+    oriented by the rewards and skipped within the margin."""
+    from types import SimpleNamespace
+
+    from alignserve.value_models.training import (
+        end_pair_differences,
+        lexical_end_rewards,
+        lexical_token_rewards,
+        prefix_end_items,
+    )
+
+    arm = _positional_arm()
+    samples = [[1, 2, 3, 5, 7], [4, 1, 1]]
+    tokens = torch.tensor([t for s in samples for t in s])
+    nan = float("nan")
+    # state rows (T_s + 1 per sample): the reward of the first t tokens, NaN = not scored;
+    # t = 0 (nothing said) and t = T (the whole answer) are no early ending
+    partial = torch.tensor([0.5, 0.1, nan, 0.9, nan, -2.0, nan, 0.3, 0.4, 0.0])
+    split = SimpleNamespace(lengths=torch.tensor([6, 4]), tokens=tokens, partial=partial,
+                            offsets=torch.tensor([0, 6, 10]), lex_y=None, cand_ids=None,
+                            num_samples=2)
+    lexical_arm_features(split, arm.table, None, arm)
+    items = prefix_end_items(split)
+    assert {s: c.tolist() for s, (c, _) in items.items()} == {0: [1, 3], 1: [1, 2]}
+    assert items[0][1].tolist() == pytest.approx([0.1, 0.9])
+    sums, ended, own, rew = lexical_end_rewards(arm, split, [0, 1], items)
+    assert sums.tolist() == pytest.approx(
+        lexical_token_rewards(arm, split, [0, 1]).tolist(), abs=1e-5)
+    with torch.no_grad():
+        def decoded(s: list[int]) -> float:  # what GenARM adds along s, then ending
+            total = sum(float(arm.position_bias(arm.position_of(s[:t]))[s[t]])
+                        for t in range(len(s)))
+            return total + float(arm.position_bias(arm.position_of(s))[7])
+        want = [decoded(samples[0][:1]), decoded(samples[0][:3]), decoded(samples[1][:1]),
+                decoded(samples[1][:2])]
+    assert ended.tolist() == pytest.approx(want, abs=1e-5)
+    assert own.tolist() == [0, 0, 1, 1] and rew.tolist() == pytest.approx([0.1, 0.9, 0.3, 0.4])
+    # answers' rewards 0.5 / 0.35: prefix 0.1 loses, 0.9 wins, 0.3 / 0.4 tie within 0.1
+    d = end_pair_differences(sums, ended, own, rew, torch.tensor([0.5, 0.35]), 0.1)
+    assert d.detach().tolist() == pytest.approx(
+        [float(sums[0] - ended[0]), float(ended[1] - sums[0])], abs=1e-5)
+
+
 def test_positional_arm_round_trips_through_a_head_folder(tmp_path: Path) -> None:
     from alignserve.value_models.heads import Head, HeadError, build_module, save_head
 
@@ -829,6 +875,9 @@ def test_positional_arm_round_trips_through_a_head_folder(tmp_path: Path) -> Non
     ({"kind": "arm", "reward": "sentiment", "positions": 8}, "this head's is 'minilm_words_fit'"),
     ({"kind": "arm", "reward": "concise", "positions": 8, "featurizer": "minilm_sentiment"},
      "this head's is 'minilm_sentiment'"),
+    ({"kind": "arm", "reward": "concise", "end_pairs": 4}, "it needs --positions P > 0"),
+    ({"kind": "arm", "reward": "concise", "positions": 8, "end_pairs": -1},
+     "--end-pairs must be >= 0"),
 ])
 def test_positional_arm_settings_are_checked_before_sampling(kw, needle) -> None:
     with pytest.raises(ValueError, match=needle):

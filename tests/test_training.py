@@ -242,6 +242,28 @@ def test_lexical_arm_learns_loads_and_is_deterministic(run_dir: Path, tmp_path: 
     assert _same(a.module, b.module)
 
 
+def test_positional_arm_with_end_pairs_learns_what_ending_early_costs(
+        run_dir: Path, tmp_path: Path) -> None:
+    """``--end-pairs 3``: every answer is also paired against its prefixes cut at every 3rd
+    token and ended there (scored by the reward on the prefix's text); the manifest records the
+    setting and the held-out accuracy on such pairs, and the same seed trains the same head."""
+    kw = dict(epochs=4, margin=0.0, batch_size=2, lr=5e-2, lexical=True, hidden=4,
+              positions=8, end_pairs=3)
+    a = run_training(_cfg(run_dir, tmp_path / "concise_lex_arm", "arm", **kw))
+    m = a.manifest
+    assert m["training"]["end_pairs"] == 3
+    met = m["metrics"]
+    assert met["end_pair_count"] > 0 and 0.0 <= met["end_pairwise_accuracy"] <= 1.0
+    assert "val_end_pairwise_accuracy" in m["training"]["history"][-1]
+    hist = m["training"]["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"], hist
+    b = run_training(_cfg(run_dir, tmp_path / "again", "arm", **kw))
+    assert _same(a.module, b.module)
+    plain = run_training(_cfg(run_dir, tmp_path / "plain", "arm", **{**kw, "end_pairs": 0}))
+    assert not _same(a.module, plain.module)  # the extra pairs change what is learned
+    assert "end_pairwise_accuracy" not in plain.manifest["metrics"]
+
+
 def test_q_head_distils_the_value_head_and_is_deterministic(run_dir: Path,
                                                            tmp_path: Path) -> None:
     """A Q-head learns V([s, a]) - V(s) of the value head trained beside it (train all's

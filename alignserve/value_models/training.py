@@ -123,6 +123,7 @@ class TrainConfig:
     lexical: bool = False  # value heads / ARMs: per-token features of the reward (lexical.py)
     arm_reward: str | None = None  # lexical ARMs: "token" (None: the default) or "increment"
     positions: int = 0  # lexical ARMs: > 0 reads a bucket of the feature sum so far (LexicalARM)
+    end_pairs: int = 0  # positional ARMs: > 0 pairs each answer with its every N-th prefix, ended
     word_fit_alpha: float | None = None  # fitted lexical featurizers: ridge alpha (None: CV)
     featurizer: str | None = None  # lexical heads: None = the reward's (FEATURIZER_FOR_REWARD)
     rank: int = 32
@@ -206,6 +207,11 @@ class TrainConfig:
         if self.positions and self.arm_reward == "increment":
             raise ValueError("--positions needs --arm-reward token (a positional ARM is "
                              "trained as a per-token reward)")
+        if self.end_pairs < 0:
+            raise ValueError(f"--end-pairs must be >= 0, got {self.end_pairs}")
+        if self.end_pairs and not self.positions:
+            raise ValueError("--end-pairs teaches a positional lexical ARM when ending pays "
+                             "(it needs --positions P > 0)")
         if not 0 <= self.positions <= LexicalARM.MAX_POSITIONS:
             raise ValueError(f"--positions must be from 0 to {LexicalARM.MAX_POSITIONS}, got "
                              f"{self.positions}")
@@ -895,6 +901,8 @@ def load_split(base: BaseModel, cfg: TrainConfig, split: str, n: int | None,
     if cfg.kind == "value" and cfg.aux_partial > 0 and split == "train":
         assert cfg.aux_every is not None  # resolved(): 4 when --aux-partial is on
         partial = partial_rewards(data, weights, folder, base, cfg.aux_every, cfg.progress)
+    if cfg.kind == "arm" and cfg.end_pairs:  # the prefixes' rewards, as if ended there
+        partial = partial_rewards(data, weights, folder, base, cfg.end_pairs, cfg.progress)
     return Split(feats["hidden"], feats["offsets"], feats["group"], feats["tokens"], rewards,
                  folder, feats.get("cand_ids"), feats.get("cand_lp"), partial)
 
@@ -1161,17 +1169,87 @@ def lexical_token_rewards(head: LexicalARM, split: Split, samples: Sequence[int]
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), r)
 
 
+def prefix_end_items(split: Split) -> dict[int, tuple[Tensor, Tensor]]:
+    """Sample -> (cuts [n] long, rewards [n] fp32): the prefixes of its first ``cut`` tokens
+    whose reward ``split.partial`` holds (``partial_rewards``: the reward source on the
+    prefix's text, i.e. what the answer would score had it ended there)."""
+    if split.partial is None:
+        raise ValueError("end pairs need Split.partial (partial_rewards)")
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for s in range(split.num_samples):
+        a, b = int(split.offsets[s]), int(split.offsets[s + 1])  # states s_0..s_T
+        r = split.partial[a:b]
+        cuts = torch.nonzero(~torch.isnan(r))[:, 0]
+        cuts = cuts[(cuts > 0) & (cuts < b - a - 1)]  # a proper, non-empty prefix
+        if len(cuts):
+            out[s] = (cuts, r[cuts].float())
+    return out
+
+
+def lexical_end_rewards(head: LexicalARM, split: Split, samples: Sequence[int],
+                        items: dict[int, tuple[Tensor, Tensor]]
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A positional ``LexicalARM``'s token reward of whole answers and of prefixes ended early.
+
+    Returns ``(sums [len(samples)], ended [n], owner [n] long, reward [n])``: ``sums`` as
+    :func:`lexical_token_rewards`; for each item ``(cut, reward)`` of ``items`` of the given
+    samples, ``ended`` is the reward of the sample's first ``cut`` tokens followed by an
+    end-of-text token (sum_{t<cut} b(y_t) + b(end at the prefix's position)), ``owner`` its
+    sample's index in ``samples`` and ``reward`` the prefix's (standardised) reward.
+    Differentiable in the head's weights."""
+    if split.lex_y is None or split.lex_pos is None:
+        raise ValueError("a positional lexical ARM needs Split.lex_y / lex_pos "
+                         "(lexical_arm_features with the head)")
+    dev = head.table.device
+    rows = _token_rows(split, samples)
+    r = head.bias_of(split.lex_y[rows].to(dev), split.lex_end[rows].to(dev),
+                     split.lex_pos[rows].to(dev))
+    lens = (split.lengths[list(samples)] - 1).to(dev)
+    starts = torch.cumsum(lens, 0) - lens
+    c = torch.cat([r.new_zeros(1), torch.cumsum(r, 0)])
+    sums = c[starts + lens] - c[starts]
+    owner, cut, reward = [], [], []
+    for i, s in enumerate(samples):
+        if s in items:
+            owner.append(torch.full((len(items[s][0]),), i, dtype=torch.long))
+            cut.append(items[s][0])
+            reward.append(items[s][1])
+    if not owner:
+        z = r.new_zeros(0)
+        return sums, z, torch.zeros(0, dtype=torch.long, device=dev), z
+    own = torch.cat(owner).to(dev)
+    at = starts[own] + torch.cat(cut).to(dev)  # the token row the end token takes the place of
+    end_id = int(torch.nonzero(head.end)[0, 0])
+    feat = head.table[end_id].expand(len(at), -1)
+    ended = c[at] - c[starts[own]] + head.bias_of(
+        feat, torch.ones(len(at), device=dev), split.lex_pos.to(dev)[rows.to(dev)[at]])
+    return sums, ended, own, torch.cat(reward).to(dev)
+
+
+def end_pair_differences(sums: Tensor, ended: Tensor, own: Tensor, reward: Tensor,
+                         rewards: Tensor, margin: float) -> Tensor:
+    """[m] winner-minus-loser token rewards of the (answer, its prefix ended early) pairs whose
+    rewards differ by > ``margin`` (``rewards``: the answers' [len(sums)])."""
+    gap = reward - rewards[own]
+    keep = gap.abs() > margin
+    return (torch.sign(gap) * (ended - sums[own]))[keep]
+
+
 @torch.no_grad()
 def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int, int]],
                 embed: Tensor, base_sums: Tensor | None = None, chunk: int = 32,
-                approx: bool = False) -> dict[str, float]:
+                approx: bool = False, margin: float = 0.0) -> dict[str, float]:
     """Pairwise accuracy of the ARM's reward sum log pi_r, of the base alone, and of the
     head's increment over the base (sum log pi_r - sum log pi_base). A ``LexicalARM``'s
     ``pairwise_accuracy`` is that of its reward (``reward_form``): the increment's, or the
     ``"token"`` reward's (then also given as ``token_pairwise_accuracy``).
 
     Exact (full-vocabulary normalisation) unless ``approx``, which normalises over the recorded
-    top-TOPK candidates (cheap; used for the per-epoch validation line)."""
+    top-TOPK candidates (cheap; used for the per-epoch validation line).
+
+    A positional ARM on a split with ``partial`` rewards (``--end-pairs``) also gets
+    ``end_pairwise_accuracy``: how often it orders an answer and its own prefix ended early
+    (``lexical_end_rewards``) as their rewards do (differing by > ``margin``)."""
     n = split.num_samples
     topk = split.cand_ids is not None
     positional = isinstance(head, LexicalARM) and head.positions > 0
@@ -1203,6 +1281,19 @@ def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int,
                          for i in range(0, n, chunk)]).cpu()
         out["token_pairwise_accuracy"] = float((tok[w] > tok[ll]).float().mean())
         out["pairwise_accuracy"] = out["token_pairwise_accuracy"]
+    if positional and split.partial is not None:  # answers against their prefixes, ended
+        assert isinstance(head, LexicalARM)
+        items = prefix_end_items(split)
+        diffs = []
+        for i in range(0, n, chunk):
+            sums, ended, own, rew = lexical_end_rewards(head, split, range(i, min(i + chunk, n)),
+                                                        items)
+            diffs.append(end_pair_differences(sums, ended, own, rew,
+                                              split.rewards[i:i + chunk].to(sums.device),
+                                              margin).cpu())
+        d = torch.cat(diffs)
+        out["end_pair_count"] = len(d)
+        out["end_pairwise_accuracy"] = float((d > 0).float().mean()) if len(d) else float("nan")
     return out
 
 
@@ -1222,7 +1313,8 @@ def _ckpt_key(cfg: TrainConfig) -> str:
     for k in ("resume", "progress", "command", "run_dir", "out", "epochs"):
         d.pop(k)
     for k, unset in (("arm_reward", None), ("word_fit_alpha", None), ("featurizer", None),
-                     ("positions", 0)):  # added later: unset keeps older checkpoints' keys
+                     ("positions", 0), ("end_pairs", 0)):
+        # added later: unset keeps older checkpoints' keys
         if d[k] == unset:
             d.pop(k)
     # filled for every head before 2026-12-01 (now null where they do not apply): the values
@@ -1626,6 +1718,7 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     assert cfg.epochs is not None and cfg.batch_size is not None
     base_sums = None
     token_form = isinstance(head, LexicalARM) and head.reward_form == "token"
+    end_items = prefix_end_items(train) if cfg.end_pairs else None
     if isinstance(head, LexicalARM) and not token_form:  # the increment over the base
         with torch.no_grad():
             base_sums = torch.cat([seq_logprobs(None, train, range(i, min(
@@ -1640,7 +1733,13 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         for batch in bar:
             samples = sorted({s for p in batch for s in p})
             pos = {s: i for i, s in enumerate(samples)}
-            if token_form:
+            extra = None
+            if end_items is not None:  # and each answer against its prefixes, ended early
+                assert isinstance(head, LexicalARM)
+                sums, ended, own, rew = lexical_end_rewards(head, train, samples, end_items)
+                extra = end_pair_differences(sums, ended, own, rew, train.rewards[
+                    torch.tensor(samples)].to(dev), margin)
+            elif token_form:
                 assert isinstance(head, LexicalARM)
                 sums = lexical_token_rewards(head, train, samples)
             else:
@@ -1649,7 +1748,8 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
                 sums = sums - base_sums[torch.tensor(samples, device=dev)]
             w = torch.tensor([pos[p[0]] for p in batch], device=dev)
             ll = torch.tensor([pos[p[1]] for p in batch], device=dev)
-            loss = -F.logsigmoid(cfg.beta_r * (sums[w] - sums[ll])).mean()
+            diff = sums[w] - sums[ll] if extra is None else torch.cat([sums[w] - sums[ll], extra])
+            loss = -F.logsigmoid(cfg.beta_r * diff).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1666,8 +1766,10 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
                 val_base = torch.cat([
                     base_fn(None, val, range(i, min(i + 32, val.num_samples)), embed)
                     for i in range(0, val.num_samples, 32)]).cpu()
-            rec["val_pairwise_accuracy"] = arm_metrics(head, val, val_pairs, embed, val_base,
-                                                       approx=True)["pairwise_accuracy"]
+            m = arm_metrics(head, val, val_pairs, embed, val_base, approx=True, margin=margin)
+            rec["val_pairwise_accuracy"] = m["pairwise_accuracy"]
+            if "end_pairwise_accuracy" in m:
+                rec["val_end_pairwise_accuracy"] = m["end_pairwise_accuracy"]
         history.append(rec)
         print(f"[{cfg.name}] epoch {epoch + 1}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float)), file=sys.stderr)
@@ -1777,8 +1879,9 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         raise ValueError(f"reward {cfg.reward!r} is constant over the samples; nothing to learn")
     # every target, metric and preference margin below is in reward standard deviations
     train.rewards = (train.rewards - r_mean) / r_std
-    if train.partial is not None:
-        train.partial = (train.partial - r_mean) / r_std
+    for sp in (train, val):
+        if sp is not None and sp.partial is not None:
+            sp.partial = (sp.partial - r_mean) / r_std
     if val is not None:
         val.rewards = (val.rewards - r_mean) / r_std
     data_info = {"train_samples": train.num_samples, "train_states": len(train.hidden),
@@ -1832,7 +1935,8 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> 
         margin = cfg.margin  # rewards are standardised: margin in reward stds
         module, history = train_arm(cfg, train, embed, val, margin, lex_table, lexicon,
                                     eos_ids)
-        metrics = arm_metrics(module, val, preference_pairs(val, margin), embed) if val else {}
+        metrics = arm_metrics(module, val, preference_pairs(val, margin), embed,
+                              margin=margin) if val else {}
         metrics["margin"] = margin
         data_info["train_pairs"] = len(preference_pairs(train, margin))
         arch = {"dim": dim, "rank": cfg.rank, "pool": cfg.pool}
@@ -1915,7 +2019,8 @@ SHIPPED_HEADS: dict[str, dict[str, Any]] = {
     "non_toxic_lex_arm": {"kind": "arm", "reward": "non_toxic", "lexical": True, "hidden": 16,
                           "arm_reward": "token", "epochs": 3, "lr": 1e-2},
     "concise_lex_arm": {"kind": "arm", "reward": "concise", "lexical": True, "hidden": 16,
-                        "arm_reward": "token", "positions": 40, "epochs": 3, "lr": 1e-2},
+                        "arm_reward": "token", "positions": 40, "end_pairs": 4, "epochs": 3,
+                        "lr": 1e-2},
 }
 
 
