@@ -652,7 +652,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             plans = make_plans(cfg, backend, warn=lambda m: log(f"warning: {m}"))
         except ValueError as exc:  # unknown objective, a sweep value out of range (AlignmentError)
             field = getattr(exc, "field", None)
-            print(f"error: {field + ': ' if field else ''}{exc}", file=sys.stderr)
+            hint = ""
+            if field and field.startswith("alignment.weights"):  # often a default sweep's weight
+                hint = ("; set the weights to sweep with --sweep STRATEGY.weight=v1,v2 within "
+                        "the head's range (GET /v1/heads, or the manifest's weight_range)")
+            print(f"error: {field + ': ' if field else ''}{exc}{hint}", file=sys.stderr)
             return 2
         levels = 1 if cfg.clients == 1 else 2
         from alignserve.eval.harness import TOKENWISE

@@ -8,7 +8,6 @@ measured on the validation prompts and wrote into each head's ``manifest.json``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -74,4 +73,10 @@ def main(root: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(*sys.argv[1:]))
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Held-out quality of guidance heads, as a Markdown "
+                                             "table, from their manifests.")
+    ap.add_argument("heads_dir", nargs="?", default=None,
+                    help="folder of head folders (default: the package's shipped heads)")
+    raise SystemExit(main(ap.parse_args().heads_dir))

@@ -878,6 +878,10 @@ def test_positional_arm_round_trips_through_a_head_folder(tmp_path: Path) -> Non
     ({"kind": "arm", "reward": "concise", "end_pairs": 4}, "it needs --positions P > 0"),
     ({"kind": "arm", "reward": "concise", "positions": 8, "end_pairs": -1},
      "--end-pairs must be >= 0"),
+    ({"kind": "arm", "reward": "concise", "positions": 8, "end_pairs": 48},
+     r"--end-pairs must be below --max-new-tokens \(48\)"),
+    ({"kind": "arm", "reward": "concise", "samples": 1},
+     "--samples must be >= 2 for an ARM"),
 ])
 def test_positional_arm_settings_are_checked_before_sampling(kw, needle) -> None:
     with pytest.raises(ValueError, match=needle):

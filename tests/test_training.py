@@ -113,6 +113,10 @@ def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: 
     with pytest.raises(ValueError, match="at epoch 4, past --epochs 2"):
         run_training(_cfg(run_dir, tmp_path / "c", "value", method="td-lambda", epochs=2,
                           val_prompts=0, name="r", resume=True))
+    # another setting is refused too, naming what changed
+    with pytest.raises(ValueError, match=r"other settings \(lam: 0.95 then, 0.5 now\)"):
+        run_training(_cfg(run_dir, tmp_path / "c", "value", method="td-lambda", epochs=4,
+                          val_prompts=0, name="r", resume=True, lam=0.5))
     # the weights are as readable as the manifest (safetensors alone writes owner-only files)
     mode = [(tmp_path / "a" / f).stat().st_mode & 0o777
             for f in ("head.safetensors", "manifest.json")]

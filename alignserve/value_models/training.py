@@ -212,6 +212,10 @@ class TrainConfig:
         if self.end_pairs and not self.positions:
             raise ValueError("--end-pairs teaches a positional lexical ARM when ending pays "
                              "(it needs --positions P > 0)")
+        if self.end_pairs >= self.max_new_tokens > 0:
+            raise ValueError(f"--end-pairs must be below --max-new-tokens "
+                             f"({self.max_new_tokens}): it cuts the answers every N tokens, so "
+                             f"{self.end_pairs} would cut none")
         if not 0 <= self.positions <= LexicalARM.MAX_POSITIONS:
             raise ValueError(f"--positions must be from 0 to {LexicalARM.MAX_POSITIONS}, got "
                              f"{self.positions}")
@@ -253,6 +257,9 @@ class TrainConfig:
             if v is not None and v < lo:
                 every = " (or 0 for all)" if flag == "--prompts" else ""
                 raise ValueError(f"{flag} must be >= {lo}{every}, got {v}")
+        if self.kind == "arm" and self.samples < 2:
+            raise ValueError(f"--samples must be >= 2 for an ARM: it learns from pairs of "
+                             f"answers to one prompt, got {self.samples}")
         if self.slots < self.samples + 1:
             raise ValueError(f"--slots {self.slots} is too few for --samples {self.samples}: "
                              "sampling and featurising hold a prompt's prefix and its samples "
@@ -1293,7 +1300,7 @@ def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int,
                                               margin).cpu())
         d = torch.cat(diffs)
         out["end_pair_count"] = len(d)
-        out["end_pairwise_accuracy"] = float((d > 0).float().mean()) if len(d) else float("nan")
+        out["end_pairwise_accuracy"] = float((d > 0).float().mean()) if len(d) else None
     return out
 
 
@@ -1305,7 +1312,7 @@ def _ckpt_path(cfg: TrainConfig) -> Path:
     return Path(cfg.run_dir) / "checkpoints" / _slug(cfg.name or "head") / "last.pt"
 
 
-def _ckpt_key(cfg: TrainConfig) -> str:
+def _ckpt_settings(cfg: TrainConfig) -> dict[str, Any]:
     """Checkpoints resume only a run with the same settings (run dir, resume, progress, the
     command line and the epoch count, which a resumed run may raise, do not change the
     result of the epochs already done)."""
@@ -1322,7 +1329,12 @@ def _ckpt_key(cfg: TrainConfig) -> str:
     for k, old in (("lam", 0.95), ("aux_every", 4), ("refresh_every", 0)):
         if d[k] is None:
             d[k] = old
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return d
+
+
+def _ckpt_key(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(_ckpt_settings(cfg), sort_keys=True)
+                          .encode()).hexdigest()[:16]
 
 
 def _resumable_ckpt(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -1334,8 +1346,12 @@ def _resumable_ckpt(cfg: TrainConfig) -> dict[str, Any] | None:
         return None
     ck = torch.load(path, weights_only=False)
     if ck["key"] != _ckpt_key(cfg):
-        raise ValueError(f"{path} was written by a run with other settings; drop --resume or "
-                         "use another --run-dir")
+        now, then = _ckpt_settings(cfg), ck.get("settings")  # recorded since 2026-12-01
+        which = "" if then is None else " (" + ", ".join(
+            f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+            for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)) + ")"
+        raise ValueError(f"{path} was written by a run with other settings{which}; drop "
+                         "--resume or use another --run-dir")
     if int(ck["epoch"]) > int(cfg.epochs or 0):
         raise ValueError(f"--resume: {path} is at epoch {ck['epoch']}, past --epochs "
                          f"{cfg.epochs}; ask for at least {ck['epoch']} epochs or drop --resume")
@@ -1356,7 +1372,8 @@ def _save_ckpt(cfg: TrainConfig, module: torch.nn.Module, opt: torch.optim.Optim
                epoch: int, history: list[dict[str, Any]]) -> None:
     path = _ckpt_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"key": _ckpt_key(cfg), "epoch": epoch, "history": history,
+    _atomic_save({"key": _ckpt_key(cfg), "settings": _ckpt_settings(cfg), "epoch": epoch,
+                  "history": history,
                   "module": module.state_dict(), "optim": opt.state_dict()}, path)
 
 
@@ -1719,6 +1736,9 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
     base_sums = None
     token_form = isinstance(head, LexicalARM) and head.reward_form == "token"
     end_items = prefix_end_items(train) if cfg.end_pairs else None
+    if end_items is not None and not end_items:
+        raise ValueError(f"--end-pairs {cfg.end_pairs}: no training answer is longer than "
+                         f"{cfg.end_pairs} tokens, so there is no prefix to pair; lower it")
     if isinstance(head, LexicalARM) and not token_form:  # the increment over the base
         with torch.no_grad():
             base_sums = torch.cat([seq_logprobs(None, train, range(i, min(
