@@ -24,7 +24,11 @@ def main() -> int:
     ap.add_argument("answers", help="answers.jsonl written by bench/frontier.py")
     args = ap.parse_args()
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    with open(args.answers) as f:
+    try:
+        f = open(args.answers)
+    except OSError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    with f:
         for line in f:
             row = json.loads(line)
             c = counts[f"{row['objective']} | {row['setting']}"]

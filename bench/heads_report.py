@@ -8,6 +8,7 @@ measured on the validation prompts and wrote into each head's ``manifest.json``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -16,6 +17,9 @@ def main(root: str | None = None) -> int:
         from alignserve.value_models.heads import default_heads_dir
 
         root = str(default_heads_dir())
+    if not Path(root).is_dir():
+        print(f"error: {root} is not a folder of heads", file=sys.stderr)
+        return 2
     rows = []
     for mf in sorted(Path(root).glob("*/manifest.json")):
         m = json.loads(mf.read_text())
@@ -41,9 +45,10 @@ def main(root: str | None = None) -> int:
             inc = (f"; the increment's {met['delta_pairwise_accuracy']:.2f}"
                    if form == "token" and "delta_pairwise_accuracy" in met else "")
             if "end_pairwise_accuracy" in met:  # --end-pairs: answers vs their prefixes, ended
+                acc = met["end_pairwise_accuracy"]  # null when no held-out pair could be cut
                 inc += (f"; answers against their own prefixes ended early "
-                        f"{met['end_pairwise_accuracy']:.3f}, {met.get('end_pair_count', 0)} "
-                        f"pairs")
+                        f"{'n/a' if acc is None else f'{acc:.3f}'}, "
+                        f"{met.get('end_pair_count', 0)} pairs")
             quality = (f"pairwise acc{of} "
                        f"**{met.get('pairwise_accuracy', float('nan')):.2f}** "
                        f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
@@ -58,7 +63,8 @@ def main(root: str | None = None) -> int:
         if m.get("arch", {}).get("positions"):  # also the answer's position and end of text
             method += f", {m['arch']['positions']} positions"
             if tr.get("end_pairs"):
-                method += f", end pairs every {tr['end_pairs']} tokens"
+                n = tr["end_pairs"]
+                method += ", end pairs every " + ("token" if n == 1 else f"{n} tokens")
         size = sum(f.stat().st_size for f in mf.parent.iterdir()) / 1024
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "

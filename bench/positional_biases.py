@@ -15,13 +15,16 @@ import torch
 
 
 def main() -> int:
-    from alignserve.value_models.heads import default_heads_dir, load_head
+    from alignserve.value_models.heads import HeadError, default_heads_dir, load_head
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("head", nargs="?", default=str(default_heads_dir() / "concise_lex_arm"),
                     help="a positional lexical ARM's folder (default: the shipped "
                          "concise_lex_arm)")
-    head = load_head(Path(ap.parse_args().head))
+    try:
+        head = load_head(Path(ap.parse_args().head))
+    except (HeadError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     arm = head.module.eval()
     if not getattr(arm, "positions", 0):
         raise SystemExit(f"error: {head.name} is not a positional lexical ARM")

@@ -114,7 +114,7 @@ def test_same_seed_is_bit_identical_and_resume_matches(run_dir: Path, tmp_path: 
         run_training(_cfg(run_dir, tmp_path / "c", "value", method="td-lambda", epochs=2,
                           val_prompts=0, name="r", resume=True))
     # another setting is refused too, naming what changed
-    with pytest.raises(ValueError, match=r"other settings \(lam: 0.95 then, 0.5 now\)"):
+    with pytest.raises(ValueError, match=r"other settings \(--lam 0.95 then, 0.5 now\)"):
         run_training(_cfg(run_dir, tmp_path / "c", "value", method="td-lambda", epochs=4,
                           val_prompts=0, name="r", resume=True, lam=0.5))
     # the weights are as readable as the manifest (safetensors alone writes owner-only files)

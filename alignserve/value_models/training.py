@@ -1245,7 +1245,7 @@ def end_pair_differences(sums: Tensor, ended: Tensor, own: Tensor, reward: Tenso
 @torch.no_grad()
 def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int, int]],
                 embed: Tensor, base_sums: Tensor | None = None, chunk: int = 32,
-                approx: bool = False, margin: float = 0.0) -> dict[str, float]:
+                approx: bool = False, margin: float = 0.0) -> dict[str, float | None]:
     """Pairwise accuracy of the ARM's reward sum log pi_r, of the base alone, and of the
     head's increment over the base (sum log pi_r - sum log pi_base). A ``LexicalARM``'s
     ``pairwise_accuracy`` is that of its reward (``reward_form``): the increment's, or the
@@ -1268,7 +1268,7 @@ def arm_metrics(head: ARMHead | LexicalARM, split: Split, pairs: list[tuple[int,
         return {"pairs": 0}
     w = torch.tensor([p[0] for p in pairs])
     ll = torch.tensor([p[1] for p in pairs])
-    out: dict[str, float] = {
+    out: dict[str, float | None] = {
         "pairs": len(pairs),
         "base_pairwise_accuracy": float((base_sums[w] > base_sums[ll]).float().mean()),
     }
@@ -1312,6 +1312,10 @@ def _ckpt_path(cfg: TrainConfig) -> Path:
     return Path(cfg.run_dir) / "checkpoints" / _slug(cfg.name or "head") / "last.pt"
 
 
+_CKPT_UNSET: dict[str, Any] = {"arm_reward": None, "word_fit_alpha": None, "featurizer": None,
+                               "positions": 0, "end_pairs": 0}
+
+
 def _ckpt_settings(cfg: TrainConfig) -> dict[str, Any]:
     """Checkpoints resume only a run with the same settings (run dir, resume, progress, the
     command line and the epoch count, which a resumed run may raise, do not change the
@@ -1319,9 +1323,7 @@ def _ckpt_settings(cfg: TrainConfig) -> dict[str, Any]:
     d = asdict(cfg)
     for k in ("resume", "progress", "command", "run_dir", "out", "epochs"):
         d.pop(k)
-    for k, unset in (("arm_reward", None), ("word_fit_alpha", None), ("featurizer", None),
-                     ("positions", 0), ("end_pairs", 0)):
-        # added later: unset keeps older checkpoints' keys
+    for k, unset in _CKPT_UNSET.items():  # added later: unset keeps older checkpoints' keys
         if d[k] == unset:
             d.pop(k)
     # filled for every head before 2026-12-01 (now null where they do not apply): the values
@@ -1347,9 +1349,12 @@ def _resumable_ckpt(cfg: TrainConfig) -> dict[str, Any] | None:
     ck = torch.load(path, weights_only=False)
     if ck["key"] != _ckpt_key(cfg):
         now, then = _ckpt_settings(cfg), ck.get("settings")  # recorded since 2026-12-01
+        def val(d: dict[str, Any], k: str) -> Any:  # a key left out is at its unset value
+            return d.get(k, _CKPT_UNSET.get(k))
+
         which = "" if then is None else " (" + ", ".join(
-            f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
-            for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)) + ")"
+            f"--{k.replace('_', '-')} {val(then, k)!r} then, {val(now, k)!r} now"
+            for k in sorted(set(now) | set(then)) if val(now, k) != val(then, k)) + ")"
         raise ValueError(f"{path} was written by a run with other settings{which}; drop "
                          "--resume or use another --run-dir")
     if int(ck["epoch"]) > int(cfg.epochs or 0):
