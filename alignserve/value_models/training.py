@@ -1156,24 +1156,28 @@ def arm_sequence_logprobs_exact(head: ARMHead | LexicalARM, split: Split,
     return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), picked)
 
 
+def _lexical_token_biases(head: LexicalARM, split: Split, rows: Tensor) -> Tensor:
+    """[len(rows)] fp32 b(y_t) of the response tokens at ``rows`` (``_token_rows``), from
+    ``split.lex_y`` (and, for a positional head, ``lex_end`` / ``lex_pos``)."""
+    if split.lex_y is None:
+        raise ValueError("a lexical ARM needs Split.lex_y (lexical_arm_features)")
+    dev = head.table.device
+    if not head.positions:
+        return head.bias_of(split.lex_y[rows].to(dev))
+    if split.lex_pos is None or split.lex_end is None:
+        raise ValueError("a positional lexical ARM needs Split.lex_pos / lex_end "
+                         "(lexical_arm_features with the head)")
+    return head.bias_of(split.lex_y[rows].to(dev), split.lex_end[rows].to(dev),
+                        split.lex_pos[rows].to(dev))
+
+
 def lexical_token_rewards(head: LexicalARM, split: Split, samples: Sequence[int]) -> Tensor:
     """[len(samples)] fp32 the ``"token"`` reward of a ``LexicalARM``: sum_t b(y_t) per
     sample, from ``split.lex_y`` (each response token's feature given its earlier tokens,
     ``lexical_arm_features``); differentiable in the head's weights."""
-    if split.lex_y is None:
-        raise ValueError("a lexical ARM needs Split.lex_y (lexical_arm_features)")
+    r = _lexical_token_biases(head, split, _token_rows(split, samples))
     _, _, own = _arm_rows(split, samples)
-    dev = head.table.device
-    rows = _token_rows(split, samples)
-    if head.positions:
-        if split.lex_pos is None or split.lex_end is None:
-            raise ValueError("a positional lexical ARM needs Split.lex_pos / lex_end "
-                             "(lexical_arm_features with the head)")
-        r = head.bias_of(split.lex_y[rows].to(dev), split.lex_end[rows].to(dev),
-                         split.lex_pos[rows].to(dev))
-    else:
-        r = head.bias_of(split.lex_y[rows].to(dev))
-    return torch.zeros(len(samples), device=dev).index_add(0, own.to(dev), r)
+    return torch.zeros(len(samples), device=r.device).index_add(0, own.to(r.device), r)
 
 
 def prefix_end_items(split: Split) -> dict[int, tuple[Tensor, Tensor]]:
@@ -1204,13 +1208,11 @@ def lexical_end_rewards(head: LexicalARM, split: Split, samples: Sequence[int],
     end-of-text token (sum_{t<cut} b(y_t) + b(end at the prefix's position)), ``owner`` its
     sample's index in ``samples`` and ``reward`` the prefix's (standardised) reward.
     Differentiable in the head's weights."""
-    if split.lex_y is None or split.lex_pos is None:
-        raise ValueError("a positional lexical ARM needs Split.lex_y / lex_pos "
-                         "(lexical_arm_features with the head)")
+    if not head.positions:
+        raise ValueError("answers ended early need a positional lexical ARM (an end flag)")
     dev = head.table.device
     rows = _token_rows(split, samples)
-    r = head.bias_of(split.lex_y[rows].to(dev), split.lex_end[rows].to(dev),
-                     split.lex_pos[rows].to(dev))
+    r = _lexical_token_biases(head, split, rows)
     lens = (split.lengths[list(samples)] - 1).to(dev)
     starts = torch.cumsum(lens, 0) - lens
     c = torch.cat([r.new_zeros(1), torch.cumsum(r, 0)])
