@@ -1,12 +1,15 @@
 """Triton guided-sampling kernel vs its torch reference (SPEC.md), on CPU via the interpreter.
 
-Every comparison test draws fresh random inputs; the seed is printed in the failure message
-so a failing case can be replayed with ``ALIGNSERVE_TEST_SEED=<seed>``.
+Every comparison test draws random inputs from a seed fixed per test (a CRC of the test's id),
+so the suite gives the same verdict on every run. The seed is printed in the failure message,
+and ``ALIGNSERVE_TEST_SEED=<seed>`` replays it; ``ALIGNSERVE_TEST_SEED=random`` draws a fresh
+seed per test, to search for failing cases by hand (run the file in a loop).
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
 
@@ -45,8 +48,15 @@ ROW_SETTINGS: list[tuple[float | None, int | None, float | None]] = [
 
 
 def _fresh_seed() -> int:
-    env = os.environ.get("ALIGNSERVE_TEST_SEED")
-    return int(env) if env else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    """The current test's seed: ``ALIGNSERVE_TEST_SEED`` if set (an int, or ``random``), else a
+    CRC-32 of the test's node id, so each test (and each parametrisation) has its own fixed one."""
+    env = os.environ.get("ALIGNSERVE_TEST_SEED", "")
+    if env == "random":
+        return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if env:
+        return int(env)
+    test_id = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    return zlib.crc32(test_id.encode()) & 0x7FFFFFFF
 
 
 def _make_case(
@@ -112,7 +122,7 @@ def _make_case(
     }
 
 
-def _assert_same(ref: SampleOut, out: SampleOut, seed: int) -> None:
+def _assert_same(ref: SampleOut, out: SampleOut, seed: int, atol: float = 1e-6) -> None:
     for name in FIELDS:
         a, b = getattr(ref, name), getattr(out, name)
         msg = f"{name} differs (ALIGNSERVE_TEST_SEED={seed})"
@@ -120,9 +130,9 @@ def _assert_same(ref: SampleOut, out: SampleOut, seed: int) -> None:
         if a.dtype == torch.int64:
             assert torch.equal(a, b), f"{msg}\nref={a}\nkernel={b}"
         else:
-            # 1e-5 relative; the 1e-6 absolute floor only matters for logprobs near 0.
+            # 1e-5 relative; the absolute floor only matters for logprobs near 0.
             torch.testing.assert_close(
-                b, a, rtol=1e-5, atol=1e-6, msg=lambda m, msg=msg: f"{msg}\n{m}"
+                b, a, rtol=1e-5, atol=atol, msg=lambda m, msg=msg: f"{msg}\n{m}"
             )
 
 
@@ -168,13 +178,18 @@ def test_sparse_only_guidance() -> None:
 
 @pytest.mark.parametrize("row", [0, 3])
 def test_kernel_large_vocab(row: int) -> None:
-    """V = 49152 (several blocks per row): one greedy and one top-k + top-p row."""
+    """V = 49152 (several blocks per row): one greedy and one top-k + top-p row.
+
+    Each logprob subtracts a log-sum-exp over 49152 float32 terms, which the kernel sums block
+    by block and torch in its own order; the two differ by up to ~9e-6 in absolute terms
+    (measured over seeds 0-39, both rows), more than 1e-5 relative allows for a logprob near
+    -0.7. Hence an absolute tolerance of 3e-5 here; token ids must still match exactly."""
     seed = _fresh_seed()
     case = _make_case(seed, 9, 49152, 2, sparse=True, neg_inf=True)
     one = {k: (t[row : row + 1] if t is not None else None) for k, t in case.items()}
     one["temperature"] = torch.tensor([0.0 if row == 0 else 0.8])
     ref, out = _run_both(one, 5)
-    _assert_same(ref, out, seed)
+    _assert_same(ref, out, seed, atol=3e-5)
 
 
 def test_tie_semantics_by_hand() -> None:

@@ -842,7 +842,7 @@ def test_an_answer_ended_early_reads_the_bias_decoding_adds_there() -> None:
     # answers' rewards 0.5 / 0.35: prefix 0.1 loses, 0.9 wins, 0.3 / 0.4 tie within 0.1
     d = end_pair_differences(sums, ended, own, rew, torch.tensor([0.5, 0.35]), 0.1)
     assert d.detach().tolist() == pytest.approx(
-        [float(sums[0] - ended[0]), float(ended[1] - sums[0])], abs=1e-5)
+        torch.stack([sums[0] - ended[0], ended[1] - sums[0]]).detach().tolist(), abs=1e-5)
 
 
 def test_positional_arm_round_trips_through_a_head_folder(tmp_path: Path) -> None:
