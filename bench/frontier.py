@@ -628,12 +628,12 @@ def machine_line(device: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
     from alignserve.data.prompts import load_prompts
     from alignserve.engine.model_store import resolve_model
     from alignserve.eval.harness import InProcessBackend
+    from alignserve.progress import progress_bar
 
     tok = AutoTokenizer.from_pretrained(str(resolve_model(None, progress=False)))
     texts = [tok.apply_chat_template([{"role": "user", "content": p.text}],
@@ -666,8 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for p in plans)
         log(f"{len(plans)} objective(s) x {[len(p.settings) for p in plans]} settings x "
             f"{[len(p.jobs) for p in plans]} answers x {levels} concurrency levels")
-        bar = tqdm(total=total, desc="frontier", unit="ans", dynamic_ncols=True,
-                   disable=not cfg.progress)
+        bar = progress_bar(total=total, desc="frontier", unit="ans", dynamic_ncols=True,
+                           disable=not cfg.progress)
         objectives = []
         try:
             for plan in plans:

@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 
 
+def _num(value: float | None, spec: str = ".2f") -> str:
+    """A metric for the table; a missing or null one (undefined, e.g. no pair) reads n/a."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def main(root: str | None = None) -> int:
     if root is None:
         from alignserve.value_models.heads import default_heads_dir
@@ -25,16 +30,16 @@ def main(root: str | None = None) -> int:
         m = json.loads(mf.read_text())
         met, tr = m.get("metrics", {}), m.get("training", {})
         if m["kind"] == "value":
-            quality = (f"Spearman@25/50/75% {met.get('spearman_25', float('nan')):.2f} / "
-                       f"**{met.get('spearman_50', float('nan')):.2f}** / "
-                       f"{met.get('spearman_75', float('nan')):.2f}")
+            quality = (f"Spearman@25/50/75% {_num(met.get('spearman_25'))} / "
+                       f"**{_num(met.get('spearman_50'))}** / "
+                       f"{_num(met.get('spearman_75'))}")
             target = "Spearman@50% >= 0.6"
-            ok = met.get("spearman_50", 0) >= 0.6
+            ok = (met.get("spearman_50") or 0) >= 0.6
         elif m["kind"] == "q":
             quality = (f"first-token pairwise acc vs the value head "
-                       f"**{met.get('first_token_pairwise_accuracy', float('nan')):.2f}** "
+                       f"**{_num(met.get('first_token_pairwise_accuracy'))}** "
                        f"({met.get('first_token_pairs', 0)} pairs), advantage Spearman "
-                       f"{met.get('spearman', float('nan')):.2f}; scale "
+                       f"{_num(met.get('spearman'))}; scale "
                        f"{tr.get('calibration_scale', 1.0):.2f}")
             target, ok = "", None  # no quality target: a cost lever (VAS / CD values "q")
         else:
@@ -42,19 +47,19 @@ def main(root: str | None = None) -> int:
             form = arch.get("reward_form", "increment") if "lexical" in arch else None
             of = {None: "", "increment": " of the increment over the base",
                   "token": " of the per-token reward"}[form]
-            inc = (f"; the increment's {met['delta_pairwise_accuracy']:.2f}"
+            inc = (f"; the increment's {_num(met['delta_pairwise_accuracy'])}"
                    if form == "token" and "delta_pairwise_accuracy" in met else "")
             if "end_pairwise_accuracy" in met:  # --end-pairs: answers vs their prefixes, ended
                 acc = met["end_pairwise_accuracy"]  # null when no held-out pair could be cut
                 inc += (f"; answers against their own prefixes ended early "
-                        f"{'n/a' if acc is None else f'{acc:.3f}'}, "
+                        f"{_num(acc, '.3f')}, "
                         f"{met.get('end_pair_count', 0)} pairs")
             quality = (f"pairwise acc{of} "
-                       f"**{met.get('pairwise_accuracy', float('nan')):.2f}** "
-                       f"(base alone {met.get('base_pairwise_accuracy', float('nan')):.2f}, "
+                       f"**{_num(met.get('pairwise_accuracy'))}** "
+                       f"(base alone {_num(met.get('base_pairwise_accuracy'))}, "
                        f"{met.get('pairs', 0)} pairs{inc})")
             target = "accuracy >= 0.75"
-            ok = met.get("pairwise_accuracy", 0) >= 0.75
+            ok = (met.get("pairwise_accuracy") or 0) >= 0.75
         pool = m.get("arch", {}).get("pool", "none")
         method = tr.get("method", "genarm") + (f", pool {pool}" if pool != "none" else "")
         lexical = m.get("arch", {}).get("lexical")

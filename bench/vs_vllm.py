@@ -23,7 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from tqdm import tqdm
+
+from alignserve.progress import progress_bar
 
 
 def model_of(url: str) -> str:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for u in urls:  # warm-up
         level(u, models[u], prompts, 1, 1, 4)
     out: dict[tuple[str, int], dict[str, float]] = {}
-    bar = tqdm(total=len(levels) * len(urls), desc="levels x servers", file=sys.stderr)
+    bar = progress_bar(total=len(levels) * len(urls), desc="levels x servers", file=sys.stderr)
     for c in levels:
         n = args.requests or max(4, 2 * c)
         for u in urls:

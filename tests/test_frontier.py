@@ -139,3 +139,31 @@ def test_tiny_run(tmp_path: Path, frontier) -> None:
     vas_answers = [a for a in answers if a["setting"] == "vas weight=3"]
     assert [a["text"] for a in vas_answers] == [a["text"] for a in vas["samples"]]
     assert [a["reward"] for a in vas_answers] == [a["reward"] for a in vas["samples"]]
+
+
+def test_heads_report_lists_shipped_heads_and_prints_null_metrics_as_na(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/heads_report.py: one row per shipped head with its target verdict; a head whose
+    metrics are null (undefined, written so by save_head) reads n/a, not a crash."""
+    spec = importlib.util.spec_from_file_location("heads_report",
+                                                  ROOT / "bench" / "heads_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    from alignserve.value_models.heads import default_heads_dir
+
+    assert report.main() == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `")]
+    shipped = sorted(p.parent.name for p in default_heads_dir().glob("*/manifest.json"))
+    assert [r.split("`")[1] for r in rows] == shipped
+    assert any("concise_lex_arm" in r and "accuracy >= 0.75: met" in r for r in rows)
+
+    for name in ("concise_value", "concise_lex_arm"):
+        folder = tmp_path / name
+        folder.mkdir()
+        m = json.loads((default_heads_dir() / name / "manifest.json").read_text())
+        m["metrics"] = {k: None for k in m["metrics"]}
+        (folder / "manifest.json").write_text(json.dumps(m))
+    assert report.main(str(tmp_path)) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `")]
+    assert len(rows) == 2 and all("n/a" in r and ": not met" in r for r in rows), rows
+    assert report.main(str(tmp_path / "missing")) == 2

@@ -298,3 +298,29 @@ def test_several_prompts_ended_early_count_the_finished_prompt(beating):
     assert gen >= steps + first - 4, (gen, steps, first)
     assert s[f"alignserve_tokens_returned_total{lab}"] == before.get(
         f"alignserve_tokens_returned_total{lab}", 0)
+
+
+def test_progress_bars_write_whole_lines_to_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long work's progress bars (training, eval, frontier) redirected to a file: one line
+    per redraw at most every LOG_INTERVAL_S, no carriage returns, the final count once."""
+    import io
+
+    import alignserve.progress as progress
+
+    log = io.StringIO()  # not a terminal
+    for _ in progress.progress_bar(range(500), desc="work", file=log):
+        pass
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert lines[0].startswith("work:   0%") and len(lines) == 2, lines  # 30 s never passed
+    assert lines[-1].startswith("work: 100%") and "500/500" in lines[-1]
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    log = io.StringIO()
+    bar = progress.progress_bar(total=3, desc="steps", file=log, mininterval=0, miniters=1)
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    counts = [re.search(r"\| (\d/3) ", line)[1] for line in log.getvalue().splitlines()]
+    # every update a line (close may redraw the last count once more, with a fresher rate)
+    assert counts[:4] == ["0/3", "1/3", "2/3", "3/3"] and set(counts[4:]) <= {"3/3"}, counts
+    assert progress.progress_bar(range(2), file=io.StringIO(), disable=True).disable

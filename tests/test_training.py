@@ -61,7 +61,7 @@ def test_value_head_is_in_reward_stds(run_dir: Path, tmp_path: Path) -> None:
     assert float(head.module.r_mean) == pytest.approx(st["mean"])
     loaded = load_head(tmp_path / "v")
     assert loaded.reward_stats == pytest.approx({"mean": st["mean"], "std": st["std"]})
-    h = torch.randn(3, 576)
+    h = torch.randn(3, 576, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(loaded.module.reward(h),
                           st["mean"] + st["std"] * loaded.module(h), atol=1e-5)
 
@@ -79,6 +79,26 @@ def test_old_value_head_without_stats_loads_as_raw(tmp_path: Path) -> None:
     loaded = load_head(tmp_path / "old")
     assert float(loaded.module.r_mean) == 0.0 and float(loaded.module.r_std) == 1.0
     assert loaded.reward_stats == {"mean": 0.0, "std": 1.0}
+
+
+def test_undefined_metrics_are_written_as_strict_json_null(tmp_path: Path) -> None:
+    """A NaN or infinite metric (e.g. a Spearman of constant predictions) is written as null,
+    not as the bare NaN / Infinity tokens strict JSON readers reject."""
+    import json
+
+    from alignserve.value_models.heads import Head, save_head
+
+    manifest = {"arch": {"dim": 8, "hidden": 4}, "tokenizer": "vocab-x",
+                "metrics": {"spearman": float("nan"), "mse": 0.25,
+                            "per_bucket": [1.0, float("inf"), float("-inf")]}}
+    save_head(tmp_path / "h", Head("h", "value", ValueHead(8, 4), manifest))
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    written = json.loads((tmp_path / "h" / "manifest.json").read_text(), parse_constant=refuse)
+    assert written["metrics"] == {"spearman": None, "mse": 0.25, "per_bucket": [1.0, None, None]}
+    assert load_head(tmp_path / "h").manifest["metrics"]["spearman"] is None
 
 
 @pytest.mark.parametrize("method", ["td-lambda", "cd-q"])
@@ -288,7 +308,8 @@ def test_q_head_distils_the_value_head_and_is_deterministic(run_dir: Path,
     assert loaded.kind == "q" and loaded.info.kind == "q_head"
     assert isinstance(loaded.module, QHead) and _same(loaded.module, a.module)
     # [N, D] states x [N, k, D] candidate embeddings -> [N, k] advantages
-    out = loaded.module(torch.randn(2, 576), torch.randn(2, 5, 576))
+    gen = torch.Generator().manual_seed(0)
+    out = loaded.module(torch.randn(2, 576, generator=gen), torch.randn(2, 5, 576, generator=gen))
     assert out.shape == (2, 5) and out.dtype == torch.float32
     b = run_training(_cfg(run_dir, tmp_path / "again_q", "q", value_head=str(v.path), **kw))
     assert _same(a.module, b.module)

@@ -758,7 +758,7 @@ def run_eval_config(cfg: EvalConfig, backend: Backend, out: Path | None = None,
 
     Returns the results document (what ``results.json`` holds).
     """
-    from tqdm.auto import tqdm
+    from alignserve.progress import progress_bar
 
     from ..data.prompts import load_prompts
 
@@ -777,8 +777,8 @@ def run_eval_config(cfg: EvalConfig, backend: Backend, out: Path | None = None,
     rows: list[dict[str, Any]] = []
     samples: dict[str, list[dict[str, Any]]] = {}
     base: dict[str, Any] | None = None
-    bar = tqdm(total=len(settings) * len(jobs), desc="eval", unit="resp", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(settings) * len(jobs), desc="eval", unit="resp",
+                       disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter()
     try:
         for st in settings:

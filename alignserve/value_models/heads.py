@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,8 +352,22 @@ def build_module(kind: str, arch: dict[str, Any]) -> nn.Module:
     raise HeadError(f"unknown head kind {kind!r} (expected 'value', 'q' or 'arm')")
 
 
+def _strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, so the manifest is
+    strict JSON (``null``: the metric is undefined) that any JSON reader accepts."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def save_head(folder: Path, head: Head) -> Path:
-    """Write ``manifest.json`` + ``head.safetensors`` (tensors made contiguous, fp32)."""
+    """Write ``manifest.json`` + ``head.safetensors`` (tensors made contiguous, fp32).
+
+    Non-finite floats in the manifest (an undefined metric) are written as ``null``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -366,7 +381,8 @@ def save_head(folder: Path, head: Head) -> Path:
         (folder / LEXICON).write_text(json.dumps(lexicon.to_json(), ensure_ascii=False))
     manifest = {"format": FORMAT_VERSION, "name": head.name, "kind": head.kind,
                 **{k: v for k, v in head.manifest.items() if k not in ("name", "kind")}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(_strict_json(manifest), indent=2, sort_keys=True, allow_nan=False)
+    (folder / MANIFEST).write_text(text + "\n")
     # safetensors writes owner-only files: give the weights the manifest's (umask) mode, so a
     # server running as another user can read the head
     (folder / WEIGHTS).chmod((folder / MANIFEST).stat().st_mode & 0o777)

@@ -70,8 +70,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .heads import (
     POOLS,
     ARMHead,
@@ -625,8 +625,8 @@ def sample_responses(base: BaseModel, cfg: TrainConfig, prompts: Sequence[Any],
     engine = base.engine
     eos = base.eos_id()
     first = data["done"]
-    bar = tqdm(total=len(todo), initial=first, desc=f"sampling {folder.name}",
-               unit="prompt", disable=not cfg.progress, mininterval=10.0, smoothing=0.05)
+    bar = progress_bar(total=len(todo), initial=first, desc=f"sampling {folder.name}",
+                       unit="prompt", disable=not cfg.progress, mininterval=10.0, smoothing=0.05)
     events: queue.Queue = queue.Queue()
     reqs: dict[int, Any] = {}
     decs: dict[int, Any] = {}
@@ -742,8 +742,8 @@ def extract_features(base: BaseModel, data: dict[str, Any], folder: Path,
     group: list[int] = []
     toks: list[int] = []
     prompts = data["prompts"]
-    bar = tqdm(total=len(prompts), desc=f"features {folder.name}", unit="prompt",
-               disable=not progress)
+    bar = progress_bar(total=len(prompts), desc=f"features {folder.name}", unit="prompt",
+                       disable=not progress)
     for start in range(0, len(prompts), chunk):
         batch = prompts[start:start + chunk]
         seqs = [runner.new_seq() for _ in batch]
@@ -843,8 +843,8 @@ def partial_rewards(data: dict[str, Any], weights: dict[str, float], folder: Pat
             at += len(t) + 1
     out = torch.full((at,), float("nan"))
     total = np.zeros(len(texts))
-    bar = tqdm(total=len(texts) * len(weights), desc=f"partial-text rewards {spec}",
-               unit="text", disable=not progress)
+    bar = progress_bar(total=len(texts) * len(weights), desc=f"partial-text rewards {spec}",
+                       unit="text", disable=not progress)
     for name, w in weights.items():
         for a in range(0, len(texts), 512):
             total[a:a + 512] += w * np.asarray(
@@ -1431,8 +1431,8 @@ def train_value_head(cfg: TrainConfig, train: Split,
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
     assert cfg.epochs is not None and cfg.batch_size is not None
-    bar = tqdm(range(start, cfg.epochs), desc=f"train {cfg.name} ({cfg.method})", unit="epoch",
-               disable=not cfg.progress, initial=start, total=cfg.epochs)
+    bar = progress_bar(range(start, cfg.epochs), desc=f"train {cfg.name} ({cfg.method})",
+                       unit="epoch", disable=not cfg.progress, initial=start, total=cfg.epochs)
     step = start * math.ceil(len(x) / cfg.batch_size)  # keeps the refresh schedule on resume
     for epoch in bar:
         head.train()
@@ -1584,8 +1584,8 @@ def train_q_head(cfg: TrainConfig, train: Split, value: torch.nn.Module, embed: 
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, history = _load_ckpt(cfg, head, opt)
     assert cfg.epochs is not None and cfg.batch_size is not None
-    bar = tqdm(range(start, cfg.epochs), desc=f"train {cfg.name} (distill V)", unit="epoch",
-               disable=not cfg.progress, initial=start, total=cfg.epochs)
+    bar = progress_bar(range(start, cfg.epochs), desc=f"train {cfg.name} (distill V)", unit="epoch",
+                       disable=not cfg.progress, initial=start, total=cfg.epochs)
     for epoch in bar:
         head.train()
         perm = torch.randperm(len(x), generator=_epoch_generator(cfg.seed, epoch)).to(dev)
@@ -1755,8 +1755,8 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
         batches = _pair_batches(pairs, train.group, cfg.batch_size,
                                 _epoch_generator(cfg.seed, epoch))
         total, count = 0.0, 0
-        bar = tqdm(batches, desc=f"train {cfg.name} epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not cfg.progress)
+        bar = progress_bar(batches, desc=f"train {cfg.name} epoch {epoch + 1}/{cfg.epochs}",
+                           unit="batch", disable=not cfg.progress)
         for batch in bar:
             samples = sorted({s for p in batch for s in p})
             pos = {s: i for i, s in enumerate(samples)}
