@@ -38,7 +38,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a slot; beyond it the server answers 429 "
                         "(default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000,
-                   help="largest request body accepted, else 413 (default 1000000)")
+                   help="largest request body accepted, else 413, chunked bodies included "
+                        "(default 1000000)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds a request body may take to arrive in full, else 408 "
+                        "(default 30)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may run before it is stopped (default 600)")
     p.add_argument("--sse-heartbeat", type=float, default=10.0, metavar="SECONDS",
@@ -326,6 +330,9 @@ def _parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Name
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(build_parser(), argv)
+    from .progress import quiet_library_bars
+
+    quiet_library_bars()  # a log file gets no carriage-return bars from transformers
     if args.cmd == "models":
         try:
             path = resolve_model(args.model)

@@ -633,8 +633,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from alignserve.data.prompts import load_prompts
     from alignserve.engine.model_store import resolve_model
     from alignserve.eval.harness import InProcessBackend
-    from alignserve.progress import progress_bar
+    from alignserve.progress import progress_bar, quiet_library_bars
 
+    quiet_library_bars()
     tok = AutoTokenizer.from_pretrained(str(resolve_model(None, progress=False)))
     texts = [tok.apply_chat_template([{"role": "user", "content": p.text}],
                                      add_generation_prompt=True, tokenize=False)

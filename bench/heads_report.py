@@ -26,19 +26,31 @@ def main(root: str | None = None) -> int:
         print(f"error: {root} is not a folder of heads", file=sys.stderr)
         return 2
     rows = []
-    for mf in sorted(Path(root).glob("*/manifest.json")):
-        m = json.loads(mf.read_text())
-        met, tr = m.get("metrics", {}), m.get("training", {})
+    manifests = sorted(Path(root).glob("*/manifest.json"))
+    if not manifests:
+        print(f"error: no heads in {root} (no */manifest.json)", file=sys.stderr)
+        return 2
+    unreadable = 0
+    for mf in manifests:
+        try:
+            m = json.loads(mf.read_text())
+            m["name"], m["kind"]  # noqa: B018 - every manifest names its head and kind
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {mf}: not a head manifest ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            unreadable += 1
+            continue
+        met, tr = m.get("metrics") or {}, m.get("training") or {}
         if m["kind"] == "value":
             quality = (f"Spearman@25/50/75% {_num(met.get('spearman_25'))} / "
                        f"**{_num(met.get('spearman_50'))}** / "
                        f"{_num(met.get('spearman_75'))}")
             target = "Spearman@50% >= 0.6"
-            ok = (met.get("spearman_50") or 0) >= 0.6
+            ok = None if met.get("spearman_50") is None else met["spearman_50"] >= 0.6
         elif m["kind"] == "q":
             quality = (f"first-token pairwise acc vs the value head "
                        f"**{_num(met.get('first_token_pairwise_accuracy'))}** "
-                       f"({met.get('first_token_pairs', 0)} pairs), advantage Spearman "
+                       f"({_num(met.get('first_token_pairs'), 'd')} pairs), advantage Spearman "
                        f"{_num(met.get('spearman'))}; scale "
                        f"{tr.get('calibration_scale', 1.0):.2f}")
             target, ok = "", None  # no quality target: a cost lever (VAS / CD values "q")
@@ -53,13 +65,16 @@ def main(root: str | None = None) -> int:
                 acc = met["end_pairwise_accuracy"]  # null when no held-out pair could be cut
                 inc += (f"; answers against their own prefixes ended early "
                         f"{_num(acc, '.3f')}, "
-                        f"{met.get('end_pair_count', 0)} pairs")
+                        f"{_num(met.get('end_pair_count'), 'd')} pairs")
             quality = (f"pairwise acc{of} "
                        f"**{_num(met.get('pairwise_accuracy'))}** "
                        f"(base alone {_num(met.get('base_pairwise_accuracy'))}, "
-                       f"{met.get('pairs', 0)} pairs{inc})")
+                       f"{_num(met.get('pairs'), 'd')} pairs{inc})")
             target = "accuracy >= 0.75"
-            ok = (met.get("pairwise_accuracy") or 0) >= 0.75
+            ok = (None if met.get("pairwise_accuracy") is None
+                  else met["pairwise_accuracy"] >= 0.75)
+        verdict = ("—" if not target else f"{target}: n/a" if ok is None
+                   else f"{target}: " + ("met" if ok else "not met"))
         pool = m.get("arch", {}).get("pool", "none")
         method = tr.get("method", "genarm") + (f", pool {pool}" if pool != "none" else "")
         lexical = m.get("arch", {}).get("lexical")
@@ -74,13 +89,13 @@ def main(root: str | None = None) -> int:
         rows.append(f"| `{m['name']}` | {m['kind']} | {m.get('reward')} | {tr.get('suite')} "
                     f"{tr.get('prompts')}x{tr.get('samples')}x{tr.get('max_new_tokens')} | "
                     f"{method} | {quality} | "
-                    f"{'—' if ok is None else f'{target}: ' + ('met' if ok else 'not met')} | "
+                    f"{verdict} | "
                     f"{size:.0f} KB |")
     print("| head | kind | reward | data (suite prompts x samples x tokens) | method | "
           "held-out quality | target | size |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    return 0
+    return 1 if unreadable else 0
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def test_min_tokens_and_stop_token_ids(oai, tok):
     ({"frobnicate": 1}, "frobnicate"),
     ({"stream_options": {"continuous_usage_stats": True}, "stream": True},
      "stream_options.continuous_usage_stats"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
     ({"logprobs": 2, "alignment": {"strategy": "best_of_n", "weights": {"sentiment": 1}}},
      "logprobs"),
 ])
@@ -122,6 +123,7 @@ def test_completion_fields_refused_with_400_naming_them(server, body, param):
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"audio": {"voice": "x"}}, "audio"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"stream_options": {"include_usage": False}, "stream": False}, "stream_options"),
     ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages.0.name"),
     ({"logprobs": True, "top_logprobs": 2,
       "alignment": {"strategy": "deal", "weights": {"sentiment": 1}}}, "top_logprobs"),

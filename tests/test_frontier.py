@@ -165,5 +165,14 @@ def test_heads_report_lists_shipped_heads_and_prints_null_metrics_as_na(
         (folder / "manifest.json").write_text(json.dumps(m))
     assert report.main(str(tmp_path)) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| `")]
-    assert len(rows) == 2 and all("n/a" in r and ": not met" in r for r in rows), rows
+    assert len(rows) == 2 and all(r.count("n/a") >= 2 and ">= 0." in r for r in rows), rows
+    assert not any("None" in r or "not met" in r for r in rows), rows  # unknown, not failed
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    assert report.main(str(tmp_path)) == 1  # the others are still listed
+    out = capsys.readouterr()
+    assert "broken/manifest.json: not a head manifest" in out.err and out.out.count("| `") == 2
+    (tmp_path / "empty").mkdir()
+    assert report.main(str(tmp_path / "empty")) == 2
+    assert "no heads in" in capsys.readouterr().err
     assert report.main(str(tmp_path / "missing")) == 2

@@ -8,6 +8,7 @@ request timeout, so thousands of random inputs finish quickly and a slow one end
 from __future__ import annotations
 
 import gc
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
 @pytest.fixture(scope="module")
 def fuzzed() -> Iterator[ServerProc]:
     srv = _start(["--slots", "24", "--max-len", "256", "--max-tokens", "8", "--max-n", "2",
-                  "--max-waiting", "8", "--request-timeout", "2"])
+                  "--max-waiting", "8", "--request-timeout", "2", "--body-timeout", "1"])
     yield srv
     srv.stop()
 
@@ -203,6 +204,33 @@ def test_tiny_timeout_is_a_clean_408_or_error_chunk(fuzzed):
 
 # ---- /metrics -------------------------------------------------------------------------------
 SAMPLE_LINE = re.compile(r'^[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? -?[0-9.e+-]+$')
+
+
+def test_stalled_body_is_a_408_and_the_server_goes_on(fuzzed):
+    """A client that declares a body and stops sending it gets 408 after --body-timeout
+    (1 s here) instead of holding the connection; the server keeps answering."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(fuzzed.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                     b'{"model":')
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = sock.recv(4096)  # the socket timeout (30 s) fails a server that never answers
+            if not data:
+                break
+            reply += data
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    err = json.loads(body)["error"]
+    assert err["code"] == "timeout" and "within 1 s" in err["message"], err
+    assert "9 bytes received" in err["message"]
+    r = httpx.post(fuzzed.url + "/v1/completions", timeout=30,
+                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text
 
 
 def test_metrics_prometheus_text(guarded):

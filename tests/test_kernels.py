@@ -54,7 +54,11 @@ def _fresh_seed() -> int:
     if env == "random":
         return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     if env:
-        return int(env)
+        try:
+            return int(env)
+        except ValueError:
+            pytest.fail(f"ALIGNSERVE_TEST_SEED={env!r}: expected an integer or 'random'",
+                        pytrace=False)
     test_id = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
     return zlib.crc32(test_id.encode()) & 0x7FFFFFFF
 
@@ -318,19 +322,19 @@ def test_hash_bit_identical_and_uniform() -> None:
     n = 5003
     u_torch = hash_uniform(seeds[:, None], torch.arange(n)[None, :])
     u_triton = hash_uniform_triton(seeds, n)
-    assert u_torch.dtype == torch.float32
+    assert u_torch.dtype == torch.float32, f"seed={seed}"
     assert torch.equal(u_torch.view(torch.int32), u_triton.view(torch.int32)), f"seed={seed}"
-    assert (u_torch > 0).all() and (u_torch < 1).all()
+    assert (u_torch > 0).all() and (u_torch < 1).all(), f"seed={seed}"
     # Extremes of the 23-bit grid still map strictly inside (0, 1).
     assert 0.0 < (0 + 0.5) * 2.0**-23 and (2**23 - 1 + 0.5) * 2.0**-23 < 1.0
     h = hash_u32(seeds[:, None], torch.arange(n)[None, :])
-    assert int(h.min()) >= 0 and int(h.max()) < 2**32
+    assert int(h.min()) >= 0 and int(h.max()) < 2**32, f"seed={seed}"
     counts = torch.histc(u_torch.flatten(), bins=32, min=0.0, max=1.0)
     pvalue = float(chisquare(counts.numpy()).pvalue)
     assert pvalue > 1e-4, f"hash not uniform: p={pvalue:.2e} (seed={seed})"
     # Neighbouring seeds give unrelated streams.
     corr = torch.corrcoef(torch.stack([u_torch[0], u_torch[1]]))[0, 1].abs().item()
-    assert corr < 0.1
+    assert corr < 0.1, f"neighbouring seeds correlate: {corr:.3f} (seed={seed})"
 
 
 def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -356,7 +360,7 @@ def test_auto_on_cpu_uses_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     auto = guided_sample(**case, n_top=3)
     ref = guided_sample_torch(**case, n_top=3)
     for name in FIELDS:
-        assert torch.equal(getattr(auto, name), getattr(ref, name)), name
+        assert torch.equal(getattr(auto, name), getattr(ref, name)), f"{name} (seed={seed})"
 
 
 def test_input_validation() -> None:
@@ -420,7 +424,7 @@ def test_adjust_and_restrict_match_reference(b: int, v: int, h: int, sparse: boo
     _assert_same(ref, out, seed)
     if restrict:  # a restricted row never returns a token outside its candidates
         for r in range(0, b, 2):
-            assert int(ref.tokens[r]) in case["cand_ids"][r].tolist()
+            assert int(ref.tokens[r]) in case["cand_ids"][r].tolist(), f"seed={seed}"
 
 
 def test_adjust_semantics_by_hand() -> None:

@@ -324,3 +324,21 @@ def test_progress_bars_write_whole_lines_to_logs(monkeypatch: pytest.MonkeyPatch
     # every update a line (close may redraw the last count once more, with a fresher rate)
     assert counts[:4] == ["0/3", "1/3", "2/3", "3/3"] and set(counts[4:]) <= {"3/3"}, counts
     assert progress.progress_bar(range(2), file=io.StringIO(), disable=True).disable
+
+
+def test_library_bars_are_off_when_stderr_is_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' own bars ("Loading weights") would put carriage returns into a log."""
+    import io
+
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    import alignserve.progress as progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    try:
+        progress.quiet_library_bars()
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()

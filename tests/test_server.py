@@ -165,6 +165,11 @@ def test_prompt_over_context_window(oai, server):
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert (err["param"], err["code"]) == (param, "context_length_exceeded"), err
+        # without max_tokens the message is about the prompt, not an invented "max_tokens is 0"
+        r = httpx.post(server.url + path, json={"model": MODEL, **body})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", err
+        assert "leaves no room for output" in err["message"] and "max_tokens" not in err["message"]
 
 
 def test_unknown_fields_are_refused_and_no_op_fields_accepted(server):
@@ -201,3 +206,44 @@ def test_oversized_body_is_413(server):
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_chunked_body_is_held_to_the_same_limit(server):
+    """A chunked body (no Content-Length) is refused with 413 as soon as it passes
+    --max-body-bytes, not read and tokenized whole; a small chunked body is served."""
+    def chunks(total: int):
+        yield b'{"model": "%s", "prompt": "' % MODEL.encode()
+        for _ in range(total // 100_000):
+            yield b"x " * 50_000
+        yield b'", "max_tokens": 2}'
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(20_000_000),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "1000000" in err["message"]
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    small = [body.encode()[i:i + 7] for i in range(0, len(body), 7)]
+    r = httpx.post(server.url + "/v1/completions", content=iter(small),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_empty_body_and_non_finite_numbers_get_messages_that_say_so(server):
+    """No body at all says the body is missing; JSON NaN / Infinity (which Python's json and
+    some clients emit) is named as not finite, not as out of range."""
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.post(server.url + path, content=b"",
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400, r.text
+        assert "body is missing" in r.json()["error"]["message"], r.json()
+    for value, shown in ((b"NaN", "nan"), (b"Infinity", "inf"), (b"-Infinity", "-inf")):
+        r = httpx.post(server.url + "/v1/completions", timeout=30,
+                       headers={"content-type": "application/json"},
+                       content=b'{"model": "%s", "prompt": "Hi", "max_tokens": 1, '
+                               b'"temperature": %s}' % (MODEL.encode(), value))
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "temperature", err
+        assert f"must be a finite number, not {shown}" in err["message"], err

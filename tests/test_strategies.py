@@ -390,6 +390,9 @@ def test_zero_weights_report_the_same_alignment_fields(engine, registry, prompts
       "reward_options": {"concise": {"target_words": 0}}},
      "alignment.reward_options.concise.target_words"),
     ({"strategy": "teleport"}, "alignment.strategy"),
+    # options for a reward the request does not weight would do nothing: refused
+    ({"strategy": "args", "weights": {"vader": 1},
+      "reward_options": {"concise": {"target_words": 3}}}, "alignment.reward_options.concise"),
     # a required option missing for a weighted reward: refused before the engine scores
     ({"strategy": "args", "weights": {"keywords": 1}},
      "alignment.reward_options.keywords.keywords"),

@@ -133,6 +133,10 @@ class AlignedDecoder(Decoder):
             if name not in registry.rewards:
                 raise AlignmentError(f"alignment.reward_options.{name}",
                                      f"unknown reward {name!r}")
+            if name not in self.weights:  # options for a reward nothing scores would do nothing
+                raise AlignmentError(f"alignment.reward_options.{name}",
+                                     f"reward {name!r} has no entry in alignment.weights, so "
+                                     "its options would not be used: weight it or drop them")
             check = getattr(registry.rewards[name], "validate_options", None)
             if check is not None:
                 try:

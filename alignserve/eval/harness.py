@@ -302,8 +302,11 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
                 break
             alignment = {"strategy": name, "weights": weights,
                          **strategy_params(params)}
-            if reward_options and HEAD_KIND.get(name) is None:  # heads fixed them at training
-                alignment["reward_options"] = dict(reward_options)
+            used = {r: o for r, o in (reward_options or {}).items() if r in weights}
+            if used and HEAD_KIND.get(name) is None:  # heads fixed them at training
+                # (options of a reward only the scorer reads stay with the scorer: a request
+                # is refused options for a reward it does not weight)
+                alignment["reward_options"] = used
             build_decoder(alignment, registry=registry)  # validates; raises AlignmentError
             ref = name == "best_of_n" and set(params) == {"n"}
             if ref:  # the reference curve is plain Best-of-N (n >= 8 prunes by default)
@@ -758,9 +761,8 @@ def run_eval_config(cfg: EvalConfig, backend: Backend, out: Path | None = None,
 
     Returns the results document (what ``results.json`` holds).
     """
-    from alignserve.progress import progress_bar
-
     from ..data.prompts import load_prompts
+    from ..progress import progress_bar
 
     test = load_prompts("test", cfg.suite)  # the held-out split, and only it
     if cfg.prompts and cfg.prompts < len(test):
@@ -782,7 +784,7 @@ def run_eval_config(cfg: EvalConfig, backend: Backend, out: Path | None = None,
     t_start = time.perf_counter()
     try:
         for st in settings:
-            bar.set_postfix_str(st.key)
+            bar.set_postfix_str(st.key, refresh=False)
             t0 = time.perf_counter()
             resp = backend.generate(jobs, st.alignment, cfg.max_tokens, cfg.concurrency,
                                     lambda: bar.update(1))

@@ -52,7 +52,7 @@ def create_app(client: EngineClient, model_name: str,
     # added last, so it runs first: a request without a valid key never reaches a handler
     # (plain ASGI, not @app.middleware: that wrapper hides a client's disconnect from handlers)
     app.add_middleware(GateMiddleware, api_keys=list(api_keys), metrics=metrics,
-                       max_body_bytes=limits.max_body_bytes)
+                       max_body_bytes=limits.max_body_bytes, body_timeout_s=limits.body_timeout_s)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (info, completions, chat):

@@ -15,6 +15,7 @@ from .errors import APIError, to_api_error
 from .params import (
     check_max_tokens,
     check_n,
+    check_stream_options,
     check_top_logprobs,
     fit_max_tokens,
     sampling,
@@ -33,6 +34,7 @@ def input_of(srv: ServerState, body: ChatCompletionRequest,
              alignment: dict | None) -> GenerationInput:
     """The request's ``GenerationInput``, every field checked (400 naming it)."""
     check_n(srv, body.n)
+    check_stream_options(body)
     try:
         messages = [{"role": m.role if m.role != "developer" else "system",
                      "content": m.text()} for m in body.messages]

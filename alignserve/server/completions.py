@@ -15,6 +15,7 @@ from .errors import APIError, to_api_error
 from .params import (
     check_max_tokens,
     check_n,
+    check_stream_options,
     check_top_logprobs,
     fit_max_tokens,
     sampling,
@@ -44,6 +45,7 @@ def inputs_of(srv: ServerState, body: CompletionRequest,
     max_tokens = check_max_tokens(srv, body.max_tokens, limits.default_completion_max_tokens,
                                   "max_tokens")
     check_n(srv, body.n)
+    check_stream_options(body)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported; use alignment.strategy='best_of_n'",
                        "best_of")

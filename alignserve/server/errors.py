@@ -8,6 +8,7 @@ validation errors included (the first error names the field as ``param``).
 
 from __future__ import annotations
 
+import math
 from email.message import Message
 
 from fastapi import FastAPI, Request
@@ -83,8 +84,13 @@ def validation_error(errs: list) -> JSONResponse:
     # pydantic names the member of a union it tried ("stop.str", "prompt.list[int]"): not a field
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _union_tag(x)]
     param = ".".join(loc) or None
+    bad = first.get("input")
     if first.get("type") == "json_invalid":
         msg, param = "Request body is not valid JSON.", None
+    elif first.get("type") == "missing" and param is None:  # no body at all
+        msg = "Request body is missing: send the request's fields as a JSON object."
+    elif isinstance(bad, float) and not math.isfinite(bad):  # JSON NaN / Infinity
+        msg = f"Invalid value for '{param}': must be a finite number, not {bad}"
     elif first.get("type") == "unsupported_field":
         param = ".".join(loc + [first["ctx"]["field"]])
         msg = f"Unsupported value for '{param}': {first['msg']}"

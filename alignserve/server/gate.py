@@ -1,4 +1,10 @@
-"""The gate every request passes first: API key, declared body size, per-request counting.
+"""The gate every request passes first: API key, body size, body read time, request counting.
+
+The body is read here, whole, before any handler runs: a body over ``max_body_bytes`` gets 413
+whether it declared its size (refused before reading) or came chunked without a
+``Content-Length`` (refused as soon as it passes the limit), and a body that does not arrive
+within ``body_timeout_s`` gets 408, so a slow or stalled client cannot hold a connection or make
+the server tokenize megabytes. Handlers then read the buffered body as usual.
 
 Plain ASGI rather than ``@app.middleware("http")`` so that a streaming response passes through
 untouched: the client's disconnect reaches the SSE generator directly, which is what frees its
@@ -7,6 +13,7 @@ batch slot at once.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Iterable
@@ -25,15 +32,59 @@ METRIC_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v
                     "/health", "/metrics")
 
 
+class BodyRejected(Exception):
+    """The request body is refused before any handler sees it: ``status`` 413 or 408."""
+
+    def __init__(self, status: int, message: str, code: str, err_type: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.err_type = status, message, code, err_type
+
+    def body(self) -> dict:
+        return error_body(self.message, self.err_type, None, self.code)
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+async def read_body(receive: Receive, max_bytes: int | None, timeout_s: float | None) -> bytes:
+    """The whole request body from ASGI ``receive``.
+
+    Raises ``BodyRejected`` (413 ``request_too_large`` once more than ``max_bytes`` bytes have
+    arrived; 408 ``timeout`` when the body is not complete within ``timeout_s`` seconds) and
+    ``ClientGone`` on ``http.disconnect``. ``None`` turns a limit off."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise BodyRejected(413, f"request body exceeds the limit of {max_bytes} "
+                                       "bytes", "request_too_large", "invalid_request_error")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise BodyRejected(408, f"the request body did not arrive within {timeout_s:g} s "
+                           f"({size} bytes received)", "timeout", "timeout_error") from None
+
+
 class GateMiddleware:
-    """API-key check (401), body-size check (413) and ``alignserve_requests_total``."""
+    """API-key check (401), body-size (413) and body-read-time (408) checks, and
+    ``alignserve_requests_total``."""
 
     def __init__(self, app: ASGIApp, api_keys: Iterable[str], metrics: Metrics,
-                 max_body_bytes: int | None = None) -> None:
+                 max_body_bytes: int | None = None, body_timeout_s: float | None = None) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys if k]
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.body_timeout = body_timeout_s
 
     def too_large(self, scope: Scope) -> int | None:
         """The declared body size when it is over the limit (checked before reading it)."""
@@ -81,6 +132,24 @@ class GateMiddleware:
             await resp(scope, receive, send)
             return
         scope.setdefault("state", {})["t0"] = time.perf_counter()  # arrival, for latencies
+        try:
+            body = await read_body(receive, self.max_body, self.body_timeout)
+        except ClientGone:
+            return
+        except BodyRejected as exc:
+            self.metrics.observe_request(endpoint, "-", exc.status)
+            await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
+            return
+        replayed = False
+
+        async def receive_buffered() -> Message:
+            """The buffered body once, then the client's own events (its disconnect)."""
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
         status = [500]
 
         async def send_wrapped(message: Message) -> None:
@@ -89,7 +158,7 @@ class GateMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapped)
+            await self.app(scope, receive_buffered, send_wrapped)
         finally:
             strategy = scope.get("state", {}).get("strategy", "-")
             self.metrics.observe_request(endpoint, strategy, status[0])

@@ -41,6 +41,7 @@ def build_server(args: argparse.Namespace, model_dir: Path, name: str) -> FastAP
     client = EngineClient(engine, registry)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes,
+                          body_timeout_s=getattr(args, "body_timeout", 30.0),
                           max_candidates=getattr(args, "max_candidates", None),
                           sse_heartbeat_s=getattr(args, "sse_heartbeat", 10.0))
     return create_app(client, name, limits, api_keys=keys)
@@ -117,7 +118,9 @@ def build_remote_server(args: argparse.Namespace) -> FastAPI:
                                 vocab_size=vocab_size_of(tok_dir, tok), backbone=backbone)
     limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
                           max_body_bytes=args.max_body_bytes,
-                          max_candidates=getattr(args, "max_candidates", None))
+                          body_timeout_s=getattr(args, "body_timeout", 30.0),
+                          max_candidates=getattr(args, "max_candidates", None),
+                          sse_heartbeat_s=getattr(args, "sse_heartbeat", 10.0))
     name = args.served_name or http.model or "remote"
     return create_app(client, name, limits, api_keys=keys)
 

@@ -74,6 +74,14 @@ def check_n(srv: ServerState, n: int) -> None:
         raise APIError(400, f"n must be between 1 and {srv.limits.max_n}", "n", "invalid_value")
 
 
+def check_stream_options(body: Any) -> None:
+    """``stream_options`` only means something on a stream: without ``stream: true`` it is a
+    400 (as OpenAI and vLLM answer), not silently ignored."""
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true",
+                       "stream_options")
+
+
 def check_max_tokens(srv: ServerState, v: int | None, default: int, field: str,
                      least: int = 0) -> int:
     """``v`` (or ``default`` when unset) within the server's ``--max-tokens``; ``least`` is the
@@ -93,13 +101,15 @@ def fit_max_tokens(srv: ServerState, n_prompt: int, max_tokens: int, defaulted: 
     Raises ``APIError`` 400 ``context_length_exceeded`` whose ``param`` is ``prompt_field``
     (``prompt`` for completions, ``messages`` for chat)."""
     client = srv.client
-    if defaulted:  # an unset max_tokens shrinks to the room left, as OpenAI does
-        max_tokens = max(0, min(max_tokens, client.max_len - n_prompt - 1))
     try:
-        client.check_fits(n_prompt, max_tokens)
         if n_prompt >= client.max_len:
+            # the prompt alone fills the window: say so (an unset max_tokens is not "0")
             raise ContextLengthError(f"This model's maximum context length is "
-                                     f"{client.max_len} tokens; the prompt has {n_prompt}.")
+                                     f"{client.max_len} tokens; the prompt has {n_prompt}, "
+                                     "which leaves no room for output.")
+        if defaulted:  # an unset max_tokens shrinks to the room left, as OpenAI does
+            max_tokens = min(max_tokens, client.max_len - n_prompt)
+        client.check_fits(n_prompt, max_tokens)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), prompt_field, "context_length_exceeded") from None
     return max_tokens

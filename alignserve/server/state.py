@@ -27,6 +27,7 @@ class ServerLimits:
     max_tokens: int = 1024
     max_n: int = 16
     max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 30.0  # seconds a request body may take to arrive, else 408
     max_prompts: int = 32
     default_chat_max_tokens: int = 256
     default_completion_max_tokens: int = 16

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Receive, Scope, Send
 
 from ..server.errors import error_body
-from ..server.gate import GateMiddleware
+from ..server.gate import BodyRejected, ClientGone, GateMiddleware, read_body
 from ..server.info import LAUNCH_ENV
 from ..server.metrics import CONTENT_TYPE
 from ..server.state import ServerLimits
@@ -106,7 +106,7 @@ class Ingress:
         self.router = Router(len(handles))
         self.limits = limits or ServerLimits()
         self.gate = GateMiddleware(lambda *a: None, api_keys, None,  # type: ignore[arg-type]
-                                   self.limits.max_body_bytes)
+                                   self.limits.max_body_bytes, self.limits.body_timeout_s)
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self._probe_task: asyncio.Task | None = None
@@ -245,15 +245,14 @@ class Ingress:
                 f"request body of {size} bytes exceeds the limit of {self.limits.max_body_bytes}",
                 "invalid_request_error", None, "request_too_large"))
             return
-        chunks = []
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body"):
-                break
-        body = b"".join(chunks)
+        try:  # chunked bodies too: 413 past the limit, 408 when it does not arrive in time
+            body = await read_body(receive, self.limits.max_body_bytes,
+                                   self.limits.body_timeout_s)
+        except ClientGone:
+            return
+        except BodyRejected as exc:
+            await _send_json(send, exc.status, exc.body())
+            return
         headers = list(scope.get("headers", []))
         work = Work(1, 1, 1.0)
         if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:

@@ -121,7 +121,8 @@ def serve_replicas(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         limits = ServerLimits(max_tokens=args.max_tokens, max_n=args.max_n,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes,
+                              body_timeout_s=args.body_timeout)
         app = Ingress(handles, limits, keys)
         import uvicorn
 

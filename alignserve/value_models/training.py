@@ -1409,7 +1409,7 @@ def _end_epoch(cfg: TrainConfig, head: torch.nn.Module, opt: torch.optim.Optimiz
     history.append(rec)
     label, key = shown
     bar.set_postfix({"loss": f"{train_loss:.4f}",
-                     label: "n/a" if rec.get(key) is None else f"{rec[key]:.3f}"})
+                     label: "n/a" if rec.get(key) is None else f"{rec[key]:.3f}"}, refresh=False)
     _save_ckpt(cfg, head, opt, epoch + 1, history)
 
 
@@ -1782,7 +1782,7 @@ def train_arm(cfg: TrainConfig, train: Split, embed: Tensor, val: Split | None =
             opt.step()
             total += loss.item() * len(batch)
             count += len(batch)
-            bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         bar.close()
         head.eval()
         rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / max(count, 1)}
