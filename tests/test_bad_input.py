@@ -92,9 +92,10 @@ DISCONNECTS = "alignserve_client_disconnects_total"
 # ---- valid templates ------------------------------------------------------------------------
 # Each is answered with 200 as it stands (checked below), so a 400 for a mutated copy that names
 # the mutated field is caused by the mutation. Reward options cover every text-taking reward;
-# the judge's question is validated though its weight is absent (no judge model to load).
+# the judge's question is validated though its weight is 0 (the judge never runs; options for
+# a reward absent from the weights would be refused).
 ALIGN = {"strategy": "best_of_n", "n": 2, "transform": "identity",
-         "weights": {"keywords": 1, "concise": 0.5, "regex": 0.25, "json": 0.1},
+         "weights": {"keywords": 1, "concise": 0.5, "regex": 0.25, "json": 0.1, "judge": 0},
          "reward_options": {"keywords": {"keywords": ["hi", "good day"]},
                             "concise": {"target_words": 5},
                             "regex": {"pattern": "h[a-z]", "flags": "i"},
