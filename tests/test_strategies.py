@@ -525,7 +525,10 @@ def test_heads_list_only_the_parameters_each_strategy_accepts(server):
     for name in set(params) - {"sample"}:
         for field, value in (("transform", "quantile"),
                              ("reward_options", {"concise": {"target_words": 5}})):
-            al = {"strategy": name, "weights": {weights.get(name, "vader"): 0}, field: value}
+            wts = {weights.get(name, "vader"): 0}
+            if field == "reward_options" and name not in weights:
+                wts["concise"] = 0  # options go with a weighted reward (0 is a slider at rest)
+            al = {"strategy": name, "weights": wts, field: value}
             r = httpx.post(server.url + "/v1/completions", json={
                 "model": MODEL, "prompt": "Hi", "max_tokens": 1, "alignment": al}, timeout=120)
             assert (r.status_code == 200) == (field in params[name]), (name, field, r.text)
