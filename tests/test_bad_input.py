@@ -528,7 +528,7 @@ def test_fuzz_surrogates_and_wrong_types_anywhere(small):
         i = draw(st.integers(0, len(s)))
         return s[:i] + chr(draw(st.integers(0xD800, 0xDFFF))) + s[i:]
 
-    @settings(max_examples=60, deadline=None, database=None,
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=st.sampled_from(strings), text=surrogate_text())
     def surrogate(case: tuple, text: str) -> None:
@@ -554,7 +554,7 @@ def test_fuzz_surrogates_and_wrong_types_anywhere(small):
                            .filter(lambda f: abs(f) < 1e15))
         return st.one_of(options)
 
-    @settings(max_examples=60, deadline=None, database=None,
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data(), case=st.sampled_from(type_cases))
     def wrong_type(data: Any, case: tuple) -> None:
