@@ -420,7 +420,38 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+# serve's numeric flags: (attribute, flag, smallest allowed, whether the smallest is excluded)
+SERVE_BOUNDS = [("slots", "--slots", 1, False), ("max_len", "--max-len", 2, False),
+                ("max_tokens", "--max-tokens", 1, False), ("max_n", "--max-n", 1, False),
+                ("max_waiting", "--max-waiting", 0, False),
+                ("max_body_bytes", "--max-body-bytes", 1, False),
+                ("request_timeout", "--request-timeout", 0, True),
+                ("body_timeout", "--body-timeout", 0, True),
+                ("sse_heartbeat", "--sse-heartbeat", 0, False),
+                ("max_candidates", "--max-candidates", 1, False),
+                ("threads", "--threads", 1, False), ("replicas", "--replicas", 1, False),
+                ("base_retries", "--base-retries", 0, False)]
+
+
+def serve_flag_errors(args: argparse.Namespace) -> list[str]:
+    """What is wrong with ``serve``'s numeric limits (unset optional ones are skipped), each
+    naming the flag and the allowed range; checked before any model loads."""
+    errors = []
+    for attr, flag, low, strict in SERVE_BOUNDS:
+        v = getattr(args, attr, None)
+        if v is None:
+            continue
+        if not v == v or (v <= low if strict else v < low) or v == float("inf"):
+            errors.append(f"{flag} must be {'>' if strict else '>='} {low} and finite, "
+                          f"got {v}")
+    return errors
+
+
 def serve(args: argparse.Namespace) -> int:
+    if errors := serve_flag_errors(args):
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.replicas is not None:
         from .serving_ray.launch import serve_replicas  # the only path that imports Ray
 

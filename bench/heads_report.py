@@ -52,7 +52,7 @@ def main(root: str | None = None) -> int:
                        f"**{_num(met.get('first_token_pairwise_accuracy'))}** "
                        f"({_num(met.get('first_token_pairs'), 'd')} pairs), advantage Spearman "
                        f"{_num(met.get('spearman'))}; scale "
-                       f"{tr.get('calibration_scale', 1.0):.2f}")
+                       f"{_num(tr.get('calibration_scale', 1.0))}")
             target, ok = "", None  # no quality target: a cost lever (VAS / CD values "q")
         else:
             arch = m.get("arch", {})

@@ -61,6 +61,17 @@ def test_settings_grid_skip_and_bon_curve(registry) -> None:
 
     with pytest.raises(AlignmentError):  # out of the strategy's range: fails before generating
         build_settings(["best_of_n"], ["best_of_n.n=0"], objs, registry)
+    # --reward-options reach the requests of reward-scored strategies, for scored rewards only;
+    # a name the objectives do not score (a typo) fails instead of being dropped
+    both = resolve_objectives("vader=1,concise=1", registry)
+    opts = {"concise": {"target_words": 9}}
+    args = [s for s in build_settings(["args"], [], both, registry, reward_options=opts)
+            if s.strategy == "args"]
+    assert args and all(s.alignment["reward_options"] == opts for s in args)
+    with pytest.raises(AlignmentError, match="'consice', which the objectives do not score"):
+        build_settings(["args"], [], both, registry, reward_options={"consice": {}})
+    with pytest.raises(AlignmentError, match="do not score"):
+        build_settings(["args"], [], objs, registry, reward_options=opts)
 
 
 def test_sweep_head_picks_the_head_to_weight() -> None:

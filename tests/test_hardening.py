@@ -102,6 +102,33 @@ def test_keys_file_without_keys_refuses_to_start(tmp_path: Path):
     assert api_keys(args) == ["a", "b"]
 
 
+def test_serve_refuses_limits_out_of_range_before_loading_the_model(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """A limit flag out of range is an error naming the flag and its range, not a server that
+    answers every request with 413 (--max-body-bytes 0) or 408 (--body-timeout 0)."""
+    import alignserve.cli as cli
+
+    def no_model(*a: object) -> None:
+        raise AssertionError("the model was loaded for a command that should have failed")
+
+    monkeypatch.setattr(cli, "resolve_model", no_model)
+    assert cli.main(["serve", "--max-body-bytes", "0", "--body-timeout", "0",
+                     "--request-timeout", "-1", "--sse-heartbeat", "nan", "--slots", "0",
+                     "--max-candidates", "0"]) == 2
+    err = capsys.readouterr().err
+    for msg in ("--max-body-bytes must be >= 1", "--body-timeout must be > 0",
+                "--request-timeout must be > 0", "--sse-heartbeat must be >= 0",
+                "--slots must be >= 1", "--max-candidates must be >= 1"):
+        assert msg in err, err
+    from alignserve.cli import build_parser, serve_flag_errors
+
+    defaults = build_parser().parse_args(["serve"])
+    assert serve_flag_errors(defaults) == []  # the defaults, unset optional flags included
+    edge = build_parser().parse_args(["serve", "--max-waiting", "0", "--sse-heartbeat", "0",
+                                      "--body-timeout", "0.5", "--max-body-bytes", "1"])
+    assert serve_flag_errors(edge) == []
+
+
 # ---- limits ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy,field", [
     ("best_of_n", "n"), ("cd_block", "k"), ("cd_block", "block"), ("args", "top_k"),
@@ -225,6 +252,7 @@ def test_stalled_body_is_a_408_and_the_server_goes_on(fuzzed):
             reply += data
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), reply
+    assert b"connection: close" in head.lower(), head  # the unread rest cannot hold it open
     err = json.loads(body)["error"]
     assert err["code"] == "timeout" and "within 1 s" in err["message"], err
     assert "9 bytes received" in err["message"]

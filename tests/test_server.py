@@ -220,6 +220,7 @@ def test_chunked_body_is_held_to_the_same_limit(server):
     r = httpx.post(server.url + "/v1/completions", content=chunks(20_000_000),
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413, r.text
+    assert r.headers["connection"] == "close"
     err = r.json()["error"]
     assert err["code"] == "request_too_large" and "1000000" in err["message"]
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200

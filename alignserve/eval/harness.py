@@ -267,8 +267,13 @@ def build_settings(strategies: Sequence[str], sweeps: Sequence[str],
     skipped through ``warn``. Parameters are validated by building each decoder here, so a bad
     sweep fails before any generation.
     """
-    from ..decoders import STRATEGIES, build_decoder
+    from ..decoders import STRATEGIES, AlignmentError, build_decoder
 
+    scored = {r for o in objectives for r in o.score}
+    for r in reward_options or {}:  # options nothing would read: a typo, or another reward
+        if r not in scored:
+            raise AlignmentError("reward_options", f"--reward-options names {r!r}, which the "
+                                 f"objectives do not score (they score {sorted(scored)})")
     grids: dict[str, dict[str, list[Any]]] = {}
     for spec in sweeps:
         s, p, vals = parse_sweep(spec)

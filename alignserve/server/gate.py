@@ -128,17 +128,22 @@ class GateMiddleware:
             self.metrics.observe_request(endpoint, "-", 413)
             resp = JSONResponse(error_body(
                 f"request body of {size} bytes exceeds the limit of {self.max_body}",
-                "invalid_request_error", None, "request_too_large"), status_code=413)
+                "invalid_request_error", None, "request_too_large"), status_code=413,
+                headers={"Connection": "close"})  # the body is never read
             await resp(scope, receive, send)
             return
         scope.setdefault("state", {})["t0"] = time.perf_counter()  # arrival, for latencies
         try:
             body = await read_body(receive, self.max_body, self.body_timeout)
-        except ClientGone:
+        except ClientGone:  # left during the upload: counted as a client that went away
+            self.metrics.observe_request(endpoint, "-", 499)
             return
         except BodyRejected as exc:
             self.metrics.observe_request(endpoint, "-", exc.status)
-            await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
+            # the rest of the body is never read: close the connection rather than let the
+            # client keep it busy trickling bytes the server would read and discard
+            await JSONResponse(exc.body(), status_code=exc.status,
+                               headers={"Connection": "close"})(scope, receive, send)
             return
         replayed = False
 

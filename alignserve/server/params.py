@@ -101,14 +101,15 @@ def fit_max_tokens(srv: ServerState, n_prompt: int, max_tokens: int, defaulted: 
     Raises ``APIError`` 400 ``context_length_exceeded`` whose ``param`` is ``prompt_field``
     (``prompt`` for completions, ``messages`` for chat)."""
     client = srv.client
+    room = client.max_len - n_prompt - 1  # what an unset max_tokens may take (one spare)
     try:
-        if n_prompt >= client.max_len:
+        if n_prompt >= client.max_len or (defaulted and room < 1):
             # the prompt alone fills the window: say so (an unset max_tokens is not "0")
             raise ContextLengthError(f"This model's maximum context length is "
                                      f"{client.max_len} tokens; the prompt has {n_prompt}, "
                                      "which leaves no room for output.")
         if defaulted:  # an unset max_tokens shrinks to the room left, as OpenAI does
-            max_tokens = min(max_tokens, client.max_len - n_prompt)
+            max_tokens = min(max_tokens, room)
         client.check_fits(n_prompt, max_tokens)
     except ContextLengthError as exc:
         raise APIError(400, str(exc), prompt_field, "context_length_exceeded") from None

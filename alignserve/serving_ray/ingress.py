@@ -243,15 +243,15 @@ class Ingress:
         if size is not None:
             await _send_json(send, 413, error_body(
                 f"request body of {size} bytes exceeds the limit of {self.limits.max_body_bytes}",
-                "invalid_request_error", None, "request_too_large"))
+                "invalid_request_error", None, "request_too_large"), [(b"connection", b"close")])
             return
         try:  # chunked bodies too: 413 past the limit, 408 when it does not arrive in time
             body = await read_body(receive, self.limits.max_body_bytes,
                                    self.limits.body_timeout_s)
         except ClientGone:
             return
-        except BodyRejected as exc:
-            await _send_json(send, exc.status, exc.body())
+        except BodyRejected as exc:  # the rest of the body is never read: close the connection
+            await _send_json(send, exc.status, exc.body(), [(b"connection", b"close")])
             return
         headers = list(scope.get("headers", []))
         work = Work(1, 1, 1.0)
