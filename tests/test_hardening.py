@@ -362,3 +362,41 @@ def test_launcher_never_takes_another_server_for_its_own(guarded, monkeypatch):
     with pytest.raises(RuntimeError, match="exited|did not answer"):
         launch.ServerProcess(["--slots", "2", "--max-len", "128"], timeout=120)
     assert httpx.get(guarded.url + "/health", headers=_auth()).status_code == 200
+
+
+def test_ray_ingress_holds_bodies_to_the_same_limits():
+    """The Ray ingress reads bodies through the gate's reader (no Ray needed here): a declared
+    or chunked body over the limit is 413, one that stalls is 408, each closing the connection."""
+    import asyncio
+
+    from alignserve.server.state import ServerLimits
+    from alignserve.serving_ray.ingress import Ingress
+
+    ingress = Ingress([], ServerLimits(max_body_bytes=10, body_timeout_s=0.2))
+
+    async def forward(headers: list, messages: list) -> tuple[int, bytes | None, dict]:
+        sent: list[dict] = []
+        pending = iter(messages)
+
+        async def receive() -> dict:
+            for m in pending:
+                return m
+            await asyncio.sleep(30)  # a client that stops sending
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+                 "headers": headers}
+        await asyncio.wait_for(ingress.forward(scope, receive, send), 10)
+        return (sent[0]["status"], dict(sent[0]["headers"]).get(b"connection"),
+                json.loads(sent[1]["body"])["error"])
+
+    chunk = {"type": "http.request", "body": b"x" * 8, "more_body": True}
+    declared = asyncio.run(forward([(b"content-length", b"50")], []))
+    chunked = asyncio.run(forward([], [chunk, chunk]))
+    stalled = asyncio.run(forward([(b"content-length", b"9")], [chunk]))
+    assert declared[:2] == (413, b"close") and "of 50 bytes" in declared[2]["message"]
+    assert chunked[:2] == (413, b"close") and chunked[2]["code"] == "request_too_large"
+    assert stalled[:2] == (408, b"close") and "8 bytes received" in stalled[2]["message"]

@@ -86,12 +86,18 @@ class GateMiddleware:
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout_s
 
-    def too_large(self, scope: Scope) -> int | None:
-        """The declared body size when it is over the limit (checked before reading it)."""
+    async def read_request_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request's whole body under this gate's limits (``read_body``); a declared
+        ``Content-Length`` over ``max_body_bytes`` is refused (413) before anything is read.
+        Raises ``BodyRejected`` and ``ClientGone`` as ``read_body`` does."""
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and self.max_body is not None:
-                return int(value) if int(value) > self.max_body else None
-        return None
+                if int(value) > self.max_body:
+                    raise BodyRejected(413, f"request body of {int(value)} bytes exceeds the "
+                                       f"limit of {self.max_body}", "request_too_large",
+                                       "invalid_request_error")
+                break
+        return await read_body(receive, self.max_body, self.body_timeout)
 
     def authorized(self, scope: Scope) -> bool:
         path = scope.get("path", "")
@@ -123,18 +129,9 @@ class GateMiddleware:
                 headers={"WWW-Authenticate": "Bearer"})
             await resp(scope, receive, send)
             return
-        size = self.too_large(scope)
-        if size is not None:
-            self.metrics.observe_request(endpoint, "-", 413)
-            resp = JSONResponse(error_body(
-                f"request body of {size} bytes exceeds the limit of {self.max_body}",
-                "invalid_request_error", None, "request_too_large"), status_code=413,
-                headers={"Connection": "close"})  # the body is never read
-            await resp(scope, receive, send)
-            return
         scope.setdefault("state", {})["t0"] = time.perf_counter()  # arrival, for latencies
         try:
-            body = await read_body(receive, self.max_body, self.body_timeout)
+            body = await self.read_request_body(scope, receive)
         except ClientGone:  # left during the upload: counted as a client that went away
             self.metrics.observe_request(endpoint, "-", 499)
             return

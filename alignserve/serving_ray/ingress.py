@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Receive, Scope, Send
 
 from ..server.errors import error_body
-from ..server.gate import BodyRejected, ClientGone, GateMiddleware, read_body
+from ..server.gate import BodyRejected, ClientGone, GateMiddleware
 from ..server.info import LAUNCH_ENV
 from ..server.metrics import CONTENT_TYPE
 from ..server.state import ServerLimits
@@ -239,15 +239,8 @@ class Ingress:
 
     async def forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Route the request to one replica and relay its answer (see the module docstring)."""
-        size = self.gate.too_large(scope)
-        if size is not None:
-            await _send_json(send, 413, error_body(
-                f"request body of {size} bytes exceeds the limit of {self.limits.max_body_bytes}",
-                "invalid_request_error", None, "request_too_large"), [(b"connection", b"close")])
-            return
-        try:  # chunked bodies too: 413 past the limit, 408 when it does not arrive in time
-            body = await read_body(receive, self.limits.max_body_bytes,
-                                   self.limits.body_timeout_s)
+        try:  # 413 for a declared or chunked body past the limit, 408 when it arrives too late
+            body = await self.gate.read_request_body(scope, receive)
         except ClientGone:
             return
         except BodyRejected as exc:  # the rest of the body is never read: close the connection
